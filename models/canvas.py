@@ -1,0 +1,126 @@
+"""Geometry of outpainting: the padded canvas, its mask, the pre-fill, the working size, the paste-back.
+
+All of it is plain array work on the CPU; the diffusion model only ever sees the working-size canvas.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+# How far (canvas pixels) the generated area reaches into the original, so the model redraws the
+# border it must blend with; the paste-back feathers over the same band. The contract of the
+# engine is: pixels farther than SEAM_BAND from a padded side are the original, bit for bit.
+SEAM_BAND = 16
+
+
+@dataclass(frozen=True)
+class Padding:
+    left: int = 0
+    right: int = 0
+    top: int = 0
+    bottom: int = 0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.left or self.right or self.top or self.bottom)
+
+    def canvas_size(self, width: int, height: int) -> tuple[int, int]:
+        return width + self.left + self.right, height + self.top + self.bottom
+
+
+def generation_mask(width: int, height: int, pad: Padding, overlap: int = SEAM_BAND) -> np.ndarray:
+    """1.0 where the model generates: the new area plus `overlap` pixels into each padded side."""
+    cw, ch = pad.canvas_size(width, height)
+    mask = np.ones((ch, cw), dtype=np.float32)
+    x0 = pad.left + (overlap if pad.left else 0)
+    x1 = pad.left + width - (overlap if pad.right else 0)
+    y0 = pad.top + (overlap if pad.top else 0)
+    y1 = pad.top + height - (overlap if pad.bottom else 0)
+    if x1 > x0 and y1 > y0:
+        mask[y0:y1, x0:x1] = 0.0
+    return mask
+
+
+def prefill(pixels: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Fill unknown pixels with a smooth extension of the known ones (multi-scale normalised blur).
+
+    Each pyramid level averages only known pixels; unknown pixels take the upsampled coarser level,
+    so colours reach far into the new area without hard edges, and known pixels stay untouched.
+    """
+    img = torch.from_numpy(pixels).permute(2, 0, 1)[None].float()
+    weight = torch.from_numpy(known.astype(np.float32))[None, None]
+    levels = [(img * weight, weight)]
+    while min(levels[-1][1].shape[-2:]) > 1:
+        s, w = levels[-1]
+        levels.append((F.avg_pool2d(s, 2, ceil_mode=True), F.avg_pool2d(w, 2, ceil_mode=True)))
+    filled = None
+    for s, w in reversed(levels):
+        mean = s / w.clamp_min(1e-6)
+        if filled is None:
+            filled = mean
+            continue
+        up = F.interpolate(filled, size=s.shape[-2:], mode="bilinear", align_corners=False)
+        trust = (w * 4).clamp(0, 1)  # a cell that is a quarter known already speaks for itself
+        filled = trust * mean + (1 - trust) * up
+    out = filled[0].permute(1, 2, 0).numpy()
+    return np.where(known[..., None] > 0.5, pixels, out)
+
+
+def build_canvas(image: Image.Image, pad: Padding) -> tuple[Image.Image, np.ndarray]:
+    """The padded canvas with its new area pre-filled, and the generation mask (canvas size)."""
+    width, height = image.size
+    cw, ch = pad.canvas_size(width, height)
+    pixels = np.zeros((ch, cw, 3), dtype=np.float32)
+    known = np.zeros((ch, cw), dtype=np.float32)
+    pixels[pad.top : pad.top + height, pad.left : pad.left + width] = np.asarray(image, dtype=np.float32)
+    known[pad.top : pad.top + height, pad.left : pad.left + width] = 1.0
+    filled = prefill(pixels, known)
+    canvas = Image.fromarray(np.clip(filled + 0.5, 0, 255).astype(np.uint8))
+    return canvas, generation_mask(width, height, pad)
+
+
+def working_size(width: int, height: int, native_area: int, multiple: int = 64) -> tuple[int, int]:
+    """The model's native pixel area at the canvas's aspect ratio, sides rounded to `multiple`."""
+    aspect = width / height
+    w = max(multiple, round(math.sqrt(native_area * aspect) / multiple) * multiple)
+    h = max(multiple, round(math.sqrt(native_area / aspect) / multiple) * multiple)
+    return w, h
+
+
+def seam_alpha(width: int, height: int, pad: Padding, band: int = SEAM_BAND) -> np.ndarray:
+    """Weight of the original for each of its pixels: 0 at a padded side, 1 from `band` pixels in."""
+
+    def distance(n: int, before: int, after: int) -> np.ndarray:
+        # Distance of each pixel centre to the nearer padded edge along one axis.
+        centres = np.arange(n, dtype=np.float32) + 0.5
+        d = np.full(n, np.inf, dtype=np.float32)
+        if before:
+            d = np.minimum(d, centres)
+        if after:
+            d = np.minimum(d, n - centres)
+        return d
+
+    dist = np.minimum(
+        distance(width, pad.left, pad.right)[None, :], distance(height, pad.top, pad.bottom)[:, None]
+    )
+    return np.clip(dist / band, 0.0, 1.0)
+
+
+def paste_back(
+    generated: Image.Image, original: Image.Image, pad: Padding, band: int = SEAM_BAND
+) -> Image.Image:
+    """Put the original pixels back over a canvas-sized result, feathered across the seam band."""
+    out = np.array(generated.convert("RGB"))
+    width, height = original.size
+    region = out[pad.top : pad.top + height, pad.left : pad.left + width].astype(np.float32)
+    orig = np.asarray(original.convert("RGB"))
+    alpha = seam_alpha(width, height, pad, band)[..., None]
+    blended = np.clip(alpha * orig + (1 - alpha) * region + 0.5, 0, 255).astype(np.uint8)
+    out[pad.top : pad.top + height, pad.left : pad.left + width] = np.where(alpha >= 1.0, orig, blended)
+    return Image.fromarray(out)

@@ -1,0 +1,1 @@
+"""The HTTP side of beyond: the API, the job queue and the worker supervisor."""

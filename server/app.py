@@ -1,0 +1,73 @@
+"""The FastAPI application: wiring of settings, store, supervisor and routers, in one place."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from server.deps import Services
+from server.errors import install_error_handlers
+from server.images import ImageLimits
+from server.jobs.messages import WorkerConfig
+from server.jobs.store import SqliteJobStore
+from server.jobs.supervisor import Supervisor
+from server.routes import health, v1, v2
+from server.settings import Settings, get_settings
+
+log = logging.getLogger("beyond")
+
+
+def build_services(settings: Settings) -> Services:
+    limits = ImageLimits(
+        max_bytes=settings.max_input_bytes,
+        max_pixels=settings.max_input_pixels,
+        allow_private_urls=settings.allow_private_urls,
+        timeout=settings.fetch_timeout,
+    )
+    store = SqliteJobStore(settings.data_dir, ttl=settings.result_ttl)
+    config = WorkerConfig(
+        model=settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        limits=limits,
+        styles_dir=settings.styles_dir,
+        expansion_model=settings.expansion_model,
+    )
+    supervisor = Supervisor(
+        store,
+        config,
+        purge_interval=settings.purge_interval,
+        backoff=settings.worker_restart_backoff,
+        log_level=settings.log_level,
+    )
+    return Services(settings=settings, store=store, supervisor=supervisor, limits=limits)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = build_services(settings)
+        app.state.services = services
+        services.supervisor.start()
+        log.info("beyond serving %s from %s", settings.model, settings.data_dir)
+        try:
+            yield
+        finally:
+            services.supervisor.stop()
+
+    app = FastAPI(
+        title="beyond",
+        description="Self-hosted drop-in for the seg-beyond outpainting API.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(v1.router)
+    app.include_router(v2.router)
+    return app

@@ -1,0 +1,57 @@
+"""What the routers depend on, each as an `Annotated` dependency."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from pydantic import ValidationError
+
+from server.errors import BadRequest, describe_validation_error
+from server.images import ImageLimits
+from server.jobs.store import JobStore
+from server.jobs.supervisor import Supervisor
+from server.schemas import SegBeyondRequest
+from server.settings import Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: JobStore
+    supervisor: Supervisor
+    limits: ImageLimits
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def parse_body(request: Request) -> SegBeyondRequest:
+    """The JSON body as the contract's model; every problem is a 400 that names the field."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BadRequest("body: not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("body: must be a JSON object")
+    try:
+        return SegBeyondRequest.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequest(describe_validation_error(exc.errors(include_url=False))) from None
+
+
+BodyDep = Annotated[SegBeyondRequest, Depends(parse_body)]
+
+
+def public_base(request: Request, settings: Settings) -> str:
+    """The absolute URL clients reach this server at (BEYOND_PUBLIC_URL behind a proxy)."""
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    return str(request.base_url).rstrip("/")

@@ -1,0 +1,174 @@
+"""Reading `input_image`: an http(s) URL, raw base64 or a data: URL, into a clean RGB picture."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+from PIL import Image, ImageOps
+
+# The formats the contract promises, told apart by their first bytes rather than by any name.
+MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
+NEUTRAL = (128, 128, 128)
+MAX_REDIRECTS = 5
+
+
+class InputImageError(ValueError):
+    """The image cannot be used; the message is for the client and starts with the field name."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"input_image: {reason}")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 16_000_000
+    allow_private_urls: bool = False
+    timeout: float = 15.0
+
+
+def is_url(value: str) -> bool:
+    return value[:8].lower().startswith(("http://", "https://"))
+
+
+def sniff_format(data: bytes) -> str | None:
+    for magic, fmt in MAGIC.items():
+        if data.startswith(magic):
+            return fmt
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def decode_base64(value: str, limits: ImageLimits) -> bytes:
+    text = value.strip()
+    if text[:5].lower() == "data:":
+        header, sep, text = text.partition(",")
+        if not sep or ";base64" not in header.lower():
+            raise InputImageError("a data: URL must be base64-encoded (data:image/png;base64,...)")
+    text = re.sub(r"\s+", "", text)
+    # Base64 grows data by 4/3: refuse oversized payloads before decoding them.
+    if len(text) * 3 // 4 > limits.max_bytes:
+        raise InputImageError(f"image is larger than the limit of {limits.max_bytes} bytes")
+    text = text.replace("-", "+").replace("_", "/")
+    text += "=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputImageError("not a URL and not valid base64") from None
+
+
+def check_address(host: str, allow_private: bool) -> list[str]:
+    """Resolve `host` and refuse addresses that are not on the public internet.
+
+    Private and loopback addresses are allowed only with allow_private (in-house asset servers);
+    link-local (cloud metadata services live there) never is.
+    """
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise InputImageError(f"cannot resolve host {host!r}") from None
+    addresses = []
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0].split("%")[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        if ip.is_link_local or ip.is_multicast or ip.is_unspecified:
+            raise InputImageError(f"host {host!r} resolves to a forbidden address")
+        if not ip.is_global and not allow_private:
+            raise InputImageError(
+                f"host {host!r} resolves to a private or loopback address, which is refused"
+            )
+        addresses.append(str(ip))
+    return addresses
+
+
+def check_url(url: str, limits: ImageLimits) -> None:
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise InputImageError("only http and https URLs are accepted")
+    check_address(parts.hostname, limits.allow_private_urls)
+
+
+def fetch(url: str, limits: ImageLimits) -> bytes:
+    """Download with a byte cap, timeouts and every redirect re-checked."""
+    timeout = httpx.Timeout(limits.timeout, connect=min(5.0, limits.timeout))
+    with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+        for _ in range(MAX_REDIRECTS + 1):
+            check_url(url, limits)
+            try:
+                with client.stream("GET", url) as response:
+                    if response.is_redirect:
+                        url = str(response.url.join(response.headers.get("location", "")))
+                        continue
+                    if response.status_code != 200:
+                        raise InputImageError(f"fetching the URL answered HTTP {response.status_code}")
+                    declared = response.headers.get("content-length")
+                    if declared and declared.isdigit() and int(declared) > limits.max_bytes:
+                        raise InputImageError(f"image is larger than the limit of {limits.max_bytes} bytes")
+                    chunks, size = [], 0
+                    for chunk in response.iter_bytes():
+                        size += len(chunk)
+                        if size > limits.max_bytes:
+                            raise InputImageError(
+                                f"image is larger than the limit of {limits.max_bytes} bytes"
+                            )
+                        chunks.append(chunk)
+                    return b"".join(chunks)
+            except httpx.HTTPError as exc:
+                raise InputImageError(f"could not fetch the URL ({type(exc).__name__})") from None
+    raise InputImageError(f"more than {MAX_REDIRECTS} redirects")
+
+
+def read_bytes(value: str, limits: ImageLimits) -> bytes:
+    return fetch(value.strip(), limits) if is_url(value) else decode_base64(value, limits)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with palettes expanded, 16-bit grey scaled down and transparency on a neutral grey."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray((array / top * 255 + 0.5).clip(0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        image = Image.fromarray((np.asarray(image) * 255 + 0.5).clip(0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*NEUTRAL, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise InputImageError("not a PNG, JPEG or WebP image")
+    try:
+        with Image.open(io.BytesIO(data), formats=[fmt]) as image:
+            width, height = image.size
+            if width * height > limits.max_pixels:
+                raise InputImageError(
+                    f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
+                )
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+            return to_rgb(image)
+    except InputImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InputImageError(f"cannot decode the {fmt} image ({exc})") from None
+
+
+def load_image(value: str, limits: ImageLimits) -> Image.Image:
+    return decode_image(read_bytes(value, limits), limits)

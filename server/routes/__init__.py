@@ -1,0 +1,1 @@
+"""Thin routers: parse, call into submission/store, shape the answer."""

@@ -1,0 +1,57 @@
+"""The /v2 queue: submit, status, result, cancel, and the output images."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.deps import BodyDep, ServicesDep, public_base
+from server.errors import Conflict, NotFound
+from server.routes.v1 import REQUEST_SCHEMA, SLUG
+from server.submission import find, read_output, result_body, status_body, submit
+
+router = APIRouter(prefix="/v2")
+
+
+@router.post(f"/{SLUG}", openapi_extra=REQUEST_SCHEMA, status_code=200)
+async def submit_async(body: BodyDep, request: Request, services: ServicesDep) -> JSONResponse:
+    job = await submit(body, services)
+    base = f"{public_base(request, services.settings)}/v2/requests/{job.id}"
+    return JSONResponse(
+        {
+            "request_id": job.id,
+            "status": job.status.value,
+            "status_url": f"{base}/status",
+            "response_url": base,
+        },
+        headers={"x-request-id": job.id},
+    )
+
+
+@router.post("/{slug}", include_in_schema=False)
+async def unknown_model(slug: str) -> Response:
+    raise NotFound(f"model {slug!r} not found; this server serves {SLUG!r}")
+
+
+@router.get("/requests/{request_id}/status")
+def get_status(request_id: str, services: ServicesDep) -> dict:
+    return status_body(services, find(services, request_id))
+
+
+@router.get("/requests/{request_id}")
+def get_result(request_id: str, request: Request, services: ServicesDep) -> dict:
+    return result_body(services, find(services, request_id), public_base(request, services.settings))
+
+
+@router.post("/requests/{request_id}/cancel")
+def cancel(request_id: str, services: ServicesDep) -> dict:
+    job = find(services, request_id)
+    if job.finished and job.error_kind != "cancelled":
+        raise Conflict(f"request already {job.status.value}", body={"status": job.status.value})
+    job = services.store.request_cancel(request_id) or job
+    return {"request_id": job.id, "status": job.status.value, "cancel_requested": True, "error": job.error}
+
+
+@router.get("/requests/{request_id}/outputs/{index}.jpg")
+def get_output(request_id: str, index: int, services: ServicesDep) -> Response:
+    return Response(read_output(services, find(services, request_id), index), media_type="image/jpeg")

@@ -1,0 +1,54 @@
+"""Every setting of the server, each one a `BEYOND_*` environment variable (or a CLI option)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from models.names import DEFAULT_MODEL
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BEYOND_", extra="ignore", protected_namespaces=())
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str = DEFAULT_MODEL
+    data_dir: Path = Path("./data")
+    device: str = "auto"
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+
+    # Absolute base for status_url / response_url / output URLs when behind a reverse proxy,
+    # e.g. https://gpu.example.com/beyond. Unset: taken from each request.
+    public_url: str | None = None
+    result_ttl: float = Field(3600.0, gt=0)
+    purge_interval: float = Field(30.0, gt=0)
+
+    allow_private_urls: bool = False
+    max_input_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_input_pixels: int = Field(16_000_000, gt=0)
+    fetch_timeout: float = Field(15.0, gt=0)
+
+    styles_dir: Path | None = None
+    expansion_model: Path | None = None
+
+    # A worker that dies this many times in a row while loading makes /health report failure.
+    worker_restart_backoff: float = Field(2.0, ge=0)
+    log_level: str = "info"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
