@@ -32,7 +32,7 @@ class SegBeyondRequest(BaseModel):
     samples: Annotated[StrictInt, Field(ge=1, le=4)] = 1
     styles: StrictStr = DEFAULT_STYLES
     seed: Annotated[StrictInt, Field(ge=-1, le=MAX_SEED)] = -1
-    guidance_scale: Annotated[StrictFloat | StrictInt, Field(ge=1, le=25)] = 4.0
+    guidance_scale: Annotated[StrictFloat, Field(ge=1, le=25)] = 4.0
     scheduler: StrictStr = DEFAULT_SCHEDULER
     sampler: StrictStr = DEFAULT_SAMPLER
     left: Side = 0

@@ -1,0 +1,172 @@
+"""Test helpers: a real `beyond serve` process, a loopback image server, and test pictures."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`beyond serve` in a subprocess of its own, on a free loopback port."""
+
+    def __init__(self, data_dir: Path, *, model: str = "random:tiny", env: dict[str, str] | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.model = model
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "BEYOND_ALLOW_PRIVATE_URLS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "BEYOND_LOG_LEVEL": "info",
+            **(env or {}),
+        }
+        self.log_path = self.data_dir / "server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> ServerProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - held open for the process's lifetime
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--model", self.model, "--port", str(self.port),
+             "--data-dir", str(self.data_dir), "--device", "cpu"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def health(self) -> httpx.Response | None:
+        try:
+            return httpx.get(f"{self.url}/health", timeout=5)
+        except httpx.HTTPError:
+            return None
+
+    def wait_ready(self, timeout: float = 180.0) -> ServerProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            response = self.health()
+            if response is not None and response.status_code == 200:
+                return self
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log_tail()}")
+
+    def worker_pid(self) -> int:
+        return int(httpx.get(f"{self.url}/health", timeout=5).json()["worker_pid"])
+
+    def kill(self) -> None:
+        """kill -9 of the whole process group: the API process and its worker."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        # The worker is in the same process group; make sure nothing outlives the test.
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+class ImageServer:
+    """A loopback HTTP server for input_image URLs: path -> (status, bytes, content type)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, tuple[int, bytes, str, dict[str, str]]] = {}
+        routes = self.routes
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                status, body, ctype, headers = routes.get(self.path, (404, b"not found", "text/plain", {}))
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def add(self, path: str, body: bytes, ctype: str = "image/png", status: int = 200,
+            headers: dict[str, str] | None = None) -> str:
+        self.routes[path] = (status, body, ctype, headers or {})
+        return self.url + path
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+def noise_image(width: int = 96, height: int = 64, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def smooth_image(width: int = 96, height: int = 64) -> Image.Image:
+    """A gradient: JPEG-friendly, so preserved areas can be compared closely after encoding."""
+    x = np.linspace(0, 255, width)[None, :, None]
+    y = np.linspace(0, 255, height)[:, None, None]
+    rgb = np.concatenate([np.broadcast_to(x, (height, width, 1)), np.broadcast_to(y, (height, width, 1)),
+                          np.full((height, width, 1), 128.0)], axis=2)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def request_body(image: Image.Image | None = None, **fields: object) -> dict:
+    image = image if image is not None else smooth_image()
+    return {"input_image": b64(encode(image)), "prompt": "a quiet beach", "steps": 20, "left": 32, **fields}
+
+
+def jpeg(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    assert image.format == "JPEG"
+    return image.convert("RGB")

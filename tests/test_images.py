@@ -1,0 +1,134 @@
+"""Reading input_image: formats, modes, orientation, limits and URL checks."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from server.images import ImageLimits, InputImageError, check_url, decode_base64, decode_image, load_image
+from tests.helpers import encode, noise_image, smooth_image
+
+LIMITS = ImageLimits()
+
+
+def test_palette_png_is_read_as_colours_not_indices() -> None:
+    palette_image = Image.new("P", (4, 2))
+    palette = [0] * 768
+    palette[3 * 7 : 3 * 7 + 3] = [200, 10, 30]  # index 7 is a red
+    palette_image.putpalette(palette)
+    palette_image.putdata([7] * 8)
+    rgb = decode_image(encode(palette_image), LIMITS)
+    assert rgb.mode == "RGB"
+    assert rgb.getpixel((0, 0)) == (200, 10, 30)
+
+
+def test_transparent_areas_sit_on_neutral_grey() -> None:
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 255))
+    rgba.putpixel((0, 0), (0, 0, 255, 0))  # fully transparent blue
+    rgba.putpixel((1, 0), (0, 0, 0, 128))  # half transparent black
+    rgb = decode_image(encode(rgba), LIMITS)
+    assert rgb.getpixel((0, 0)) == (128, 128, 128)
+    assert rgb.getpixel((1, 0)) == pytest.approx((64, 64, 64), abs=1)
+    assert rgb.getpixel((2, 2)) == (255, 0, 0)
+
+
+def test_la_and_transparent_palette() -> None:
+    la = Image.new("LA", (2, 1), (255, 255))
+    la.putpixel((0, 0), (0, 0))
+    rgb = decode_image(encode(la), LIMITS)
+    assert rgb.getpixel((0, 0)) == (128, 128, 128) and rgb.getpixel((1, 0)) == (255, 255, 255)
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([10, 20, 30, 250, 250, 250] + [0] * 762)
+    pal.putdata([0, 1])
+    data = encode(pal, transparency=0)
+    rgb = decode_image(data, LIMITS)
+    assert rgb.getpixel((0, 0)) == (128, 128, 128) and rgb.getpixel((1, 0)) == (250, 250, 250)
+
+
+def test_greyscale_and_16_bit_greyscale() -> None:
+    grey = Image.new("L", (2, 2), 77)
+    assert decode_image(encode(grey), LIMITS).getpixel((1, 1)) == (77, 77, 77)
+    deep = Image.fromarray(np.full((2, 2), 65535, dtype=np.uint16))
+    assert decode_image(encode(deep), LIMITS).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = Image.new("RGB", (40, 20), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 10, 20))  # white strip on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera was turned: display rotated 90 degrees clockwise
+    data = encode(image, "JPEG", exif=exif, quality=95)
+    upright = decode_image(data, LIMITS)
+    assert upright.size == (20, 40)
+    top = np.asarray(upright)[:8].mean()
+    bottom = np.asarray(upright)[-8:].mean()
+    assert top > 200 > 50 > bottom  # the white strip is now on top
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_formats(fmt: str) -> None:
+    image = decode_image(encode(smooth_image(32, 16), fmt), LIMITS)
+    assert image.size == (32, 16) and image.mode == "RGB"
+
+
+def test_other_formats_are_refused_by_their_bytes() -> None:
+    with pytest.raises(InputImageError, match="not a PNG, JPEG or WebP"):
+        decode_image(encode(smooth_image(8, 8), "GIF"), LIMITS)
+    with pytest.raises(InputImageError, match="not a PNG, JPEG or WebP"):
+        decode_image(encode(smooth_image(8, 8), "BMP"), LIMITS)
+
+
+def test_pixel_and_byte_caps() -> None:
+    small = ImageLimits(max_pixels=100, max_bytes=10_000)
+    with pytest.raises(InputImageError, match="pixels; the limit is 100"):
+        decode_image(encode(smooth_image(20, 20)), small)
+    payload = base64.b64encode(b"x" * 20_000).decode()
+    with pytest.raises(InputImageError, match="larger than the limit"):
+        decode_base64(payload, small)
+
+
+def test_base64_variants_decode_to_the_same_bytes() -> None:
+    data = encode(smooth_image(16, 8))
+    plain = base64.b64encode(data).decode()
+    wrapped = "\n".join(plain[i : i + 76] for i in range(0, len(plain), 76))
+    urlsafe = base64.urlsafe_b64encode(data).decode().rstrip("=")
+    for text in (plain, wrapped, urlsafe, "data:image/png;base64," + plain):
+        assert decode_base64(text, LIMITS) == data
+    with pytest.raises(InputImageError):
+        decode_base64("data:image/png,rawtext", LIMITS)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1/x.png", "http://localhost/x.png", "http://10.1.2.3/x.png", "http://[::1]/x.png",
+     "http://192.168.0.1/a", "http://169.254.169.254/latest/meta-data"],
+)
+def test_private_urls_are_refused_by_default(url: str) -> None:
+    with pytest.raises(InputImageError, match="input_image: "):
+        check_url(url, LIMITS)
+
+
+def test_allow_private_lets_loopback_through_but_never_link_local() -> None:
+    allowed = ImageLimits(allow_private_urls=True)
+    check_url("http://127.0.0.1/x.png", allowed)
+    with pytest.raises(InputImageError, match="forbidden"):
+        check_url("http://169.254.169.254/latest/meta-data", allowed)
+
+
+def test_only_http_and_https() -> None:
+    with pytest.raises(InputImageError, match="only http and https"):
+        check_url("ftp://example.com/x.png", LIMITS)
+
+
+def test_fetch_follows_redirects_and_caps_bytes(images) -> None:
+    png = encode(noise_image(16, 16))
+    assert len(png) > 300
+    target = images.add("/target.png", png)
+    images.add("/hop", b"", status=302, headers={"Location": target})
+    allowed = ImageLimits(allow_private_urls=True)
+    assert load_image(images.url + "/hop", allowed).size == (16, 16)
+    with pytest.raises(InputImageError, match="larger than the limit"):
+        load_image(target, ImageLimits(allow_private_urls=True, max_bytes=300))
