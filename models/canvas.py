@@ -58,7 +58,9 @@ def prefill(pixels: np.ndarray, known: np.ndarray) -> np.ndarray:
     levels = [(img * weight, weight)]
     while min(levels[-1][1].shape[-2:]) > 1:
         s, w = levels[-1]
-        levels.append((F.avg_pool2d(s, 2, ceil_mode=True), F.avg_pool2d(w, 2, ceil_mode=True)))
+        # Overlapping 4x4 windows let known colours leak across cell borders at every level;
+        # plain 2x2 cells would leave a pixel next to the original waiting for a coarse level.
+        levels.append((F.avg_pool2d(s, 4, 2, 1, ceil_mode=True), F.avg_pool2d(w, 4, 2, 1, ceil_mode=True)))
     filled = None
     for s, w in reversed(levels):
         mean = s / w.clamp_min(1e-6)

@@ -121,4 +121,8 @@ class OutpaintPipeline:
                 latents = latent_mask * latents + (1 - latent_mask) * known
             if on_step is not None:
                 on_step(i + 1, len(timesteps))
-        return self.decode_latents(latents)
+        images = self.decode_latents(latents)
+        # One check at the end rather than per step: a per-step check would sync the GPU every step.
+        if not torch.isfinite(images).all():
+            raise FloatingPointError("the model produced NaN or infinite values; try --dtype bf16 or fp32")
+        return images

@@ -17,6 +17,7 @@ Two kinds, as in ComfyUI:
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -25,6 +26,7 @@ NoiseSampler = Callable[[float, float], torch.Tensor]
 
 GAUSSIAN_STREAM = "step-noise"
 BROWNIAN_STREAM = "brownian-tree"
+_TREE_TOL = 1e-6  # torchsde's default, as k-diffusion uses it
 
 
 def derive_seed(seed: int, stream: str) -> int:
@@ -72,15 +74,21 @@ class BrownianNoise:
         self.out_device = sample.device
         w0 = torch.zeros(sample.shape[1:], dtype=torch.float32, device=torch.device(tree_device))
         self.trees = [
-            torchsde.BrownianTree(self.t0, w0, self.t1, entropy=derive_seed(s, BROWNIAN_STREAM)) for s in seeds
+            torchsde.BrownianTree(self.t0, w0, self.t1, entropy=derive_seed(s, BROWNIAN_STREAM), tol=_TREE_TOL)
+            for s in seeds
         ]
+        # The tree stores its end points rounded to the tolerance's digits and clamps (with a
+        # warning) any query outside them, which includes sigma_max itself; clamp first instead.
+        digits = -int(math.log10(_TREE_TOL))
+        self.lo, self.hi = round(self.t0, digits), round(self.t1, digits)
 
     def _clamp(self, t: float) -> float:
-        # Sigmas recomputed through exp(-log(sigma)) can leave the tree's interval by an ulp.
-        return min(max(t, self.t0), self.t1)
+        return min(max(t, self.lo), self.hi)
 
     def __call__(self, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor) -> torch.Tensor:
         a, b = self._clamp(float(sigma)), self._clamp(float(sigma_next))
+        if a == b:
+            return torch.zeros((len(self.trees), *self.trees[0](self.lo, self.lo).shape), device=self.out_device)
         sign = 1.0
         if a > b:
             a, b, sign = b, a, -1.0
