@@ -8,13 +8,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from models.styles import default_registry
 from server.deps import Services
 from server.errors import install_error_handlers
 from server.images import ImageLimits
 from server.jobs.messages import WorkerConfig
 from server.jobs.store import SqliteJobStore
 from server.jobs.supervisor import Supervisor
-from server.routes import health, v1, v2
+from server.routes import health, styles, v1, v2
 from server.settings import Settings, get_settings
 
 log = logging.getLogger("beyond")
@@ -35,6 +36,7 @@ def build_services(settings: Settings) -> Services:
         limits=limits,
         styles_dir=settings.styles_dir,
         expansion_model=settings.expansion_model,
+        cpu_threads=settings.cpu_threads,
     )
     supervisor = Supervisor(
         store,
@@ -43,7 +45,8 @@ def build_services(settings: Settings) -> Services:
         backoff=settings.worker_restart_backoff,
         log_level=settings.log_level,
     )
-    return Services(settings=settings, store=store, supervisor=supervisor, limits=limits)
+    registry = default_registry(settings.styles_dir)
+    return Services(settings=settings, store=store, supervisor=supervisor, limits=limits, styles=registry)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -70,4 +73,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(v1.router)
     app.include_router(v2.router)
+    app.include_router(styles.router)
     return app

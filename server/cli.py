@@ -24,16 +24,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--data-dir", help="where jobs and images are kept (BEYOND_DATA_DIR, default ./data)")
     serve.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (BEYOND_DEVICE, default auto)")
-    serve.add_argument(
-        "--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="compute precision (BEYOND_DTYPE)"
-    )
+    serve.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="compute precision (BEYOND_DTYPE)")
     return parser
 
 
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
-    from models.loading import ModelSpecError, check_spec
 
+    from models.loading import ModelSpecError, check_spec
+    from models.styles import StyleFileError, default_registry
     from server.app import create_app
     from server.settings import Settings
 
@@ -54,18 +53,19 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"beyond: invalid settings: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         check_spec(settings.model)
     except ModelSpecError as exc:
         print(f"beyond: cannot use model {settings.model!r}:\n{exc}", file=sys.stderr)
         return 2
+    try:
+        default_registry(settings.styles_dir)
+    except StyleFileError as exc:
+        print(f"beyond: cannot load the styles: {exc}", file=sys.stderr)
+        return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower()
-    )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
     return 0
 
 

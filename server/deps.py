@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from pydantic import ValidationError
 
+from models.styles import StyleRegistry
 from server.errors import BadRequest, describe_validation_error
 from server.images import ImageLimits
 from server.jobs.store import JobStore
@@ -23,6 +24,7 @@ class Services:
     store: JobStore
     supervisor: Supervisor
     limits: ImageLimits
+    styles: StyleRegistry
 
 
 def get_services(request: Request) -> Services:
@@ -32,7 +34,7 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-async def parse_body(request: Request) -> SegBeyondRequest:
+async def parse_body(request: Request, services: ServicesDep) -> SegBeyondRequest:
     """The JSON body as the contract's model; every problem is a 400 that names the field."""
     raw = await request.body()
     try:
@@ -42,7 +44,7 @@ async def parse_body(request: Request) -> SegBeyondRequest:
     if not isinstance(data, dict):
         raise BadRequest("body: must be a JSON object")
     try:
-        return SegBeyondRequest.model_validate(data)
+        return SegBeyondRequest.model_validate(data, context={"registry": services.styles})
     except ValidationError as exc:
         raise BadRequest(describe_validation_error(exc.errors(include_url=False))) from None
 

@@ -18,9 +18,7 @@ log = logging.getLogger("beyond.errors")
 class ApiError(Exception):
     status_code = 500
 
-    def __init__(
-        self, message: str, *, headers: dict[str, str] | None = None, body: dict | None = None
-    ) -> None:
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None, body: dict | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
@@ -110,9 +108,7 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 404:
             message = "not found"
-        return JSONResponse(
-            {"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None)
-        )
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

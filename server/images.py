@@ -85,9 +85,7 @@ def check_address(host: str, allow_private: bool) -> list[str]:
         if ip.is_link_local or ip.is_multicast or ip.is_unspecified:
             raise InputImageError(f"host {host!r} resolves to a forbidden address")
         if not ip.is_global and not allow_private:
-            raise InputImageError(
-                f"host {host!r} resolves to a private or loopback address, which is refused"
-            )
+            raise InputImageError(f"host {host!r} resolves to a private or loopback address, which is refused")
         addresses.append(str(ip))
     return addresses
 
@@ -119,9 +117,7 @@ def fetch(url: str, limits: ImageLimits) -> bytes:
                     for chunk in response.iter_bytes():
                         size += len(chunk)
                         if size > limits.max_bytes:
-                            raise InputImageError(
-                                f"image is larger than the limit of {limits.max_bytes} bytes"
-                            )
+                            raise InputImageError(f"image is larger than the limit of {limits.max_bytes} bytes")
                         chunks.append(chunk)
                     return b"".join(chunks)
             except httpx.HTTPError as exc:

@@ -12,12 +12,13 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
+    ValidationInfo,
     field_validator,
 )
 
 from models.names import DEFAULT_SAMPLER, DEFAULT_SCHEDULER, DEFAULT_STYLES, SAMPLERS, SCHEDULERS
 from models.seeds import MAX_SEED
-from models.styles import UnknownStyle, parse_styles
+from models.styles import StyleRegistry, UnknownStyle, default_registry
 
 Side = Annotated[StrictInt, Field(ge=0, le=1024)]
 
@@ -57,21 +58,19 @@ class SegBeyondRequest(BaseModel):
 
     @field_validator("styles")
     @classmethod
-    def _known_styles(cls, value: str) -> str:
+    def _known_styles(cls, value: str, info: ValidationInfo) -> str:
+        # The server passes its registry (built-ins plus BEYOND_STYLES_DIR) as validation context.
+        registry: StyleRegistry = (info.context or {}).get("registry") or default_registry()
         try:
-            parse_styles(value)
+            registry.parse(value)
         except UnknownStyle as exc:
-            raise ValueError(f"{exc}; GET /v1/styles lists the known ones") from None
+            raise ValueError(str(exc).removeprefix("styles: ")) from None
         return value
 
-    @property
-    def style_list(self) -> list[str]:
-        return parse_styles(self.styles)
-
-    def engine_params(self) -> dict[str, Any]:
+    def engine_params(self, registry: StyleRegistry) -> dict[str, Any]:
         """What the engine needs besides the image; stored with the job and echoed in results."""
         params = self.model_dump(exclude={"input_image", "base64"})
         params["negative_prompt"] = self.negative_prompt or ""
         params["guidance_scale"] = float(self.guidance_scale)
-        params["styles"] = self.style_list
+        params["styles"] = registry.parse(self.styles)
         return params

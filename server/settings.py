@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     max_input_pixels: int = Field(16_000_000, gt=0)
     fetch_timeout: float = Field(15.0, gt=0)
 
+    # Threads torch may use on a CPU (None: torch's default, one per core).
+    cpu_threads: int | None = Field(None, gt=0)
+
     styles_dir: Path | None = None
     expansion_model: Path | None = None
 

@@ -35,13 +35,11 @@ def _prepare_input(body: SegBeyondRequest, services: Services) -> tuple[dict[str
 
 async def submit(body: SegBeyondRequest, services: Services, owner: str | None = None) -> Job:
     source, image = await run_in_threadpool(_prepare_input, body, services)
-    params = body.engine_params()
+    params = body.engine_params(services.styles)
     if params["seed"] == -1:
         # Drawn now, so a retried job and the stored record use the same seed.
         params["seed"] = draw_seed()
-    return await run_in_threadpool(
-        services.store.create, params, source, image=image, base64=body.base64, owner=owner
-    )
+    return await run_in_threadpool(services.store.create, params, source, image=image, base64=body.base64, owner=owner)
 
 
 def find(services: Services, job_id: str, owner: str | None = None) -> Job:

@@ -3,8 +3,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import torch
 
 from tests.helpers import ImageServer, ServerProcess
+
+# The in-process engine tests run tiny models: one thread avoids oversubscribing a small CI machine,
+# where the test process shares its cores with the server processes it starts.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

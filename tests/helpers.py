@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import signal
@@ -40,6 +41,8 @@ class ServerProcess:
             "BEYOND_ALLOW_PRIVATE_URLS": "1",
             "HF_HUB_OFFLINE": "1",
             "BEYOND_LOG_LEVEL": "info",
+            # Two cores shared by pytest, the API and the worker: more threads only make them wait.
+            "BEYOND_CPU_THREADS": "1",
             **(env or {}),
         }
         self.log_path = self.data_dir / "server.log"
@@ -49,8 +52,20 @@ class ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - held open for the process's lifetime
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--model", self.model, "--port", str(self.port),
-             "--data-dir", str(self.data_dir), "--device", "cpu"],
+            [
+                sys.executable,
+                "-m",
+                "server.cli",
+                "serve",
+                "--model",
+                self.model,
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+                "--device",
+                "cpu",
+            ],
             cwd=ROOT,
             env=self.env,
             stdout=self._log,
@@ -97,10 +112,8 @@ class ServerProcess:
                 self.kill()
         # The worker is in the same process group; make sure nothing outlives the test.
         if self.proc is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 class ImageServer:
@@ -128,8 +141,9 @@ class ImageServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
-    def add(self, path: str, body: bytes, ctype: str = "image/png", status: int = 200,
-            headers: dict[str, str] | None = None) -> str:
+    def add(
+        self, path: str, body: bytes, ctype: str = "image/png", status: int = 200, headers: dict[str, str] | None = None
+    ) -> str:
         self.routes[path] = (status, body, ctype, headers or {})
         return self.url + path
 
@@ -146,8 +160,14 @@ def smooth_image(width: int = 96, height: int = 64) -> Image.Image:
     """A gradient: JPEG-friendly, so preserved areas can be compared closely after encoding."""
     x = np.linspace(0, 255, width)[None, :, None]
     y = np.linspace(0, 255, height)[:, None, None]
-    rgb = np.concatenate([np.broadcast_to(x, (height, width, 1)), np.broadcast_to(y, (height, width, 1)),
-                          np.full((height, width, 1), 128.0)], axis=2)
+    rgb = np.concatenate(
+        [
+            np.broadcast_to(x, (height, width, 1)),
+            np.broadcast_to(y, (height, width, 1)),
+            np.full((height, width, 1), 128.0),
+        ],
+        axis=2,
+    )
     return Image.fromarray(rgb.astype(np.uint8))
 
 
@@ -170,3 +190,41 @@ def jpeg(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     assert image.format == "JPEG"
     return image.convert("RGB")
+
+
+def build_tiny_gpt2(folder: Path) -> Path:
+    """A GPT-2 folder for V2 expansion: byte-level BPE trained here on our word list, random weights."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    from models.expansion import load_words
+
+    words = load_words()
+    corpus = [" ".join(words[i : i + 6]) + ", a photo of a red barn in the snow." for i in range(0, len(words), 6)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    # A small vocabulary: common words become one token, the rest are spelled in several.
+    trainer = trainers.BpeTrainer(
+        vocab_size=700,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    end = "<|endoftext|>"
+    tokenizer = GPT2TokenizerFast(tokenizer_object=bpe, bos_token=end, eos_token=end, unk_token=end)
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=256,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

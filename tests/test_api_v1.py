@@ -138,8 +138,12 @@ def test_missing_required_field(server: ServerProcess, missing: str) -> None:
 
 @pytest.mark.parametrize(
     ("content", "expected"),
-    [(b"{not json", "body: not valid JSON"), (b"[1, 2]", "body: must be a JSON object"), (b"", "body: not valid JSON"),
-     (b'"text"', "body: must be a JSON object")],
+    [
+        (b"{not json", "body: not valid JSON"),
+        (b"[1, 2]", "body: must be a JSON object"),
+        (b"", "body: not valid JSON"),
+        (b'"text"', "body: must be a JSON object"),
+    ],
 )
 def test_malformed_bodies(server: ServerProcess, content: bytes, expected: str) -> None:
     response = httpx.post(server.url + V1, content=content, headers={"content-type": "application/json"}, timeout=30)

@@ -17,7 +17,9 @@ from tests.helpers import noise_image, smooth_image
 
 @pytest.fixture(scope="module")
 def engine() -> OutpaintEngine:
-    return OutpaintEngine(OutpaintPipeline(build_random("random:tiny"), torch.device("cpu"), torch.float32), "random:tiny")
+    return OutpaintEngine(
+        OutpaintPipeline(build_random("random:tiny"), torch.device("cpu"), torch.float32), "random:tiny"
+    )
 
 
 def run(engine: OutpaintEngine, **fields: object) -> list[np.ndarray]:
@@ -83,7 +85,9 @@ def test_prefill_extends_the_edges_smoothly() -> None:
 def test_exactly_steps_denoising_steps(engine: OutpaintEngine) -> None:
     calls: list[tuple[int, int]] = []
     engine.run(
-        OutpaintRequest(image=noise_image(), prompt="x", steps=23, seed=1, left=16, sampler="euler", scheduler="normal"),
+        OutpaintRequest(
+            image=noise_image(), prompt="x", steps=23, seed=1, left=16, sampler="euler", scheduler="normal"
+        ),
         on_step=lambda i, n: calls.append((i, n)),
     )
     assert [i for i, _ in calls] == list(range(1, 24))
@@ -93,7 +97,7 @@ def test_exactly_steps_denoising_steps(engine: OutpaintEngine) -> None:
 def test_same_seed_same_pixels_and_samples_use_consecutive_seeds(engine: OutpaintEngine) -> None:
     first = run(engine, left=32, samples=2, seed=100)
     again = run(engine, left=32, samples=2, seed=100)
-    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     alone = run(engine, left=32, samples=1, seed=101)[0]
     # Sample 1 of the batch used seed 101: equal to seed 101 alone up to batched float rounding.
     assert np.abs(alone.astype(int) - first[1].astype(int)).max() <= 2

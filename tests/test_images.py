@@ -103,8 +103,14 @@ def test_base64_variants_decode_to_the_same_bytes() -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["http://127.0.0.1/x.png", "http://localhost/x.png", "http://10.1.2.3/x.png", "http://[::1]/x.png",
-     "http://192.168.0.1/a", "http://169.254.169.254/latest/meta-data"],
+    [
+        "http://127.0.0.1/x.png",
+        "http://localhost/x.png",
+        "http://10.1.2.3/x.png",
+        "http://[::1]/x.png",
+        "http://192.168.0.1/a",
+        "http://169.254.169.254/latest/meta-data",
+    ],
 )
 def test_private_urls_are_refused_by_default(url: str) -> None:
     with pytest.raises(InputImageError, match="input_image: "):

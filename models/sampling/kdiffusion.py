@@ -132,7 +132,13 @@ class _DPMSolver:
         return x - self.sigma(t_next) * math.expm1(t_next - t) * eps
 
     def second(
-        self, x: torch.Tensor, t: float, t_next: float, eps: torch.Tensor, r1: float, cache: dict[str, torch.Tensor]
+        self,
+        x: torch.Tensor,
+        t: float,
+        t_next: float,
+        eps: torch.Tensor,
+        r1: float,
+        cache: dict[str, torch.Tensor],
     ) -> Generator[Any, Any, torch.Tensor]:
         h = t_next - t
         s1 = t + r1 * h
@@ -140,8 +146,10 @@ class _DPMSolver:
             u1 = x - self.sigma(s1) * math.expm1(r1 * h) * eps
             _, cache["eps_r1"] = yield from self.eps(u1, s1)
         eps_r1 = cache["eps_r1"]
-        return x - self.sigma(t_next) * math.expm1(h) * eps - self.sigma(t_next) / (2 * r1) * math.expm1(h) * (
-            eps_r1 - eps
+        return (
+            x
+            - self.sigma(t_next) * math.expm1(h) * eps
+            - self.sigma(t_next) / (2 * r1) * math.expm1(h) * (eps_r1 - eps)
         )
 
     def third(
@@ -160,8 +168,10 @@ class _DPMSolver:
             - self.sigma(s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1) * (eps_r1 - eps)
         )
         _, eps_r2 = yield from self.eps(u2, s2)
-        return x - self.sigma(t_next) * math.expm1(h) * eps - self.sigma(t_next) / r2 * (math.expm1(h) / h - 1) * (
-            eps_r2 - eps
+        return (
+            x
+            - self.sigma(t_next) * math.expm1(h) * eps
+            - self.sigma(t_next) / r2 * (math.expm1(h) / h - 1) * (eps_r2 - eps)
         )
 
 
@@ -204,9 +214,15 @@ class _PID:
         return factor >= self.accept_safety
 
 
+# The programs' arithmetic runs in float64: the latents are small next to the UNet, and
+# dpm_adaptive's error estimate is a difference of two nearly equal solutions, which float32
+# resolves to only a few digits (its step sizes then wander by ~0.1%).
+_WORK_DTYPE = torch.float64
+
 ADAPTIVE_RTOL = 0.05
 ADAPTIVE_ATOL = 0.0078
 ADAPTIVE_H_INIT = 0.05
+_MAX_GROWTH = 1.0 + math.pi / 2  # supremum of the controller's step factor 1 + atan(f - 1)
 
 
 def dpm_adaptive_budget(schedule_steps: int) -> int:
@@ -220,12 +236,15 @@ def dpm_adaptive(x: torch.Tensor, sigmas: Sequence[float], noise: NoiseSampler, 
     rtol 0.05, atol 0.0078, h_init 0.05, I-controller, accept_safety 0.81), run within a budget.
 
     ComfyUI lets the controller take as many evaluations as it likes. Here the run has `budget`
-    evaluations (3 per attempt). An attempt never takes a step shorter than the remaining interval
-    divided by the remaining attempts, and such a budget-forced step is accepted whatever its error
-    estimate; the last attempt therefore always lands on sigma_min. When the controller's own steps
-    are long enough the run is exactly ComfyUI's. Evaluations left over once sigma_min is reached
-    are spent idle (the latents are returned unchanged), so `timesteps` keeps its announced length.
-    As in ComfyUI, the error norm is taken over the whole batch, so batch items share step sizes.
+    evaluations, 3 per attempt. The controller runs unchanged as long as it could still reach
+    sigma_min in the attempts left, even growing its step at the controller's maximum rate
+    (x (1 + pi/2) per attempt) with every attempt accepted. Once even that is impossible, i.e.
+    ComfyUI's run provably would not fit, the rest of the interval is split evenly over the
+    attempts left and each of those steps is accepted whatever its error estimate, so the last
+    attempt lands on sigma_min. A run that fits is exactly ComfyUI's; the evaluations left over
+    once sigma_min is reached are spent idle (the latents come back unchanged) so that `timesteps`
+    keeps its announced length. As in ComfyUI the error norm is taken over the whole batch, so the
+    items of a batch share their step sizes.
     """
     s_min, s_max = _fast_bounds(sigmas)
     solver = _DPMSolver()
@@ -234,9 +253,10 @@ def dpm_adaptive(x: torch.Tensor, sigmas: Sequence[float], noise: NoiseSampler, 
     pid = _PID(ADAPTIVE_H_INIT, order=3)
     x_prev = x
     while s < t_end - 1e-5 and attempts > 0:
-        needed = (t_end - s) / attempts
-        forced = pid.h < needed
-        t = min(t_end, s + max(pid.h, needed))
+        remaining = t_end - s
+        reachable = pid.h * (_MAX_GROWTH**attempts - 1) / (_MAX_GROWTH - 1)
+        forced = reachable < remaining
+        t = s + remaining / attempts if forced else min(t_end, s + pid.h)
         cache: dict[str, torch.Tensor] = {}
         x, eps = yield from solver.eps(x, s)
         x_low = yield from solver.second(x, s, t, eps, 1 / 3, cache)
@@ -383,7 +403,7 @@ class KDiffusionScheduler(SchedulerMixin, ConfigMixin):
         return float(self.sigmas[0])
 
     def _start(self, sample: torch.Tensor) -> None:
-        x = sample.to(torch.float32)
+        x = sample.to(_WORK_DTYPE)
         self._like = x
         program = PROGRAMS[self.config.sampler](x, self.sigmas.tolist(), self._noise, self._budget)
         self._program = program
@@ -395,8 +415,7 @@ class KDiffusionScheduler(SchedulerMixin, ConfigMixin):
         return gaussian_like(self._like, self.step_generators)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
-        if self._program is None:
-            self._start(sample)
+        # Only scales: `sample` may be the CFG-doubled batch, so it must not start the program.
         return sample / math.sqrt(self.latent_sigma**2 + 1.0)
 
     def _denoised(self, model_output: torch.Tensor, sample: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -418,9 +437,9 @@ class KDiffusionScheduler(SchedulerMixin, ConfigMixin):
             self._start(sample)
         assert self._program is not None and self._pending is not None
         dtype = sample.dtype
-        x = sample.to(torch.float32)
+        x = sample.to(_WORK_DTYPE)
         sigma = self._pending[1]
-        denoised = self._denoised(model_output.to(torch.float32), x, sigma)
+        denoised = self._denoised(model_output.to(_WORK_DTYPE), x, sigma)
         try:
             self._pending = self._program.send((x, denoised))
             out = self._pending[0]
@@ -449,6 +468,13 @@ class KDiffusionScheduler(SchedulerMixin, ConfigMixin):
 
 
 def make_kdiffusion(base_config: Mapping[str, Any], sampler: str) -> KDiffusionScheduler:
-    keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
+    keys = (
+        "num_train_timesteps",
+        "beta_start",
+        "beta_end",
+        "beta_schedule",
+        "trained_betas",
+        "prediction_type",
+    )
     kwargs = {k: base_config[k] for k in keys if k in base_config}
     return KDiffusionScheduler(sampler=sampler, **kwargs)

@@ -72,6 +72,7 @@ class BrownianNoise:
         if self.t0 > self.t1:
             self.t0, self.t1 = self.t1, self.t0
         self.out_device = sample.device
+        self.shape = tuple(sample.shape)
         w0 = torch.zeros(sample.shape[1:], dtype=torch.float32, device=torch.device(tree_device))
         self.trees = [
             torchsde.BrownianTree(self.t0, w0, self.t1, entropy=derive_seed(s, BROWNIAN_STREAM), tol=_TREE_TOL)
@@ -87,8 +88,8 @@ class BrownianNoise:
 
     def __call__(self, sigma: float | torch.Tensor, sigma_next: float | torch.Tensor) -> torch.Tensor:
         a, b = self._clamp(float(sigma)), self._clamp(float(sigma_next))
-        if a == b:
-            return torch.zeros((len(self.trees), *self.trees[0](self.lo, self.lo).shape), device=self.out_device)
+        if a == b:  # a zero-length interval (repeated sigma): no increment, and no 0/0
+            return torch.zeros(self.shape, dtype=torch.float32, device=self.out_device)
         sign = 1.0
         if a > b:
             a, b, sign = b, a, -1.0

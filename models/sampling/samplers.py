@@ -142,7 +142,8 @@ def build_scheduler(
         sched.load_schedule(sigmas, list(seeds), device)
         return sched
     stock = make_stock(mapping.cls, base_config, **mapping.overrides)
-    stock.brownian_on_device = mapping.brownian_on_device
+    if mapping.brownian_on_device:
+        stock.brownian_on_device = True
     stock.load_schedule(sigmas, model_sigmas(alphas_cumprod), list(seeds), device)
     return stock
 

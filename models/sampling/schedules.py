@@ -110,7 +110,9 @@ def _normal(table_sigmas: torch.Tensor, steps: int, sgm: bool) -> torch.Tensor:
     start = float(sigma_to_timestep(table_sigmas[-1], table_sigmas))
     end = float(sigma_to_timestep(table_sigmas[0], table_sigmas))
     if sgm:
-        return _append_zero(_timestep_to_sigma(torch.linspace(start, end, steps + 1, dtype=torch.float64)[:-1], table_sigmas))
+        return _append_zero(
+            _timestep_to_sigma(torch.linspace(start, end, steps + 1, dtype=torch.float64)[:-1], table_sigmas)
+        )
     if math.isclose(float(table_sigmas[0]), 0, abs_tol=1e-5):
         # A table that already reaches ~0 ends on its own last sigma instead of an appended zero
         # (ComfyUI's rule; never the case for SDXL, whose sigma_min is 0.029).
@@ -146,9 +148,7 @@ def _exponential(sigma_min: float, sigma_max: float, steps: int) -> torch.Tensor
     return _append_zero(log_sigmas.exp())
 
 
-def compute_sigmas(
-    schedule: str, table_or_config: torch.Tensor | Mapping[str, Any], steps: int
-) -> torch.Tensor:
+def compute_sigmas(schedule: str, table_or_config: torch.Tensor | Mapping[str, Any], steps: int) -> torch.Tensor:
     """The ComfyUI schedule `schedule` for `steps` steps, with its trailing zero (float64, CPU).
 
     `table_or_config` is the model's alphas_cumprod or its scheduler config. The result has

@@ -2,10 +2,11 @@
 
 Most diffusers schedulers cannot be handed an arbitrary sigma list (only EulerDiscreteScheduler
 takes `sigmas=`; some take integer `timesteps=`, which they map back to sigmas by linear
-interpolation, so a Karras schedule does not survive the trip). The subclasses here let the stock
-class build all of its state with `set_timesteps`, then overwrite the sigma arrays with the
-schedule in the class's own layout (interleaved for the two-stage ones), and keep the stock `step`
-math. What they add:
+interpolation, so a Karras schedule does not survive the trip). The subclasses here take a freshly
+constructed stock instance (whose constructor has already run `set_timesteps` once, so every
+attribute exists), overwrite its sigma arrays with the schedule in the class's own layout
+(interleaved for the two-stage ones), reset its per-run state, and keep the stock `step` math.
+What they add:
 
 - `timesteps` are the ones ComfyUI feeds the UNet: the nearest training timestep of each model
   call's sigma (diffusers would pass a fractional timestep).
@@ -19,8 +20,10 @@ Where the stock update itself departs from ComfyUI it is corrected in the subcla
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,7 +41,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from models.sampling.noise import BrownianNoise, NoiseSampler, gaussian_like, step_generators
+from models.sampling.noise import BrownianNoise, NoiseSampler, step_generators
 from models.sampling.schedules import sigma_to_timestep
 
 # Settings that would make a stock class compute its own sigmas, clip, threshold or otherwise
@@ -54,13 +57,26 @@ _NEUTRAL: dict[str, Any] = {
 }
 
 
+_PROTOTYPES: dict[tuple[type, str], SchedulerMixin] = {}
+_PROTOTYPES_LOCK = threading.Lock()
+
+
 def make_stock(cls: type[SchedulerMixin], base_config: Mapping[str, Any], **overrides: Any) -> Any:
-    """`cls` configured from the model's scheduler config, keeping only the keys `cls` accepts."""
+    """A new `cls` configured from the model's scheduler config (only the keys `cls` accepts).
+
+    Some stock constructors run a 1000-step `set_timesteps` (KDPM2 takes ~0.5 s), so each
+    configuration is constructed once and every job gets a deep copy of that untouched prototype.
+    """
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
     kwargs = {k: v for k, v in base_config.items() if k in accepted}
     kwargs.update({k: v for k, v in _NEUTRAL.items() if k in accepted})
     kwargs.update(overrides)
-    return cls(**kwargs)
+    key = (cls, repr(sorted(kwargs.items())))
+    with _PROTOTYPES_LOCK:
+        prototype = _PROTOTYPES.get(key)
+        if prototype is None:
+            prototype = _PROTOTYPES[key] = cls(**kwargs)
+    return copy.deepcopy(prototype)
 
 
 def _interleave(values: torch.Tensor, *, drop_last_pair: bool) -> torch.Tensor:
@@ -133,7 +149,12 @@ class ComfySchedule:
 
 
 def _f32_step(
-    step: Any, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, return_dict: bool, **kwargs: Any
+    step: Any,
+    model_output: torch.Tensor,
+    timestep: Any,
+    sample: torch.Tensor,
+    return_dict: bool,
+    **kwargs: Any,
 ) -> Any:
     dtype = sample.dtype
     out = step(model_output.float(), timestep, sample.float(), return_dict=False, **kwargs)
@@ -146,13 +167,21 @@ def _f32_step(
 class ComfyEulerAncestral(ComfySchedule, EulerAncestralDiscreteScheduler):
     """euler_ancestral: the stock update (eta = 1) with seeded per-sample Gaussian noise."""
 
-    def load_schedule(self, sigmas: torch.Tensor, table_sigmas: torch.Tensor, seeds: Sequence[int], device: Any):
-        self.set_timesteps(len(sigmas) - 1, device=device)
+    def load_schedule(
+        self, sigmas: torch.Tensor, table_sigmas: torch.Tensor, seeds: Sequence[int], device: Any
+    ) -> None:
         self.sigmas = sigmas.to(torch.float32).cpu()
         self.step_generators = step_generators(seeds)
         self._attach(sigmas, call_sigmas_for("euler_ancestral", sigmas), table_sigmas, seeds, device)
 
-    def step(self, model_output, timestep, sample, generator=None, return_dict=True):  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self,
+        model_output: torch.Tensor,
+        timestep: Any,
+        sample: torch.Tensor,
+        generator: Any = None,
+        return_dict: bool = True,
+    ) -> Any:
         # k-diffusion skips the draw on the last step (sigma_up = 0 there); the stock class draws
         # and multiplies by 0. Same numbers; only the stream's position after the run differs.
         step = super().step
@@ -162,23 +191,27 @@ class ComfyEulerAncestral(ComfySchedule, EulerAncestralDiscreteScheduler):
 class ComfyHeun(ComfySchedule, HeunDiscreteScheduler):
     """heun: the stock 2nd-order update; its last step (to sigma 0) is Euler, as in k-diffusion."""
 
-    def load_schedule(self, sigmas: torch.Tensor, table_sigmas: torch.Tensor, seeds: Sequence[int], device: Any):
-        self.set_timesteps(len(sigmas) - 1, device=device)
+    def load_schedule(
+        self, sigmas: torch.Tensor, table_sigmas: torch.Tensor, seeds: Sequence[int], device: Any
+    ) -> None:
         self.sigmas = _interleave(sigmas.to(torch.float32).cpu(), drop_last_pair=True)
         self.prev_derivative = None
         self.dt = None
         self.sample = None
         self._attach(sigmas, call_sigmas_for("heun", sigmas), table_sigmas, seeds, device)
 
-    def step(self, model_output, timestep, sample, return_dict=True):  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, return_dict: bool = True
+    ) -> Any:
         return _f32_step(super().step, model_output, timestep, sample, return_dict)
 
 
 class ComfyKDPM2(ComfySchedule, KDPM2DiscreteScheduler):
     """dpm_2: the stock DPM-Solver-2 step with the log-space midpoint; Euler into sigma 0."""
 
-    def load_schedule(self, sigmas: torch.Tensor, table_sigmas: torch.Tensor, seeds: Sequence[int], device: Any):
-        self.set_timesteps(len(sigmas) - 1, device=device)
+    def load_schedule(
+        self, sigmas: torch.Tensor, table_sigmas: torch.Tensor, seeds: Sequence[int], device: Any
+    ) -> None:
         s = sigmas.to(torch.float32).cpu()
         interpol = s.log().lerp(s.roll(1).log(), 0.5).exp()  # midpoint between s[k-1] and s[k]
         self.sigmas = _interleave(s, drop_last_pair=False)
@@ -186,15 +219,18 @@ class ComfyKDPM2(ComfySchedule, KDPM2DiscreteScheduler):
         self.sample = None
         self._attach(sigmas, call_sigmas_for("dpm_2", sigmas), table_sigmas, seeds, device)
 
-    def step(self, model_output, timestep, sample, return_dict=True):  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, return_dict: bool = True
+    ) -> Any:
         return _f32_step(super().step, model_output, timestep, sample, return_dict)
 
 
 class ComfyKDPM2Ancestral(ComfySchedule, KDPM2AncestralDiscreteScheduler):
     """dpm_2_ancestral: the stock update with seeded per-sample Gaussian noise."""
 
-    def load_schedule(self, sigmas: torch.Tensor, table_sigmas: torch.Tensor, seeds: Sequence[int], device: Any):
-        self.set_timesteps(len(sigmas) - 1, device=device)
+    def load_schedule(
+        self, sigmas: torch.Tensor, table_sigmas: torch.Tensor, seeds: Sequence[int], device: Any
+    ) -> None:
         s = sigmas.to(torch.float32).cpu()
         nxt = s.roll(-1)
         nxt[-1] = 0.0
@@ -211,7 +247,14 @@ class ComfyKDPM2Ancestral(ComfySchedule, KDPM2AncestralDiscreteScheduler):
         self.step_generators = step_generators(seeds)
         self._attach(sigmas, call_sigmas_for("dpm_2_ancestral", sigmas), table_sigmas, seeds, device)
 
-    def step(self, model_output, timestep, sample, generator=None, return_dict=True):  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self,
+        model_output: torch.Tensor,
+        timestep: Any,
+        sample: torch.Tensor,
+        generator: Any = None,
+        return_dict: bool = True,
+    ) -> Any:
         step = super().step
         return _f32_step(step, model_output, timestep, sample, return_dict, generator=self.step_generators)
 
@@ -221,13 +264,21 @@ class ComfyLMS(ComfySchedule, LMSDiscreteScheduler):
     prediction, as ComfyUI's sample_lms does. The stock class integrates the Lagrange polynomial
     down to 0 instead (as older k-diffusion did)."""
 
-    def load_schedule(self, sigmas: torch.Tensor, table_sigmas: torch.Tensor, seeds: Sequence[int], device: Any):
-        self.set_timesteps(len(sigmas) - 1, device=device)
+    def load_schedule(
+        self, sigmas: torch.Tensor, table_sigmas: torch.Tensor, seeds: Sequence[int], device: Any
+    ) -> None:
         self.sigmas = sigmas.to(torch.float32).cpu()
         self.derivatives = []
         self._attach(sigmas, call_sigmas_for("lms", sigmas), table_sigmas, seeds, device)
 
-    def step(self, model_output, timestep, sample, order=4, return_dict=True):  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self,
+        model_output: torch.Tensor,
+        timestep: Any,
+        sample: torch.Tensor,
+        order: int = 4,
+        return_dict: bool = True,
+    ) -> Any:
         last = self.calls_done == len(self.call_sigmas) - 1 and float(self.schedule_sigmas[-1]) == 0.0
 
         def lms_step(mo: torch.Tensor, t: Any, x: torch.Tensor, return_dict: bool = False) -> tuple:
@@ -242,15 +293,23 @@ class ComfyDPMSolverSDE(ComfySchedule, DPMSolverSDEScheduler):
 
     brownian_on_device: bool = False
 
-    def load_schedule(self, sigmas: torch.Tensor, table_sigmas: torch.Tensor, seeds: Sequence[int], device: Any):
-        self.set_timesteps(len(sigmas) - 1, device=device)
+    def load_schedule(
+        self, sigmas: torch.Tensor, table_sigmas: torch.Tensor, seeds: Sequence[int], device: Any
+    ) -> None:
         self.sigmas = _interleave(sigmas.to(torch.float32).cpu(), drop_last_pair=True)
         self.sample = None
         self.mid_point_sigma = None
         self.noise_sampler: NoiseSampler | None = None
         self._attach(sigmas, call_sigmas_for("dpmpp_sde", sigmas), table_sigmas, seeds, device)
 
-    def step(self, model_output, timestep, sample, return_dict=True, s_noise=1.0):  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self,
+        model_output: torch.Tensor,
+        timestep: Any,
+        sample: torch.Tensor,
+        return_dict: bool = True,
+        s_noise: float = 1.0,
+    ) -> Any:
         if self.noise_sampler is None:
             self.noise_sampler = _default_brownian(self, sample)
         return _f32_step(super().step, model_output, timestep, sample, return_dict, s_noise=s_noise)
@@ -269,15 +328,17 @@ class ComfyDPMSolverMultistep(ComfySchedule, DPMSolverMultistepScheduler):
     """dpmpp_2m, dpmpp_2m_sde(_gpu), dpmpp_3m_sde(_gpu).
 
     Runs in diffusers' variance-preserving parameterisation (latents divided by sqrt(1 + sigma^2)),
-    which is the same update written in other variables; `add_noise`, `scale_model_input` and
-    `init_noise_sigma` are the stock VP ones. The SDE variants take their noise from the Brownian
-    tree. For solver_order 3 the third-order SDE update is replaced (see below).
+    which is the same update written in other variables; `scale_model_input` and
+    `init_noise_sigma` are the stock VP ones and `add_noise` returns VP latents too. The SDE
+    variants take their noise from the Brownian tree (`variance_noise`; a generator or noise passed
+    by the caller is ignored). For solver_order 3 the third-order SDE update is replaced (below).
     """
 
     brownian_on_device: bool = False
 
-    def load_schedule(self, sigmas: torch.Tensor, table_sigmas: torch.Tensor, seeds: Sequence[int], device: Any):
-        self.set_timesteps(len(sigmas) - 1, device=device)
+    def load_schedule(
+        self, sigmas: torch.Tensor, table_sigmas: torch.Tensor, seeds: Sequence[int], device: Any
+    ) -> None:
         self.sigmas = sigmas.to(torch.float32).cpu()
         self.model_outputs = [None] * self.config.solver_order
         self.lower_order_nums = 0
@@ -288,7 +349,15 @@ class ComfyDPMSolverMultistep(ComfySchedule, DPMSolverMultistepScheduler):
         sigma = self.latent_sigma
         return (original_samples + noise * sigma) / math.sqrt(1.0 + sigma * sigma)
 
-    def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self,
+        model_output: torch.Tensor,
+        timestep: Any,
+        sample: torch.Tensor,
+        generator: Any = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> Any:
         kwargs: dict[str, Any] = {}
         if self.config.algorithm_type == "sde-dpmsolver++":
             k = self.calls_done
@@ -351,6 +420,8 @@ class ComfyDPMSolverMultistep(ComfySchedule, DPMSolverMultistepScheduler):
 class ComfyEuler(ComfySchedule, EulerDiscreteScheduler):
     """euler: the stock class, given the schedule through its own `sigmas=` argument."""
 
-    def load_schedule(self, sigmas: torch.Tensor, table_sigmas: torch.Tensor, seeds: Sequence[int], device: Any):
+    def load_schedule(
+        self, sigmas: torch.Tensor, table_sigmas: torch.Tensor, seeds: Sequence[int], device: Any
+    ) -> None:
         self.set_timesteps(sigmas=sigmas.to(torch.float32).tolist(), device=device)
         self._attach(sigmas, call_sigmas_for("euler", sigmas), table_sigmas, seeds, device)

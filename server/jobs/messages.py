@@ -17,6 +17,7 @@ class WorkerConfig:
     limits: ImageLimits
     styles_dir: Path | None = None
     expansion_model: Path | None = None
+    cpu_threads: int | None = None
 
 
 # supervisor -> worker

@@ -231,24 +231,18 @@ class SqliteJobStore:
     def queue_position(self, job: Job) -> int:
         row = (
             self._db()
-            .execute(
-                "SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?", (JobStatus.QUEUED.value, job.seq)
-            )
+            .execute("SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?", (JobStatus.QUEUED.value, job.seq))
             .fetchone()
         )
         return int(row[0])
 
     def queued_count(self) -> int:
         return int(
-            self._db()
-            .execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (JobStatus.QUEUED.value,))
-            .fetchone()[0]
+            self._db().execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (JobStatus.QUEUED.value,)).fetchone()[0]
         )
 
     def processing(self) -> list[Job]:
-        rows = self._db().execute(
-            "SELECT * FROM jobs WHERE status = ? ORDER BY seq", (JobStatus.PROCESSING.value,)
-        )
+        rows = self._db().execute("SELECT * FROM jobs WHERE status = ? ORDER BY seq", (JobStatus.PROCESSING.value,))
         return [self._job(r) for r in rows.fetchall()]
 
     def purge_expired(self, now: float | None = None) -> int:

@@ -168,9 +168,7 @@ class Supervisor:
         loading = self.status.state in ("loading", "failed")
         log.error("worker (pid %s) exited with code %s", self._proc.pid, code)
         if self.status.current_job is not None:
-            outcome = self.store.release(
-                self.status.current_job, f"the worker process died (exit code {code})"
-            )
+            outcome = self.store.release(self.status.current_job, f"the worker process died (exit code {code})")
             log.warning("job %s after worker death: %s", self.status.current_job, outcome.value)
             self._job_finished(self.status.current_job)
         self._proc, self._conn = None, None

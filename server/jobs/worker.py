@@ -41,11 +41,15 @@ class Worker:
         self.engine = None
 
     def load(self) -> None:
+        import torch
+
         from models.engine import OutpaintEngine
         from models.styles import build_composer
 
+        if self.config.cpu_threads:
+            torch.set_num_threads(self.config.cpu_threads)
         engine = OutpaintEngine.load(self.config.model, self.config.device, self.config.dtype)
-        engine.composer = build_composer(self.config.styles_dir, self.config.expansion_model)
+        engine.composer = build_composer(self.config.styles_dir, self.config.expansion_model, device=engine.device)
         self.engine = engine
 
     def _read(self) -> None:

@@ -24,9 +24,7 @@ REQUEST_SCHEMA = {
 @router.post(
     f"/v1/{SLUG}",
     openapi_extra=REQUEST_SCHEMA,
-    responses={
-        200: {"content": {"image/jpeg": {}}, "description": "the outpainted image (JSON with base64: true)"}
-    },
+    responses={200: {"content": {"image/jpeg": {}}, "description": "the outpainted image (JSON with base64: true)"}},
 )
 async def run_sync(body: BodyDep, request: Request, services: ServicesDep) -> Response:
     job = await submit(body, services)

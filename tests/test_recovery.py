@@ -1,0 +1,103 @@
+"""Nothing accepted is lost: kill -9 of the server or the worker, expiry, a model that fails to load."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.helpers import ServerProcess, request_body, smooth_image
+from tests.test_queue import finished, result, status, submit, wait_for
+
+
+def test_kill_minus_nine_of_the_server_loses_no_queued_job(tmp_path: Path) -> None:
+    first = ServerProcess(tmp_path).start().wait_ready()
+    try:
+        jobs = [submit(first, seed=i, steps=40) for i in range(5)]
+        wait_for(first, jobs[0]["request_id"], lambda b: b.get("progress", 0) > 0)
+    finally:
+        first.kill()
+    second = ServerProcess(tmp_path).start().wait_ready()
+    try:
+        for job in jobs:
+            body = wait_for(second, job["request_id"], finished, timeout=300)
+            assert body["status"] == "COMPLETED", body
+        seeds = [result(second, job["request_id"]).json()["seeds"][0] for job in jobs]
+        assert seeds == list(range(5))
+    finally:
+        second.stop()
+
+
+def test_worker_killed_mid_job_is_restarted_and_the_job_retried_once(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path).start().wait_ready()
+    try:
+        job = submit(server, steps=100, seed=12)
+        wait_for(server, job["request_id"], lambda b: b.get("progress", 0) > 0.05)
+        os.kill(server.worker_pid(), signal.SIGKILL)
+        # The API keeps answering while the worker is gone.
+        assert status(server, job["request_id"]).status_code == 200
+        body = wait_for(server, job["request_id"], finished, timeout=300)
+        assert body["status"] == "COMPLETED", body
+        health = httpx.get(f"{server.url}/health", timeout=10).json()
+        assert health["worker_restarts"] >= 1
+
+        # A job that kills its worker every time is failed after its second attempt.
+        doomed = submit(server, steps=100, seed=13)
+        for _ in range(2):
+            wait_for(server, doomed["request_id"], lambda b: b.get("progress", 0) > 0.05, timeout=300)
+            os.kill(server.worker_pid(), signal.SIGKILL)
+            time.sleep(0.5)
+        final = wait_for(server, doomed["request_id"], finished, timeout=300)
+        assert final["status"] == "FAILED" and "worker process died" in final["error"]
+        server.wait_ready()
+        after = httpx.post(f"{server.url}/v1/seg-beyond", json=request_body(seed=1), timeout=300)
+        assert after.status_code == 200
+    finally:
+        server.stop()
+
+
+def test_results_expire_and_their_files_go(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path, env={"BEYOND_RESULT_TTL": "2", "BEYOND_PURGE_INTERVAL": "0.5"}).start()
+    try:
+        server.wait_ready()
+        job = submit(server, image=smooth_image(48, 48), seed=2)
+        body = wait_for(server, job["request_id"], finished)
+        assert body["status"] == "COMPLETED"
+        output = result(server, job["request_id"]).json()["output"]
+        assert httpx.get(output, timeout=10).status_code == 200
+        folder = tmp_path / "jobs" / job["request_id"]
+        assert (folder / "output-0.jpg").exists()
+        time.sleep(3.5)
+        assert status(server, job["request_id"]).status_code == 404
+        assert result(server, job["request_id"]).status_code == 404
+        assert httpx.get(output, timeout=10).status_code == 404
+        assert not folder.exists()
+    finally:
+        server.stop()
+
+
+def test_a_model_that_cannot_load_leaves_the_api_up_and_health_503(tmp_path: Path) -> None:
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLInpaintPipeline"}))
+    server = ServerProcess(tmp_path / "data", model=str(broken)).start()
+    try:
+        deadline = time.monotonic() + 120
+        body = None
+        while time.monotonic() < deadline:
+            response = server.health()
+            if response is not None and response.json().get("error"):
+                body = response
+                break
+            time.sleep(0.2)
+        assert body is not None, server.log_tail()
+        assert body.status_code == 503 and body.json()["state"] in ("failed", "loading")
+        # Work is still accepted and kept for when a worker comes up.
+        job = submit(server)
+        assert status(server, job["request_id"]).json()["status"] == "QUEUED"
+    finally:
+        server.stop()
