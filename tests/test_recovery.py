@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import httpx
 
+from models.random_models import build_random
 from tests.helpers import ServerProcess, request_body, smooth_image
 from tests.test_queue import finished, result, status, submit, wait_for
 
@@ -81,9 +81,14 @@ def test_results_expire_and_their_files_go(tmp_path: Path) -> None:
 
 
 def test_a_model_that_cannot_load_leaves_the_api_up_and_health_503(tmp_path: Path) -> None:
+    # A complete folder whose UNet weights were cut short after their header: it passes the
+    # CLI's pre-flight check, and fails only when the worker loads the tensors.
     broken = tmp_path / "broken-model"
-    broken.mkdir()
-    (broken / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLInpaintPipeline"}))
+    build_random("random:tiny").save(broken)
+    weights = next((broken / "unet").glob("*.safetensors"))
+    data = weights.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    weights.write_bytes(data[: header + 16])
     server = ServerProcess(tmp_path / "data", model=str(broken)).start()
     try:
         deadline = time.monotonic() + 120

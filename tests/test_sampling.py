@@ -366,7 +366,8 @@ def test_dpm_adaptive_budget_and_in_place_timesteps() -> None:
     assert not torch.equal(sched.timesteps, placeholder)
     assert sched.finished and sched.latent_sigma == pytest.approx(TABLE[0], rel=1e-9)
     assert run.progress[-1] == (9, 9)
-    assert rel(run.out, reference("dpm_adaptive", "karras", 60).out) < 0.05
+    # The price of the budget on this toy (ComfyUI's own run takes 24 calls): measured 1.7%.
+    assert rel(run.out, reference("dpm_adaptive", "karras", 60).out) < 0.03
 
 
 # --- what diffusers' stock classes do differently -------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,7 +130,7 @@ def build_scheduler(
     """
     _check_names(sampler, schedule)
     _check_steps(steps, base_config)
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    if not seeds or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in seeds):
         raise ValueError("seeds must be a non-empty list of integers, one per batch item")
     prediction_type = base_config.get("prediction_type", "epsilon")
     if prediction_type not in ("epsilon", "v_prediction"):
