@@ -138,8 +138,9 @@ class SqliteJobStore:
         row = (
             self._db()
             .execute(
+                # created_at is taken inside the write lock, so it grows in the order jobs are accepted.
                 "INSERT INTO jobs (id, status, params, source, base64, owner, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING *",
+                " VALUES (?, ?, ?, ?, ?, ?, (julianday('now') - 2440587.5) * 86400.0) RETURNING *",
                 (
                     job_id,
                     JobStatus.QUEUED.value,
@@ -147,7 +148,6 @@ class SqliteJobStore:
                     json.dumps(source),
                     int(base64),
                     owner,
-                    time.time(),
                 ),
             )
             .fetchone()
