@@ -16,6 +16,7 @@ from models.names import DEFAULT_SAMPLER, DEFAULT_SCHEDULER, SAMPLERS, SCHEDULER
 from models.pipeline import OutpaintPipeline
 from models.prompts import encode_prompts
 from models.seeds import draw_seed
+from models.speed import SpeedOptions
 from models.styles import PromptComposer
 
 
@@ -64,11 +65,13 @@ class OutpaintEngine:
         self.composer = composer or PromptComposer()
 
     @classmethod
-    def load(cls, spec: str = "random:tiny", device: str = "auto", dtype: str = "auto") -> OutpaintEngine:
+    def load(
+        cls, spec: str = "random:tiny", device: str = "auto", dtype: str = "auto", speed: SpeedOptions | None = None
+    ) -> OutpaintEngine:
         from models.loading import load_components
 
         dev = resolve_device(device)
-        return cls(OutpaintPipeline(load_components(spec), dev, resolve_dtype(dtype, dev)), spec)
+        return cls(OutpaintPipeline(load_components(spec), dev, resolve_dtype(dtype, dev), speed), spec)
 
     @property
     def device(self) -> torch.device:

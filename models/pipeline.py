@@ -10,12 +10,19 @@ import torch.nn.functional as F
 from models.components import Components
 from models.prompts import PromptEmbeddings
 from models.sampling import build_scheduler
+from models.speed import SpeedOptions, apply_speedups
 
 StepCallback = Callable[[int, int], None]
 
 
 class OutpaintPipeline:
-    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        components: Components,
+        device: torch.device,
+        dtype: torch.dtype,
+        speed: SpeedOptions | None = None,
+    ) -> None:
         self.c = components
         self.device, self.dtype = device, dtype
         vae_cfg = components.vae.config
@@ -28,6 +35,8 @@ class OutpaintPipeline:
         components.text_encoder.to(device=device, dtype=dtype)
         components.text_encoder_2.to(device=device, dtype=dtype)
         components.vae.to(device=device, dtype=self.vae_dtype)
+        # None is auto: knobs on for CUDA, off on a CPU.
+        self.speedups = apply_speedups(components, device, dtype, speed, self.vae_dtype)
 
     @property
     def inpainting_unet(self) -> bool:

@@ -37,6 +37,9 @@ def build_services(settings: Settings) -> Services:
         styles_dir=settings.styles_dir,
         expansion_model=settings.expansion_model,
         cpu_threads=settings.cpu_threads,
+        channels_last=settings.channels_last,
+        fuse_qkv=settings.fuse_qkv,
+        compile=settings.compile,
     )
     supervisor = Supervisor(
         store,

@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     # Threads torch may use on a CPU (None: torch's default, one per core).
     cpu_threads: int | None = Field(None, gt=0)
 
+    # Engine speed knobs (models/speed.py): auto | 1 | 0, and 0 | 1 | a torch.compile mode.
+    channels_last: Literal["auto", "1", "0"] = "auto"
+    fuse_qkv: Literal["auto", "1", "0"] = "auto"
+    compile: str = "0"
+
     styles_dir: Path | None = None
     expansion_model: Path | None = None
 

@@ -18,6 +18,11 @@ class WorkerConfig:
     styles_dir: Path | None = None
     expansion_model: Path | None = None
     cpu_threads: int | None = None
+    # The speed knobs as text (auto | 1 | 0, and a compile mode): parsed in the worker, so the API
+    # process never imports torch.
+    channels_last: str = "auto"
+    fuse_qkv: str = "auto"
+    compile: str = "0"
 
 
 # supervisor -> worker

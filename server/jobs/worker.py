@@ -44,11 +44,14 @@ class Worker:
         import torch
 
         from models.engine import OutpaintEngine
+        from models.speed import SpeedOptions
         from models.styles import build_composer
 
         if self.config.cpu_threads:
             torch.set_num_threads(self.config.cpu_threads)
-        engine = OutpaintEngine.load(self.config.model, self.config.device, self.config.dtype)
+        config = self.config
+        speed = SpeedOptions.parse(config.channels_last, config.fuse_qkv, config.compile)
+        engine = OutpaintEngine.load(config.model, config.device, config.dtype, speed)
         engine.composer = build_composer(self.config.styles_dir, self.config.expansion_model, device=engine.device)
         self.engine = engine
 

@@ -1,0 +1,179 @@
+"""What the HTTP layer costs around the engine: status-poll latency and rate, and v1 overhead.
+
+    python -m benchmarks.api --quick      # under a minute
+    python -m benchmarks.api              # more samples
+
+It starts a real `beyond serve --model random:tiny --device cpu` (one engine thread) on a loopback
+port, as the API tests do, and talks to it over HTTP from this process:
+
+- status polls: sequential GET /v2/requests/{id}/status of a finished request, with the worker idle
+  and again while it runs jobs; p50/p99 latency.
+- v1 overhead: POST /v1/seg-beyond round trip minus the engine's own time (x-inference-time): body
+  parsing and image check, queueing, hand-over to the worker, reading the input, JPEG encoding,
+  the store, and v1's wait loop.
+- status polls per second at a few concurrencies (asyncio + httpx, bounded by count and time).
+
+The client runs on the same machine as the server, so on a small CPU it competes with it: the
+rates are a floor for the server alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import httpx
+
+from benchmarks.common import machine_line, percentile, request_json, running_server, table
+
+SEED_SIZE = (1024, 1024)
+SEED_PADDING = {"left": 300, "right": 100}
+
+
+def wait_done(client: httpx.Client, request_id: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = client.get(f"/v2/requests/{request_id}/status")
+        if response.status_code == 422 or response.json().get("status") == "COMPLETED":
+            return response.json()
+        time.sleep(0.05)
+    raise TimeoutError(f"request {request_id} not done after {timeout}s")
+
+
+def submit(client: httpx.Client, body: dict) -> str:
+    response = client.post("/v2/seg-beyond", json=body)
+    response.raise_for_status()
+    return response.json()["request_id"]
+
+
+def sequential_polls(client: httpx.Client, request_id: str, count: int) -> list[float]:
+    latencies = []
+    url = f"/v2/requests/{request_id}/status"
+    for _ in range(count):
+        started = time.perf_counter()
+        response = client.get(url)
+        latencies.append(time.perf_counter() - started)
+        response.raise_for_status()
+    return latencies
+
+
+def v1_overheads(client: httpx.Client, body: dict, count: int) -> tuple[list[float], list[float]]:
+    overheads, engine = [], []
+    for _ in range(count):
+        started = time.perf_counter()
+        response = client.post("/v1/seg-beyond", json=body)
+        elapsed = time.perf_counter() - started
+        response.raise_for_status()
+        inference = float(response.headers["x-inference-time"])
+        overheads.append(elapsed - inference)
+        engine.append(inference)
+    return overheads, engine
+
+
+async def concurrent_polls(
+    base_url: str, request_id: str, concurrency: int, seconds: float, max_polls: int
+) -> tuple[float, list[float]]:
+    """Polls per second with `concurrency` requests in flight, and their latencies."""
+    url = f"/v2/requests/{request_id}/status"
+    latencies: list[float] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as client:
+        await client.get(url)  # open a connection before the clock starts
+        started = time.perf_counter()
+        deadline = started + seconds
+
+        async def loop() -> None:
+            while time.perf_counter() < deadline and len(latencies) < max_polls:
+                t = time.perf_counter()
+                response = await client.get(url)
+                latencies.append(time.perf_counter() - t)
+                response.raise_for_status()
+
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return len(latencies) / elapsed, latencies
+
+
+def ms(values: list[float], q: float) -> float:
+    return percentile(values, q) * 1000
+
+
+def run(args: argparse.Namespace) -> None:
+    scale = 0.5 if args.quick else 1.0
+    width, height = (round(v * scale) for v in SEED_SIZE)
+    padding = {side: round(v * scale) for side, v in SEED_PADDING.items()}
+    body = request_json(width, height, steps=20, **padding)
+    print("# API benchmark: beyond serve --model random:tiny --device cpu (BEYOND_CPU_THREADS=1), loopback")
+    print(machine_line())
+    print(
+        f"request: {width}x{height} PNG, left {padding['left']}, right {padding['right']}, "
+        "steps 20 (the minimum), default styles\n"
+    )
+    started = time.perf_counter()
+    with running_server() as server, httpx.Client(base_url=server.url, timeout=300) as client:
+        print(f"server ready in {time.perf_counter() - started:.1f} s", flush=True)
+        done = submit(client, body)
+        wait_done(client, done)  # also the warm-up run of the engine
+
+        idle = sequential_polls(client, done, args.polls)
+        # Keep the worker busy with queued jobs while polling again.
+        busy_ids = [submit(client, body) for _ in range(2)]
+        busy = sequential_polls(client, done, args.polls)
+        for request_id in busy_ids:
+            client.post(f"/v2/requests/{request_id}/cancel")
+            wait_done(client, request_id)
+
+        overheads, engine = v1_overheads(client, body, args.v1)
+
+        rates = []
+        for concurrency in args.concurrency:
+            rate, latencies = asyncio.run(concurrent_polls(server.url, done, concurrency, args.seconds, args.max_polls))
+            rates.append([concurrency, len(latencies), rate, ms(latencies, 50), ms(latencies, 99)])
+
+    print()
+    print(
+        table(
+            ["measurement", "n", "p50 ms", "p99 ms", "mean ms"],
+            [
+                ["status poll, worker idle", len(idle), ms(idle, 50), ms(idle, 99), 1000 * sum(idle) / len(idle)],
+                ["status poll, worker busy", len(busy), ms(busy, 50), ms(busy, 99), 1000 * sum(busy) / len(busy)],
+                [
+                    "v1 round trip minus x-inference-time",
+                    len(overheads),
+                    ms(overheads, 50),
+                    ms(overheads, 99),
+                    1000 * sum(overheads) / len(overheads),
+                ],
+                ["(engine time, x-inference-time)", len(engine), ms(engine, 50), ms(engine, 99), None],
+            ],
+        )
+    )
+    print()
+    print(table(["concurrency", "polls", "polls/s", "p50 ms", "p99 ms"], rates))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.api", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--polls", type=int, default=None, help="sequential polls per setting (1000; quick 200)")
+    parser.add_argument("--v1", type=int, default=None, help="v1 requests (20; quick 3)")
+    parser.add_argument("--concurrency", default=None, help="comma-separated, for polls/s (1,8,32; quick 1,8)")
+    parser.add_argument("--seconds", type=float, default=None, help="seconds per concurrency (5; quick 1.5)")
+    parser.add_argument("--max-polls", type=int, default=20000, help="upper bound on polls per concurrency")
+    parser.add_argument("--quick", action="store_true", help="fewer samples and a half-size image")
+    args = parser.parse_args(argv)
+    args.polls = args.polls or (200 if args.quick else 1000)
+    args.v1 = args.v1 or (3 if args.quick else 20)
+    args.seconds = args.seconds or (1.5 if args.quick else 5.0)
+    concurrency = args.concurrency or ("1,8" if args.quick else "1,8,32")
+    args.concurrency = [int(c) for c in concurrency.split(",") if c.strip()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

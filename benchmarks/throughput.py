@@ -1,0 +1,116 @@
+"""Images per minute at a constant queue depth (1, 4, 8), through the v2 queue of a real server.
+
+    python -m benchmarks.throughput --quick    # under a minute
+    python -m benchmarks.throughput            # more completions per depth
+
+It starts `beyond serve --model random:tiny --device cpu` (one engine thread) on a loopback port.
+For each depth it keeps that many requests submitted and unfinished, submitting a new one as each
+completes, and counts completions. The rate is taken between the first and the last completion,
+so the ramp-up is left out; the engine ceiling is 60 / the median x-inference-time of the same
+requests, and the ratio of the two is the share of wall time the worker spends in the engine.
+The queued leftovers of a depth are cancelled before the next depth starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import httpx
+
+from benchmarks.common import machine_line, request_json, running_server, table
+
+POLL = 0.05
+
+
+def status(client: httpx.Client, request_id: str) -> str:
+    response = client.get(f"/v2/requests/{request_id}/status")
+    return "FAILED" if response.status_code == 422 else response.json()["status"]
+
+
+def submit(client: httpx.Client, body: dict) -> str:
+    response = client.post("/v2/seg-beyond", json=body)
+    response.raise_for_status()
+    return response.json()["request_id"]
+
+
+def inference_time(client: httpx.Client, request_id: str) -> float:
+    return float(client.get(f"/v2/requests/{request_id}").json()["metrics"]["inference_time"])
+
+
+def drain(client: httpx.Client, outstanding: list[str], timeout: float = 300) -> None:
+    for request_id in outstanding:
+        client.post(f"/v2/requests/{request_id}/cancel")
+    deadline = time.monotonic() + timeout
+    while outstanding and time.monotonic() < deadline:
+        outstanding[:] = [r for r in outstanding if status(client, r) not in ("COMPLETED", "FAILED")]
+        time.sleep(POLL)
+
+
+def at_depth(client: httpx.Client, body: dict, depth: int, completions: int, max_seconds: float) -> list:
+    outstanding = [submit(client, body) for _ in range(depth)]
+    finished: list[tuple[float, str]] = []
+    deadline = time.monotonic() + max_seconds
+    while len(finished) < completions and time.monotonic() < deadline:
+        for request_id in list(outstanding):
+            state = status(client, request_id)
+            if state in ("COMPLETED", "FAILED"):
+                outstanding.remove(request_id)
+                if state == "FAILED":
+                    raise RuntimeError(f"request {request_id} failed: {client.get(f'/v2/requests/{request_id}').text}")
+                finished.append((time.perf_counter(), request_id))
+                outstanding.append(submit(client, body))
+        time.sleep(POLL)
+    drain(client, outstanding)
+    engine = [inference_time(client, r) for _, r in finished]
+    span = finished[-1][0] - finished[0][0] if len(finished) > 1 else float("nan")
+    per_minute = 60 * (len(finished) - 1) / span if len(finished) > 1 else float("nan")
+    ceiling = 60 / statistics.median(engine) if engine else float("nan")
+    return [depth, len(finished), per_minute, statistics.median(engine), ceiling, per_minute / ceiling]
+
+
+def run(args: argparse.Namespace) -> None:
+    scale = 0.5 if args.quick else 1.0
+    width, height = round(1024 * scale), round(1024 * scale)
+    padding = {"left": round(300 * scale), "right": round(100 * scale)}
+    body = request_json(width, height, steps=20, **padding)
+    print("# throughput benchmark: beyond serve --model random:tiny --device cpu (BEYOND_CPU_THREADS=1)")
+    print(machine_line())
+    print(
+        f"request: {width}x{height} PNG, left {padding['left']}, right {padding['right']}, steps 20, default styles; "
+        f"{args.completions} completions or {args.max_seconds:.0f} s per depth\n"
+    )
+    rows = []
+    with running_server() as server, httpx.Client(base_url=server.url, timeout=300) as client:
+        warm = submit(client, body)
+        while status(client, warm) not in ("COMPLETED", "FAILED"):
+            time.sleep(POLL)
+        for depth in args.depths:
+            rows.append(at_depth(client, body, depth, args.completions, args.max_seconds))
+            print(f"depth {depth} done", flush=True)
+    print()
+    headers = ["queue depth", "completed", "images/min", "median engine s", "engine ceiling /min", "share"]
+    print(table(headers, rows))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--depths", default="1,4,8", help="comma-separated queue depths")
+    parser.add_argument("--completions", type=int, default=None, help="per depth (12; quick 3)")
+    parser.add_argument("--max-seconds", type=float, default=None, help="per depth (180; quick 10)")
+    parser.add_argument("--quick", action="store_true", help="fewer completions and a half-size image")
+    args = parser.parse_args(argv)
+    args.depths = [int(d) for d in args.depths.split(",") if d.strip()]
+    args.completions = args.completions or (3 if args.quick else 12)
+    args.max_seconds = args.max_seconds or (10.0 if args.quick else 180.0)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
