@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from models.styles import default_registry
+from server.auth import KeyRing
 from server.deps import Services
 from server.errors import install_error_handlers
 from server.images import ImageLimits
@@ -49,7 +50,8 @@ def build_services(settings: Settings) -> Services:
         log_level=settings.log_level,
     )
     registry = default_registry(settings.styles_dir)
-    return Services(settings=settings, store=store, supervisor=supervisor, limits=limits, styles=registry)
+    keys = KeyRing.from_text(settings.api_keys.get_secret_value() if settings.api_keys else None)
+    return Services(settings=settings, store=store, supervisor=supervisor, limits=limits, styles=registry, keys=keys)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -60,6 +62,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         services = build_services(settings)
         app.state.services = services
         services.supervisor.start()
+        if services.keys.open:
+            log.warning("NO API KEYS CONFIGURED: anyone who reaches this port can use it (set BEYOND_API_KEYS)")
         log.info("beyond serving %s from %s", settings.model, settings.data_dir)
         try:
             yield

@@ -10,7 +10,8 @@ from fastapi import Depends, Request
 from pydantic import ValidationError
 
 from models.styles import StyleRegistry
-from server.errors import BadRequest, describe_validation_error
+from server.auth import KeyRing
+from server.errors import BadRequest, PayloadTooLarge, describe_validation_error
 from server.images import ImageLimits
 from server.jobs.store import JobStore
 from server.jobs.supervisor import Supervisor
@@ -25,6 +26,7 @@ class Services:
     supervisor: Supervisor
     limits: ImageLimits
     styles: StyleRegistry
+    keys: KeyRing
 
 
 def get_services(request: Request) -> Services:
@@ -36,7 +38,17 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 async def parse_body(request: Request, services: ServicesDep) -> SegBeyondRequest:
     """The JSON body as the contract's model; every problem is a 400 that names the field."""
-    raw = await request.body()
+    limit = services.settings.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"body: larger than the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body: larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.names import DEFAULT_MODEL
@@ -27,6 +27,15 @@ class Settings(BaseSettings):
     public_url: str | None = None
     result_ttl: float = Field(3600.0, gt=0)
     purge_interval: float = Field(30.0, gt=0)
+
+    # Comma-separated API keys; none: open access (with a warning at startup).
+    api_keys: SecretStr | None = None
+    # Bounded queue: beyond it new work gets 429 at once rather than waiting without end.
+    max_queue: int = Field(100, gt=0)
+    # A v1 request waiting longer than this gets 504 and its job is cancelled.
+    sync_timeout: float = Field(600.0, gt=0)
+    # base64 inflates a 20 MB image to about 27 MB.
+    max_body_bytes: int = Field(30 * 1024 * 1024, gt=0)
 
     allow_private_urls: bool = False
     max_input_bytes: int = Field(20 * 1024 * 1024, gt=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -11,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from models.seeds import draw_seed
 from server.deps import Services
-from server.errors import BadRequest, JobFailed, NotFound
+from server.errors import BadRequest, GatewayTimeout, JobFailed, NotFound, RateLimited
 from server.images import InputImageError, check_url, decode_base64, decode_image, is_url
 from server.jobs.model import Job, JobStatus
 from server.schemas import SegBeyondRequest
@@ -34,6 +35,11 @@ def _prepare_input(body: SegBeyondRequest, services: Services) -> tuple[dict[str
 
 
 async def submit(body: SegBeyondRequest, services: Services, owner: str | None = None) -> Job:
+    if services.store.queued_count() >= services.settings.max_queue:
+        raise RateLimited(
+            f"the queue is full ({services.settings.max_queue} requests waiting); try again shortly",
+            headers={"Retry-After": "5"},
+        )
     source, image = await run_in_threadpool(_prepare_input, body, services)
     params = body.engine_params(services.styles)
     if params["seed"] == -1:
@@ -50,13 +56,21 @@ def find(services: Services, job_id: str, owner: str | None = None) -> Job:
 
 
 async def wait_finished(services: Services, job_id: str, disconnected: Any = None) -> Job:
-    """Wait for a job to end; if the client goes away first, cancel it so no GPU time is wasted."""
+    """Wait for a job to end. If the client goes away first, or BEYOND_SYNC_TIMEOUT passes, the job
+    is cancelled so no GPU time is spent on an answer nobody will read."""
+    deadline = time.monotonic() + services.settings.sync_timeout
     while True:
         job = services.store.get(job_id)
         if job is None:
             raise NotFound(f"request {job_id!r} not found")
         if job.finished:
             return job
+        if time.monotonic() > deadline:
+            services.store.request_cancel(job_id)
+            raise GatewayTimeout(
+                f"not done within {services.settings.sync_timeout:g} s; the request was cancelled",
+                headers={"x-request-id": job_id},
+            )
         if disconnected is not None and await disconnected():
             services.store.request_cancel(job_id)
         await asyncio.sleep(POLL)

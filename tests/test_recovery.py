@@ -101,7 +101,10 @@ def test_a_model_that_cannot_load_leaves_the_api_up_and_health_503(tmp_path: Pat
             time.sleep(0.2)
         assert body is not None, server.log_tail()
         assert body.status_code == 503 and body.json()["state"] in ("failed", "loading")
-        # Work is still accepted and kept for when a worker comes up.
+        # v1 cannot be served now: 502 at once rather than a wait for an engine that is not there.
+        v1 = httpx.post(f"{server.url}/v1/seg-beyond", json=request_body(), timeout=30)
+        assert v1.status_code == 502 and "not available" in v1.json()["error"]
+        # v2 work is still accepted and kept for when a worker comes up.
         job = submit(server)
         assert status(server, job["request_id"]).json()["status"] == "QUEUED"
     finally:

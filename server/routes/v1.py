@@ -5,8 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from server.auth import CallerDep, owner_of
 from server.deps import BodyDep, ServicesDep, public_base
-from server.errors import BadRequest, InternalError, NotFound
+from server.errors import BadGateway, BadRequest, InternalError, NotFound
 from server.jobs.model import FailureKind, JobStatus
 from server.schemas import SegBeyondRequest
 from server.submission import read_output, result_body, submit, wait_finished
@@ -26,8 +27,11 @@ REQUEST_SCHEMA = {
     openapi_extra=REQUEST_SCHEMA,
     responses={200: {"content": {"image/jpeg": {}}, "description": "the outpainted image (JSON with base64: true)"}},
 )
-async def run_sync(body: BodyDep, request: Request, services: ServicesDep) -> Response:
-    job = await submit(body, services)
+async def run_sync(caller: CallerDep, body: BodyDep, request: Request, services: ServicesDep) -> Response:
+    # While a worker restarts, v1 waits its turn; when the model cannot load, waiting is pointless.
+    if services.supervisor.status.state == "failed":
+        raise BadGateway(f"the engine is not available: {services.supervisor.status.error or 'it failed to start'}")
+    job = await submit(body, services, owner_of(caller))
     job = await wait_finished(services, job.id, request.is_disconnected)
     if job.status == JobStatus.FAILED:
         if job.error_kind == FailureKind.INPUT.value:

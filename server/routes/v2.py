@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from server.auth import CallerDep, owner_of
 from server.deps import BodyDep, ServicesDep, public_base
 from server.errors import Conflict, NotFound
 from server.routes.v1 import REQUEST_SCHEMA, SLUG
@@ -14,8 +15,8 @@ router = APIRouter(prefix="/v2")
 
 
 @router.post(f"/{SLUG}", openapi_extra=REQUEST_SCHEMA, status_code=200)
-async def submit_async(body: BodyDep, request: Request, services: ServicesDep) -> JSONResponse:
-    job = await submit(body, services)
+async def submit_async(caller: CallerDep, body: BodyDep, request: Request, services: ServicesDep) -> JSONResponse:
+    job = await submit(body, services, owner_of(caller))
     base = f"{public_base(request, services.settings)}/v2/requests/{job.id}"
     return JSONResponse(
         {
@@ -34,18 +35,18 @@ async def unknown_model(slug: str) -> Response:
 
 
 @router.get("/requests/{request_id}/status")
-def get_status(request_id: str, services: ServicesDep) -> dict:
-    return status_body(services, find(services, request_id))
+def get_status(request_id: str, services: ServicesDep, caller: CallerDep) -> dict:
+    return status_body(services, find(services, request_id, owner_of(caller)))
 
 
 @router.get("/requests/{request_id}")
-def get_result(request_id: str, request: Request, services: ServicesDep) -> dict:
-    return result_body(services, find(services, request_id), public_base(request, services.settings))
+def get_result(request_id: str, request: Request, services: ServicesDep, caller: CallerDep) -> dict:
+    return result_body(services, find(services, request_id, owner_of(caller)), public_base(request, services.settings))
 
 
 @router.post("/requests/{request_id}/cancel")
-def cancel(request_id: str, services: ServicesDep) -> dict:
-    job = find(services, request_id)
+def cancel(request_id: str, services: ServicesDep, caller: CallerDep) -> dict:
+    job = find(services, request_id, owner_of(caller))
     if job.finished and job.error_kind != "cancelled":
         raise Conflict(f"request already {job.status.value}", body={"status": job.status.value})
     job = services.store.request_cancel(request_id) or job
@@ -54,4 +55,6 @@ def cancel(request_id: str, services: ServicesDep) -> dict:
 
 @router.get("/requests/{request_id}/outputs/{index}.jpg")
 def get_output(request_id: str, index: int, services: ServicesDep) -> Response:
+    # Output URLs are handed to browsers and downloaders that hold no key: the 128-bit random
+    # request id in the path is what guards them, as signed URLs do on the hosted service.
     return Response(read_output(services, find(services, request_id), index), media_type="image/jpeg")

@@ -1,0 +1,124 @@
+"""The door: API keys, owner isolation, a bounded queue, the v1 timeout and the body size limit."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import ServerProcess, request_body, smooth_image
+
+KEY_A, KEY_B = "SG_aaaaaaaaaaaaaaaa", "SG_bbbbbbbbbbbbbbbb"
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    env = {
+        "BEYOND_API_KEYS": f"{KEY_A}, {KEY_B}",
+        "BEYOND_MAX_QUEUE": "3",
+        "BEYOND_SYNC_TIMEOUT": "3",
+        "BEYOND_MAX_BODY_BYTES": "300000",
+    }
+    proc = ServerProcess(tmp_path_factory.mktemp("guarded"), env=env).start()
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+def v2(server: ServerProcess, key: str | None, **fields: object) -> httpx.Response:
+    headers = {"x-api-key": key} if key else {}
+    body = request_body(image=smooth_image(48, 48), left=16, guidance_scale=1.0, **fields)
+    return httpx.post(f"{server.url}/v2/seg-beyond", json=body, headers=headers, timeout=60)
+
+
+def get(server: ServerProcess, path: str, key: str | None) -> httpx.Response:
+    return httpx.get(server.url + path, headers={"x-api-key": key} if key else {}, timeout=30)
+
+
+def cancel(server: ServerProcess, request_id: str, key: str) -> None:
+    httpx.post(f"{server.url}/v2/requests/{request_id}/cancel", headers={"x-api-key": key}, timeout=30)
+
+
+def test_keys_are_required_and_only_in_x_api_key(guarded: ServerProcess) -> None:
+    missing = v2(guarded, None)
+    assert missing.status_code == 401 and "x-api-key" in missing.json()["error"]
+    assert v2(guarded, "SG_0000000000000000").json() == {"error": "invalid API key"}
+    bearer = httpx.post(
+        f"{guarded.url}/v2/seg-beyond", json=request_body(), headers={"Authorization": f"Bearer {KEY_A}"}, timeout=30
+    )
+    assert bearer.status_code == 401
+    # Auth comes before validation: a stranger learns nothing about the body it sent.
+    assert v2(guarded, None, steps=3).status_code == 401
+    assert get(guarded, "/health", None).status_code == 200
+    assert get(guarded, "/v1/styles", None).status_code == 200
+
+
+def test_a_key_sees_only_its_own_requests(guarded: ServerProcess) -> None:
+    job = v2(guarded, KEY_A, seed=1).json()
+    request_id = job["request_id"]
+    assert get(guarded, f"/v2/requests/{request_id}/status", KEY_A).status_code == 200
+    assert get(guarded, f"/v2/requests/{request_id}/status", KEY_B).status_code == 404
+    assert get(guarded, f"/v2/requests/{request_id}", KEY_B).status_code == 404
+    assert get(guarded, f"/v2/requests/{request_id}/status", None).status_code == 401
+    deadline = time.monotonic() + 120
+    while get(guarded, f"/v2/requests/{request_id}/status", KEY_A).json()["status"] != "COMPLETED":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    # Output URLs are capability URLs: fetchable without a key, by anyone holding the link.
+    output = get(guarded, f"/v2/requests/{request_id}", KEY_A).json()["output"]
+    assert httpx.get(output, timeout=30).status_code == 200
+
+
+def test_keys_never_reach_the_store_or_the_log(guarded: ServerProcess) -> None:
+    v2(guarded, KEY_A, seed=2)
+    v2(guarded, "SG_wrongwrongwrong0", seed=2)
+    stored = b"".join(p.read_bytes() for p in Path(guarded.data_dir).glob("jobs.sqlite3*"))
+    for key in (KEY_A, KEY_B, "SG_wrongwrongwrong0"):
+        assert key.encode() not in stored
+        assert key not in guarded.log_path.read_text(errors="replace")
+
+
+def test_a_flooded_queue_answers_429_and_keeps_what_it_accepted(guarded: ServerProcess) -> None:
+    accepted, refused = [], None
+    for i in range(12):
+        response = v2(guarded, KEY_A, steps=100, seed=100 + i)
+        if response.status_code == 429:
+            refused = response
+            break
+        assert response.status_code == 200
+        accepted.append(response.json()["request_id"])
+    assert refused is not None and int(refused.headers["Retry-After"]) > 0
+    assert "queue is full" in refused.json()["error"]
+    assert 3 <= len(accepted) <= 5
+    for request_id in accepted:
+        assert get(guarded, f"/v2/requests/{request_id}/status", KEY_A).json()["status"] in ("QUEUED", "PROCESSING")
+    for request_id in accepted:
+        cancel(guarded, request_id, KEY_A)
+
+
+def test_a_v1_request_past_the_sync_timeout_is_504_and_cancelled(guarded: ServerProcess) -> None:
+    body = request_body(image=smooth_image(96, 96), left=64, steps=100)
+    started = time.monotonic()
+    response = httpx.post(f"{guarded.url}/v1/seg-beyond", json=body, headers={"x-api-key": KEY_A}, timeout=60)
+    assert response.status_code == 504 and "cancelled" in response.json()["error"]
+    assert time.monotonic() - started < 30
+    request_id = response.headers["x-request-id"]
+    deadline = time.monotonic() + 60
+    while True:
+        status = get(guarded, f"/v2/requests/{request_id}/status", KEY_A)
+        if status.status_code == 422:
+            assert status.json()["error"] == "cancelled"
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_an_oversized_body_is_413(guarded: ServerProcess) -> None:
+    body = request_body(prompt="x" * 400_000)
+    response = httpx.post(f"{guarded.url}/v1/seg-beyond", json=body, headers={"x-api-key": KEY_A}, timeout=30)
+    assert response.status_code == 413
+    assert response.json()["error"].startswith("body: larger than the limit")
