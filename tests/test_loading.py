@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,16 +38,6 @@ def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", loading.TOKENIZER_DIR_ENV):
         monkeypatch.delenv(name, raising=False)
     return home
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP's waiting turns
-    # a millisecond forward pass into seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(in_channels: int = 9) -> Components:

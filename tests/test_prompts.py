@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from PIL import Image
@@ -18,15 +16,6 @@ CPU = torch.device("cpu")
 # short texts fill a chunk: LONG needs 3 chunks of 75 tokens.
 SHORT = "a red barn in a snowy field"
 LONG = "a lighthouse on a rocky coast at dusk, waves breaking over the rocks; " * 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny models gain nothing from intra-op threads; on a busy machine their hand-offs cost 40x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
