@@ -26,6 +26,7 @@ def build_services(settings: Settings) -> Services:
     limits = ImageLimits(
         max_bytes=settings.max_input_bytes,
         max_pixels=settings.max_input_pixels,
+        max_canvas_pixels=settings.max_canvas_pixels,
         allow_private_urls=settings.allow_private_urls,
         timeout=settings.fetch_timeout,
     )

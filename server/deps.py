@@ -56,9 +56,14 @@ async def parse_body(request: Request, services: ServicesDep) -> SegBeyondReques
     if not isinstance(data, dict):
         raise BadRequest("body: must be a JSON object")
     try:
-        return SegBeyondRequest.model_validate(data, context={"registry": services.styles})
+        body = SegBeyondRequest.model_validate(data, context={"registry": services.styles})
     except ValidationError as exc:
         raise BadRequest(describe_validation_error(exc.errors(include_url=False))) from None
+    limit = services.settings.max_prompt_chars
+    for field in ("prompt", "negative_prompt"):
+        if len(getattr(body, field) or "") > limit:
+            raise BadRequest(f"{field}: longer than the limit of {limit} characters")
+    return body
 
 
 BodyDep = Annotated[SegBeyondRequest, Depends(parse_body)]

@@ -24,14 +24,15 @@ MAX_REDIRECTS = 5
 class InputImageError(ValueError):
     """The image cannot be used; the message is for the client and starts with the field name."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"input_image: {reason}")
+    def __init__(self, reason: str, field: str = "input_image") -> None:
+        super().__init__(f"{field}: {reason}")
 
 
 @dataclass(frozen=True)
 class ImageLimits:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 16_000_000
+    max_canvas_pixels: int = 40_000_000
     allow_private_urls: bool = False
     timeout: float = 15.0
 
@@ -90,11 +91,21 @@ def check_address(host: str, allow_private: bool) -> list[str]:
     return addresses
 
 
-def check_url(url: str, limits: ImageLimits) -> None:
+def check_url(url: str, limits: ImageLimits) -> list[str]:
+    """The URL's addresses, each one checked; raises when any of them may not be reached."""
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise InputImageError("only http and https URLs are accepted")
-    check_address(parts.hostname, limits.allow_private_urls)
+    return check_address(parts.hostname, limits.allow_private_urls)
+
+
+def pinned_request(url: str, address: str) -> tuple[httpx.URL, dict[str, str], dict[str, str]]:
+    """The request aimed at the address that was checked, so a second DNS answer cannot redirect it
+    (DNS rebinding); Host and TLS SNI still name the host, so virtual hosts and certificates work."""
+    logical = httpx.URL(url)
+    target = logical.copy_with(host=address)
+    host = logical.host if logical.port is None else f"{logical.host}:{logical.port}"
+    return target, {"Host": host}, {"sni_hostname": logical.host}
 
 
 def fetch(url: str, limits: ImageLimits) -> bytes:
@@ -102,11 +113,11 @@ def fetch(url: str, limits: ImageLimits) -> bytes:
     timeout = httpx.Timeout(limits.timeout, connect=min(5.0, limits.timeout))
     with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
         for _ in range(MAX_REDIRECTS + 1):
-            check_url(url, limits)
+            target, headers, extensions = pinned_request(url, check_url(url, limits)[0])
             try:
-                with client.stream("GET", url) as response:
+                with client.stream("GET", target, headers=headers, extensions=extensions) as response:
                     if response.is_redirect:
-                        url = str(response.url.join(response.headers.get("location", "")))
+                        url = str(httpx.URL(url).join(response.headers.get("location", "")))
                         continue
                     if response.status_code != 200:
                         raise InputImageError(f"fetching the URL answered HTTP {response.status_code}")
@@ -168,3 +179,14 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
 
 def load_image(value: str, limits: ImageLimits) -> Image.Image:
     return decode_image(read_bytes(value, limits), limits)
+
+
+def check_canvas(size: tuple[int, int], params: dict, limits: ImageLimits) -> None:
+    """The padded canvas must fit the limit too: padding can multiply a small image's pixels."""
+    width = size[0] + params["left"] + params["right"]
+    height = size[1] + params["top"] + params["bottom"]
+    if width * height > limits.max_canvas_pixels:
+        raise InputImageError(
+            f"{width}x{height} = {width * height} pixels after padding; the limit is {limits.max_canvas_pixels}",
+            field="left/right/top/bottom",
+        )

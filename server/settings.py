@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     allow_private_urls: bool = False
     max_input_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_input_pixels: int = Field(16_000_000, gt=0)
+    max_canvas_pixels: int = Field(40_000_000, gt=0)
+    max_prompt_chars: int = Field(10_000, gt=0)
     fetch_timeout: float = Field(15.0, gt=0)
 
     # Threads torch may use on a CPU (None: torch's default, one per core).

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from models.seeds import draw_seed
 from server.deps import Services
 from server.errors import BadRequest, GatewayTimeout, JobFailed, NotFound, RateLimited
-from server.images import InputImageError, check_url, decode_base64, decode_image, is_url
+from server.images import InputImageError, check_canvas, check_url, decode_base64, decode_image, is_url
 from server.jobs.model import Job, JobStatus
 from server.schemas import SegBeyondRequest
 
@@ -28,7 +28,7 @@ def _prepare_input(body: SegBeyondRequest, services: Services) -> tuple[dict[str
             check_url(value.strip(), services.limits)
             return {"kind": "url", "url": value.strip()}, None
         data = decode_base64(value, services.limits)
-        decode_image(data, services.limits)
+        check_canvas(decode_image(data, services.limits).size, body.model_dump(), services.limits)
         return {"kind": "file"}, data
     except InputImageError as exc:
         raise BadRequest(str(exc)) from None

@@ -21,6 +21,9 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
         "BEYOND_MAX_QUEUE": "3",
         "BEYOND_SYNC_TIMEOUT": "3",
         "BEYOND_MAX_BODY_BYTES": "300000",
+        "BEYOND_ALLOW_PRIVATE_URLS": "0",
+        "BEYOND_MAX_CANVAS_PIXELS": "200000",
+        "BEYOND_MAX_PROMPT_CHARS": "500",
     }
     proc = ServerProcess(tmp_path_factory.mktemp("guarded"), env=env).start()
     try:
@@ -31,7 +34,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
 
 def v2(server: ServerProcess, key: str | None, **fields: object) -> httpx.Response:
     headers = {"x-api-key": key} if key else {}
-    body = request_body(image=smooth_image(48, 48), left=16, guidance_scale=1.0, **fields)
+    body = request_body(image=smooth_image(48, 48), **{"left": 16, "guidance_scale": 1.0, **fields})
     return httpx.post(f"{server.url}/v2/seg-beyond", json=body, headers=headers, timeout=60)
 
 
@@ -122,3 +125,27 @@ def test_an_oversized_body_is_413(guarded: ServerProcess) -> None:
     response = httpx.post(f"{guarded.url}/v1/seg-beyond", json=body, headers={"x-api-key": KEY_A}, timeout=30)
     assert response.status_code == 413
     assert response.json()["error"].startswith("body: larger than the limit")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/x.png",
+        "http://localhost/x.png",
+        "http://10.1.2.3/x.png",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]/x.png",
+        "file:///etc/passwd",
+    ],
+)
+def test_input_urls_to_internal_addresses_are_refused(guarded: ServerProcess, url: str) -> None:
+    response = v2(guarded, KEY_A, input_image=url)
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("input_image: ")
+
+
+def test_canvas_and_prompt_limits_name_themselves(guarded: ServerProcess) -> None:
+    big = v2(guarded, KEY_A, left=1024, right=1024, top=100)
+    assert big.status_code == 400 and "the limit is 200000" in big.json()["error"]
+    long = v2(guarded, KEY_A, prompt="word " * 200)
+    assert long.status_code == 400 and long.json()["error"] == "prompt: longer than the limit of 500 characters"

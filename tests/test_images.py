@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.images import ImageLimits, InputImageError, check_url, decode_base64, decode_image, load_image
+from server.images import (
+    ImageLimits,
+    InputImageError,
+    check_url,
+    decode_base64,
+    decode_image,
+    load_image,
+    pinned_request,
+)
 from tests.helpers import encode, noise_image, smooth_image
 
 LIMITS = ImageLimits()
@@ -138,3 +146,34 @@ def test_fetch_follows_redirects_and_caps_bytes(images) -> None:
     assert load_image(images.url + "/hop", allowed).size == (16, 16)
     with pytest.raises(InputImageError, match="larger than the limit"):
         load_image(target, ImageLimits(allow_private_urls=True, max_bytes=300))
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["100.64.1.1", "240.0.0.1", "0.0.0.0", "[fc00::1]", "[::ffff:127.0.0.1]", "[fe80::1]", "224.0.0.1", "[::]"],
+)
+def test_carrier_grade_nat_reserved_and_ipv6_special_ranges_are_refused(host: str) -> None:
+    with pytest.raises(InputImageError, match="input_image: "):
+        check_url(f"http://{host}/x.png", LIMITS)
+
+
+def test_the_connection_goes_to_the_checked_address_with_the_host_name_kept(images) -> None:
+    png = encode(noise_image(8, 8))
+    path = "/pinned.png"
+    images.add(path, png)
+    port = images.url.rsplit(":", 1)[1]
+    # "localhost" is resolved once, checked, and the request is sent to that address with
+    # Host: localhost, so a DNS answer that changes between check and connect cannot matter.
+    target, headers, extensions = pinned_request(f"http://localhost:{port}{path}", "127.0.0.1")
+    assert target.host == "127.0.0.1" and headers == {"Host": f"localhost:{port}"}
+    assert extensions == {"sni_hostname": "localhost"}
+    assert load_image(f"http://localhost:{port}{path}", ImageLimits(allow_private_urls=True)).size == (8, 8)
+    with pytest.raises(InputImageError, match="private or loopback"):
+        load_image(f"http://localhost:{port}{path}", LIMITS)
+
+
+def test_a_redirect_to_a_private_address_is_refused(images) -> None:
+    # The first hop (loopback) is let through by allow_private; its target, link-local, never is.
+    images.add("/to-metadata", b"", status=302, headers={"Location": "http://169.254.169.254/latest"})
+    with pytest.raises(InputImageError, match="forbidden"):
+        load_image(images.url + "/to-metadata", ImageLimits(allow_private_urls=True))

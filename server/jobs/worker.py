@@ -83,7 +83,7 @@ class Worker:
         import torch
 
         from models.engine import Cancelled, OutpaintRequest
-        from server.images import InputImageError, decode_image, load_image
+        from server.images import InputImageError, check_canvas, decode_image, load_image
 
         def on_step(step: int, total: int) -> None:
             if job.job_id in self.cancelled:
@@ -95,6 +95,7 @@ class Worker:
                 image = load_image(job.source["url"], self.config.limits)
             else:
                 image = decode_image((job.folder / "input").read_bytes(), self.config.limits)
+            check_canvas(image.size, job.params, self.config.limits)
             result = self.engine.run(OutpaintRequest(image=image, **job.params), on_step)
             for i, picture in enumerate(result.images):
                 picture.save(job.folder / output_name(i), format="JPEG", quality=JPEG_QUALITY)
