@@ -16,6 +16,8 @@ from server.images import ImageLimits
 from server.jobs.messages import WorkerConfig
 from server.jobs.store import SqliteJobStore
 from server.jobs.supervisor import Supervisor
+from server.metrics import Metrics
+from server.ratelimit import RateLimiter
 from server.routes import health, styles, v1, v2
 from server.settings import Settings, get_settings
 
@@ -31,6 +33,7 @@ def build_services(settings: Settings) -> Services:
         timeout=settings.fetch_timeout,
     )
     store = SqliteJobStore(settings.data_dir, ttl=settings.result_ttl)
+    metrics = Metrics()
     config = WorkerConfig(
         model=settings.model,
         device=settings.device,
@@ -49,19 +52,28 @@ def build_services(settings: Settings) -> Services:
         purge_interval=settings.purge_interval,
         backoff=settings.worker_restart_backoff,
         log_level=settings.log_level,
+        metrics=metrics,
     )
     registry = default_registry(settings.styles_dir)
     keys = KeyRing.from_text(settings.api_keys.get_secret_value() if settings.api_keys else None)
-    return Services(settings=settings, store=store, supervisor=supervisor, limits=limits, styles=registry, keys=keys)
+    return Services(
+        settings=settings,
+        store=store,
+        supervisor=supervisor,
+        limits=limits,
+        styles=registry,
+        keys=keys,
+        limiter=RateLimiter(settings.rate_limit),
+        metrics=metrics,
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    services = build_services(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = build_services(settings)
-        app.state.services = services
         services.supervisor.start()
         if services.keys.open:
             log.warning("NO API KEYS CONFIGURED: anyone who reaches this port can use it (set BEYOND_API_KEYS)")
@@ -77,6 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
+    app.state.services = services
+    app.middleware("http")(services.metrics.middleware)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(v1.router)

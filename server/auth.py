@@ -65,5 +65,14 @@ def get_caller(request: Request) -> Caller | None:
 CallerDep = Annotated[Caller | None, Depends(get_caller)]
 
 
+def get_submitter(request: Request, caller: CallerDep) -> Caller | None:
+    """A caller about to submit work: counted against its rate limit before its body is read."""
+    request.app.state.services.limiter.hit(caller.owner if caller else "anonymous")
+    return caller
+
+
+SubmitterDep = Annotated[Caller | None, Depends(get_submitter)]
+
+
 def owner_of(caller: Caller | None) -> str | None:
     return caller.owner if caller else None

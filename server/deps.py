@@ -15,6 +15,8 @@ from server.errors import BadRequest, PayloadTooLarge, describe_validation_error
 from server.images import ImageLimits
 from server.jobs.store import JobStore
 from server.jobs.supervisor import Supervisor
+from server.metrics import Metrics
+from server.ratelimit import RateLimiter
 from server.schemas import SegBeyondRequest
 from server.settings import Settings
 
@@ -27,6 +29,8 @@ class Services:
     limits: ImageLimits
     styles: StyleRegistry
     keys: KeyRing
+    limiter: RateLimiter
+    metrics: Metrics
 
 
 def get_services(request: Request) -> Services:

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     # base64 inflates a 20 MB image to about 27 MB.
     max_body_bytes: int = Field(30 * 1024 * 1024, gt=0)
 
+    # Submissions per key (one shared bucket without keys), in limits' notation, e.g. "60/minute;10/second".
+    rate_limit: str | None = None
+
     allow_private_urls: bool = False
     max_input_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_input_pixels: int = Field(16_000_000, gt=0)

@@ -24,6 +24,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
         "BEYOND_ALLOW_PRIVATE_URLS": "0",
         "BEYOND_MAX_CANVAS_PIXELS": "200000",
         "BEYOND_MAX_PROMPT_CHARS": "500",
+        "BEYOND_RATE_LIMIT": "40/minute",
     }
     proc = ServerProcess(tmp_path_factory.mktemp("guarded"), env=env).start()
     try:
@@ -149,3 +150,34 @@ def test_canvas_and_prompt_limits_name_themselves(guarded: ServerProcess) -> Non
     assert big.status_code == 400 and "the limit is 200000" in big.json()["error"]
     long = v2(guarded, KEY_A, prompt="word " * 200)
     assert long.status_code == 400 and long.json()["error"] == "prompt: longer than the limit of 500 characters"
+
+
+def test_submissions_beyond_the_rate_limit_get_429_with_headers(guarded: ServerProcess) -> None:
+    # Invalid bodies still count: the limit is checked before the body is read.
+    statuses = []
+    for _ in range(41):
+        response = v2(guarded, KEY_B, steps=5)
+        statuses.append(response.status_code)
+        if response.status_code == 429:
+            break
+    assert statuses[:40] == [400] * 40 and statuses[40] == 429
+    assert int(response.headers["Retry-After"]) >= 1
+    assert response.headers["X-RateLimit-Limit"] == "40" and response.headers["X-RateLimit-Remaining"] == "0"
+    assert int(response.headers["X-RateLimit-Reset"]) > time.time() - 1
+    # Reading is not limited, and the other key has its own budget.
+    assert get(guarded, "/health", KEY_B).status_code == 200
+    assert v2(guarded, KEY_A, steps=5).status_code == 400
+
+
+def test_prometheus_metrics(guarded: ServerProcess) -> None:
+    job = v2(guarded, KEY_A, seed=9).json()
+    deadline = time.monotonic() + 120
+    while get(guarded, f"/v2/requests/{job['request_id']}/status", KEY_A).json()["status"] != "COMPLETED":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    text = get(guarded, "/metrics", None).text
+    assert 'beyond_http_requests_total{method="POST",route="/v2/seg-beyond",status="200"}' in text
+    assert 'route="/v2/requests/{request_id}/status"' in text  # templates, not ids
+    assert job["request_id"] not in text
+    assert "beyond_queue_depth" in text and "beyond_job_inference_seconds_count" in text
+    assert 'beyond_job_failures_total{reason="cancelled"}' in text  # from the flood test's cancels

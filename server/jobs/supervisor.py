@@ -30,6 +30,7 @@ from server.jobs.messages import (
 from server.jobs.model import FailureKind
 from server.jobs.store import JobStore
 from server.jobs.worker import worker_main
+from server.metrics import Metrics
 
 log = logging.getLogger("beyond.supervisor")
 TICK = 0.05
@@ -55,6 +56,7 @@ class Supervisor:
         purge_interval: float = 30.0,
         backoff: float = 2.0,
         log_level: str = "info",
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.config = config
@@ -62,6 +64,7 @@ class Supervisor:
         self.backoff = backoff
         self.log_level = log_level
         self.status = WorkerState()
+        self.metrics = metrics
         self._ctx = multiprocessing.get_context("spawn")
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
@@ -152,9 +155,13 @@ class Supervisor:
             self.store.set_progress(message.job_id, message.step / max(message.total, 1))
         elif isinstance(message, JobDone):
             self.store.complete(message.job_id, message.result)
+            if self.metrics:
+                self.metrics.job_done(message.result)
             self._job_finished(message.job_id)
         elif isinstance(message, JobFailed):
             self.store.fail(message.job_id, message.error, FailureKind(message.kind))
+            if self.metrics:
+                self.metrics.job_failed(message.kind)
             self._job_finished(message.job_id)
 
     def _job_finished(self, job_id: str) -> None:
@@ -169,6 +176,8 @@ class Supervisor:
         log.error("worker (pid %s) exited with code %s", self._proc.pid, code)
         if self.status.current_job is not None:
             outcome = self.store.release(self.status.current_job, f"the worker process died (exit code {code})")
+            if self.metrics:
+                self.metrics.job_failed(FailureKind.WORKER_DIED.value)
             log.warning("job %s after worker death: %s", self.status.current_job, outcome.value)
             self._job_finished(self.status.current_job)
         self._proc, self._conn = None, None

@@ -112,6 +112,7 @@ class Worker:
                     "negative_prompts": result.negative_prompts,
                     "styles": result.styles,
                     "notes": result.notes,
+                    "gpu_peak_memory": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
                 },
             )
         except Cancelled:

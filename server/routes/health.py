@@ -1,11 +1,16 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from server.deps import ServicesDep
 
 router = APIRouter()
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics(services: ServicesDep) -> Response:
+    return services.metrics.render(services.store.queued_count())
 
 
 @router.get("/health")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.auth import CallerDep, owner_of
+from server.auth import SubmitterDep, owner_of
 from server.deps import BodyDep, ServicesDep, public_base
 from server.errors import BadGateway, BadRequest, InternalError, NotFound
 from server.jobs.model import FailureKind, JobStatus
@@ -27,7 +27,7 @@ REQUEST_SCHEMA = {
     openapi_extra=REQUEST_SCHEMA,
     responses={200: {"content": {"image/jpeg": {}}, "description": "the outpainted image (JSON with base64: true)"}},
 )
-async def run_sync(caller: CallerDep, body: BodyDep, request: Request, services: ServicesDep) -> Response:
+async def run_sync(caller: SubmitterDep, body: BodyDep, request: Request, services: ServicesDep) -> Response:
     # While a worker restarts, v1 waits its turn; when the model cannot load, waiting is pointless.
     if services.supervisor.status.state == "failed":
         raise BadGateway(f"the engine is not available: {services.supervisor.status.error or 'it failed to start'}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.auth import CallerDep, owner_of
+from server.auth import CallerDep, SubmitterDep, owner_of
 from server.deps import BodyDep, ServicesDep, public_base
 from server.errors import Conflict, NotFound
 from server.routes.v1 import REQUEST_SCHEMA, SLUG
@@ -15,7 +15,7 @@ router = APIRouter(prefix="/v2")
 
 
 @router.post(f"/{SLUG}", openapi_extra=REQUEST_SCHEMA, status_code=200)
-async def submit_async(caller: CallerDep, body: BodyDep, request: Request, services: ServicesDep) -> JSONResponse:
+async def submit_async(caller: SubmitterDep, body: BodyDep, request: Request, services: ServicesDep) -> JSONResponse:
     job = await submit(body, services, owner_of(caller))
     base = f"{public_base(request, services.settings)}/v2/requests/{job.id}"
     return JSONResponse(
