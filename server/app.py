@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 
 from models.styles import default_registry
 from server.auth import KeyRing
@@ -55,7 +55,9 @@ def build_services(settings: Settings) -> Services:
         metrics=metrics,
     )
     registry = default_registry(settings.styles_dir)
-    keys = KeyRing.from_text(settings.api_keys.get_secret_value() if settings.api_keys else None)
+    keys = KeyRing.load(settings.api_keys.get_secret_value() if settings.api_keys else None, settings.api_keys_file)
+    for caller in keys.metered():
+        store.open_account(caller.owner, caller.credits or 0.0)
     return Services(
         settings=settings,
         store=store,
@@ -91,6 +93,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.services = services
     app.middleware("http")(services.metrics.middleware)
+
+    @app.middleware("http")
+    async def remaining_credits(request: Request, call_next: Callable) -> Response:
+        response = await call_next(request)
+        caller = getattr(request.state, "caller", None)
+        if caller is not None and caller.credits is not None:
+            balance = services.store.balance(caller.owner)
+            if balance is not None:
+                response.headers["x-remaining-credits"] = f"{balance:g}"
+        return response
+
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(v1.router)

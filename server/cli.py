@@ -65,7 +65,12 @@ def serve(args: argparse.Namespace) -> int:
         print(f"beyond: cannot load the styles: {exc}", file=sys.stderr)
         return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    try:
+        app = create_app(settings)
+    except ValueError as exc:
+        print(f"beyond: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
     return 0
 
 

@@ -16,11 +16,13 @@ class RateLimiter:
     """`spec` is limits' notation, e.g. "60/minute;10/second": 60 a minute, at most 10 in any second."""
 
     def __init__(self, spec: str | None) -> None:
-        self.items = parse_many(spec) if spec else []
+        self.spec = spec
         self.limiter = MovingWindowRateLimiter(MemoryStorage())
 
-    def hit(self, who: str) -> None:
-        for item in self.items:
+    def hit(self, who: str, spec: str | None = None) -> None:
+        """Count one submission of `who` against `spec` (a key's own), else the server's limit."""
+        spec = spec or self.spec
+        for item in parse_many(spec) if spec else []:
             if not self.limiter.hit(item, who):
                 reset, _ = self.limiter.get_window_stats(item, who)
                 wait = max(1, math.ceil(reset - time.time()))

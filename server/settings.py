@@ -30,6 +30,8 @@ class Settings(BaseSettings):
 
     # Comma-separated API keys; none: open access (with a warning at startup).
     api_keys: SecretStr | None = None
+    # A JSON file of keys with per-key name, endpoints, rate_limit and credits (docs/guard.md).
+    api_keys_file: Path | None = None
     # Bounded queue: beyond it new work gets 429 at once rather than waiting without end.
     max_queue: int = Field(100, gt=0)
     # A v1 request waiting longer than this gets 504 and its job is cancelled.

@@ -12,24 +12,28 @@ from starlette.concurrency import run_in_threadpool
 
 from models.seeds import draw_seed
 from server.deps import Services
-from server.errors import BadRequest, GatewayTimeout, JobFailed, NotFound, RateLimited
+from server.errors import BadRequest, GatewayTimeout, InsufficientCredits, JobFailed, NotFound, RateLimited
 from server.images import InputImageError, check_canvas, check_url, decode_base64, decode_image, is_url
 from server.jobs.model import Job, JobStatus
+from server.jobs.store import InsufficientBalance
 from server.schemas import SegBeyondRequest
 
 POLL = 0.05
 
 
-def _prepare_input(body: SegBeyondRequest, services: Services) -> tuple[dict[str, Any], bytes | None]:
+def _prepare_input(
+    body: SegBeyondRequest, services: Services
+) -> tuple[dict[str, Any], bytes | None, tuple[int, int] | None]:
     """Check the image now (a bad one is a 400); URLs are fetched when the job runs."""
     value = body.input_image
     try:
         if is_url(value):
             check_url(value.strip(), services.limits)
-            return {"kind": "url", "url": value.strip()}, None
+            return {"kind": "url", "url": value.strip()}, None, None
         data = decode_base64(value, services.limits)
-        check_canvas(decode_image(data, services.limits).size, body.model_dump(), services.limits)
-        return {"kind": "file"}, data
+        size = decode_image(data, services.limits).size
+        check_canvas(size, body.model_dump(), services.limits)
+        return {"kind": "file"}, data, size
     except InputImageError as exc:
         raise BadRequest(str(exc)) from None
 
@@ -40,12 +44,31 @@ async def submit(body: SegBeyondRequest, services: Services, owner: str | None =
             f"the queue is full ({services.settings.max_queue} requests waiting); try again shortly",
             headers={"Retry-After": "5"},
         )
-    source, image = await run_in_threadpool(_prepare_input, body, services)
+    source, image, image_size = await run_in_threadpool(_prepare_input, body, services)
     params = body.engine_params(services.styles)
     if params["seed"] == -1:
         # Drawn now, so a retried job and the stored record use the same seed.
         params["seed"] = draw_seed()
-    return await run_in_threadpool(services.store.create, params, source, image=image, base64=body.base64, owner=owner)
+    cost = request_cost(params, image_size)
+    try:
+        return await run_in_threadpool(
+            services.store.create, params, source, image=image, base64=body.base64, owner=owner, cost=cost
+        )
+    except InsufficientBalance as exc:
+        raise InsufficientCredits(
+            f"insufficient credits: this request costs {exc.cost:g}, the balance is {exc.balance:g}",
+            headers={"x-remaining-credits": f"{exc.balance:g}"},
+        ) from None
+
+
+def request_cost(params: dict[str, Any], image_size: tuple[int, int] | None) -> float:
+    """samples x steps / 30 x max(1, output megapixels); a URL's size is unknown before it is
+    fetched, so its output counts as one megapixel plus the padding."""
+    width, height = image_size or (0, 0)
+    width += params["left"] + params["right"]
+    height += params["top"] + params["bottom"]
+    megapixels = max(1.0, width * height / 1e6)
+    return round(params["samples"] * params["steps"] / 30 * megapixels, 4)
 
 
 def find(services: Services, job_id: str, owner: str | None = None) -> Job:

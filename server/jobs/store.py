@@ -17,6 +17,13 @@ from typing import Any, Protocol
 
 from server.jobs.model import FailureKind, Job, JobStatus
 
+
+class InsufficientBalance(Exception):
+    def __init__(self, balance: float, cost: float) -> None:
+        super().__init__(f"balance {balance:g} is less than the cost {cost:g}")
+        self.balance, self.cost = balance, cost
+
+
 # A job whose worker died gets one more attempt; a second death means the job itself kills it.
 MAX_ATTEMPTS = 2
 
@@ -30,6 +37,7 @@ class JobStore(Protocol):
         image: bytes | None,
         base64: bool,
         owner: str | None,
+        cost: float = 0.0,
     ) -> Job: ...
     def get(self, job_id: str) -> Job | None: ...
     def claim_next(self) -> Job | None: ...
@@ -43,6 +51,8 @@ class JobStore(Protocol):
     def processing(self) -> list[Job]: ...
     def purge_expired(self, now: float | None = None) -> int: ...
     def job_dir(self, job_id: str) -> Path: ...
+    def open_account(self, owner: str, balance: float) -> None: ...
+    def balance(self, owner: str) -> float | None: ...
 
 
 SCHEMA = """
@@ -63,8 +73,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     error_kind TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     expires_at REAL,
-    result TEXT NOT NULL DEFAULT '{}'
+    result TEXT NOT NULL DEFAULT '{}',
+    cost REAL NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS credits (owner TEXT PRIMARY KEY, balance REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at);
 """
@@ -127,7 +139,9 @@ class SqliteJobStore:
         image: bytes | None,
         base64: bool,
         owner: str | None,
+        cost: float = 0.0,
     ) -> Job:
+        """Queue a job; with a cost, the owner's balance is charged in the same transaction."""
         job_id = uuid.uuid4().hex
         folder = self.job_dir(job_id)
         folder.mkdir(parents=True)
@@ -135,12 +149,18 @@ class SqliteJobStore:
             # Written (and flushed) before the row exists, so a listed job always has its input.
             with open(folder / "input", "wb") as f:
                 f.write(image)
-        row = (
-            self._db()
-            .execute(
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            balance = self.balance(owner) if owner else None
+            if cost > 0 and balance is not None:
+                if balance < cost:
+                    raise InsufficientBalance(balance, cost)
+                db.execute("UPDATE credits SET balance = balance - ? WHERE owner = ?", (cost, owner))
+            row = db.execute(
                 # created_at is taken inside the write lock, so it grows in the order jobs are accepted.
-                "INSERT INTO jobs (id, status, params, source, base64, owner, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, (julianday('now') - 2440587.5) * 86400.0) RETURNING *",
+                "INSERT INTO jobs (id, status, params, source, base64, owner, cost, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, (julianday('now') - 2440587.5) * 86400.0) RETURNING *",
                 (
                     job_id,
                     JobStatus.QUEUED.value,
@@ -148,11 +168,23 @@ class SqliteJobStore:
                     json.dumps(source),
                     int(base64),
                     owner,
+                    cost if balance is not None else 0.0,
                 ),
-            )
-            .fetchone()
-        )
+            ).fetchone()
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         return self._job(row)
+
+    def open_account(self, owner: str, balance: float) -> None:
+        """A metered key's starting balance; an existing ledger (after a restart) is kept."""
+        self._db().execute("INSERT OR IGNORE INTO credits (owner, balance) VALUES (?, ?)", (owner, balance))
+
+    def balance(self, owner: str) -> float | None:
+        row = self._db().execute("SELECT balance FROM credits WHERE owner = ?", (owner,)).fetchone()
+        return None if row is None else float(row[0])
 
     def get(self, job_id: str) -> Job | None:
         job = self._job(self._db().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
@@ -183,10 +215,20 @@ class SqliteJobStore:
         now = time.time()
         columns.update(status=status.value, finished_at=now, expires_at=now + self.ttl)
         assignments = ", ".join(f"{name} = ?" for name in columns)
-        self._db().execute(
-            f"UPDATE jobs SET {assignments} WHERE id = ? AND status IN (?, ?)",
-            (*columns.values(), job_id, JobStatus.QUEUED.value, JobStatus.PROCESSING.value),
-        )
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute(
+                f"UPDATE jobs SET {assignments} WHERE id = ? AND status IN (?, ?) RETURNING owner, cost",
+                (*columns.values(), job_id, JobStatus.QUEUED.value, JobStatus.PROCESSING.value),
+            ).fetchone()
+            # Every way a job can fail passes here, once: that is where its charge is refunded.
+            if row is not None and status == JobStatus.FAILED and row["cost"] > 0:
+                db.execute("UPDATE credits SET balance = balance + ? WHERE owner = ?", (row["cost"], row["owner"]))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def complete(self, job_id: str, result: dict[str, Any]) -> None:
         self._finish(job_id, JobStatus.COMPLETED, result=json.dumps(result), progress=1.0)
