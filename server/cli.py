@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
@@ -34,6 +33,7 @@ def serve(args: argparse.Namespace) -> int:
     from models.loading import ModelSpecError, check_spec
     from models.styles import StyleFileError, default_registry
     from server.app import create_app
+    from server.logs import configure as configure_logs
     from server.settings import Settings
 
     overrides = {
@@ -53,7 +53,7 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"beyond: invalid settings: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logs(settings.log_level, settings.log_format)
     try:
         check_spec(settings.model)
     except ModelSpecError as exc:

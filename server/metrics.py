@@ -1,12 +1,15 @@
-"""Prometheus metrics: requests, queue depth, job durations, failures, GPU memory."""
+"""Prometheus metrics (requests, queue depth, job durations, failures, GPU memory) and the access log."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from fastapi import Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+access = logging.getLogger("beyond.access")
 
 
 class Metrics:
@@ -46,8 +49,26 @@ class Metrics:
         response = await call_next(request)
         # The route template, not the path: request ids would make every path its own series.
         route = getattr(request.scope.get("route"), "path", "unmatched")
+        seconds = time.perf_counter() - started
         self.requests.labels(request.method, route, str(response.status_code)).inc()
-        self.latency.labels(route).observe(time.perf_counter() - started)
+        self.latency.labels(route).observe(seconds)
+        request_id = response.headers.get("x-request-id") or request.path_params.get("request_id")
+        caller = getattr(request.state, "caller", None)
+        access.info(
+            "%s %s %s",
+            request.method,
+            route,
+            response.status_code,
+            extra={
+                "event": "request",
+                "method": request.method,
+                "route": route,
+                "status": response.status_code,
+                "request_id": request_id,
+                "seconds": round(seconds, 4),
+                "caller": caller.name if caller else None,
+            },
+        )
         return response
 
     def render(self, queued: int) -> Response:

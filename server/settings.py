@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     # A worker that dies this many times in a row while loading makes /health report failure.
     worker_restart_backoff: float = Field(2.0, ge=0)
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"
 
     @property
     def db_path(self) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
         "BEYOND_MAX_CANVAS_PIXELS": "200000",
         "BEYOND_MAX_PROMPT_CHARS": "500",
         "BEYOND_RATE_LIMIT": "40/minute",
+        "BEYOND_LOG_FORMAT": "json",
     }
     proc = ServerProcess(tmp_path_factory.mktemp("guarded"), env=env).start()
     try:
@@ -181,3 +183,20 @@ def test_prometheus_metrics(guarded: ServerProcess) -> None:
     assert job["request_id"] not in text
     assert "beyond_queue_depth" in text and "beyond_job_inference_seconds_count" in text
     assert 'beyond_job_failures_total{reason="cancelled"}' in text  # from the flood test's cancels
+
+
+def test_json_access_logs_carry_the_request_id_and_no_payload(guarded: ServerProcess) -> None:
+    response = v2(guarded, KEY_A, seed=31)
+    request_id = response.json()["request_id"]
+    payload = request_body(image=smooth_image(48, 48))["input_image"]
+    deadline = time.monotonic() + 10
+    records: list[dict] = []
+    while time.monotonic() < deadline and not records:
+        lines = guarded.log_path.read_text(errors="replace").splitlines()
+        records = [json.loads(line) for line in lines if line.startswith("{") and request_id in line]
+        time.sleep(0.1)
+    submit = next(r for r in records if r.get("event") == "request" and r["method"] == "POST")
+    assert submit["request_id"] == request_id and submit["status"] == 200
+    assert submit["route"] == "/v2/seg-beyond" and submit["caller"].startswith("key-")
+    log = guarded.log_path.read_text(errors="replace")
+    assert payload[:64] not in log and KEY_A not in log
