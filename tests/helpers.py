@@ -116,6 +116,18 @@ class ServerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+def serve_expecting_exit(data_dir: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run `beyond serve` where it must refuse to start; returns its exit code and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--model", "random:tiny", "--data-dir", str(data_dir)],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 class ImageServer:
     """A loopback HTTP server for input_image URLs: path -> (status, bytes, content type)."""
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers import ROOT, ServerProcess, build_tiny_gpt2, request_body
+from tests.helpers import ServerProcess, build_tiny_gpt2, request_body, serve_expecting_exit
 from tests.test_queue import finished, result, submit, wait_for
 
 
@@ -81,13 +79,6 @@ def test_operator_styles_and_v2_expansion(tmp_path: Path) -> None:
 @pytest.mark.parametrize("content", ["{not json", json.dumps([{"positive": "no name"}])])
 def test_a_malformed_styles_file_stops_startup_naming_it(tmp_path: Path, content: str) -> None:
     (tmp_path / "broken.json").write_text(content)
-    done = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--model", "random:tiny", "--data-dir", str(tmp_path / "d")],
-        cwd=ROOT,
-        env={**__import__("os").environ, "BEYOND_STYLES_DIR": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = serve_expecting_exit(tmp_path / "d", {"BEYOND_STYLES_DIR": str(tmp_path)})
     assert done.returncode == 2
     assert "broken.json" in done.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import ServerProcess, request_body, smooth_image
+from tests.helpers import ServerProcess, request_body, serve_expecting_exit, smooth_image
 
 METERED, V2_ONLY = "SG_cccccccccccccccc", "SG_dddddddddddddddd"
 COST = round(20 / 30, 4)  # samples 1 x 20 steps / 30 x 1 megapixel
@@ -87,20 +87,8 @@ def test_endpoints_and_credits_from_the_keys_file(tmp_path: Path, images) -> Non
 
 
 def test_a_malformed_keys_file_stops_startup_without_echoing_keys(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    from tests.helpers import ROOT
-
     keys = tmp_path / "keys.json"
     keys.write_text('{"keys": [{"name": "no key here", "credits": "SG_secretsecret12"}]}')
-    done = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--model", "random:tiny", "--data-dir", str(tmp_path / "d")],
-        cwd=ROOT,
-        env={**__import__("os").environ, "BEYOND_API_KEYS_FILE": str(keys)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = serve_expecting_exit(tmp_path / "d", {"BEYOND_API_KEYS_FILE": str(keys)})
     assert done.returncode == 2 and "keys.json" in done.stderr
     assert "SG_secretsecret12" not in done.stderr
