@@ -20,7 +20,13 @@ def test_all_108_pairs_produce_an_image(server: ServerProcess) -> None:
     for wave in range(0, len(pairs), 27):
         jobs = {
             pair: submit(
-                server, image=smooth_image(48, 48), left=16, seed=1, guidance_scale=1.0, sampler=pair[0], scheduler=pair[1]
+                server,
+                image=smooth_image(48, 48),
+                left=16,
+                seed=1,
+                guidance_scale=1.0,
+                sampler=pair[0],
+                scheduler=pair[1],
             )["request_id"]
             for pair in pairs[wave : wave + 27]
         }
