@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from models.styles import default_registry
 from server.auth import KeyRing
@@ -95,11 +96,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.middleware("http")(services.metrics.middleware)
 
     @app.middleware("http")
-    async def remaining_credits(request: Request, call_next: Callable) -> Response:
+    async def guard_headers(request: Request, call_next: Callable) -> Response:
+        """x-remaining-credits for metered keys and X-RateLimit-* for rate-limited submissions, on
+        every answer, errors included (those raised by a dependency still pass through here)."""
         response = await call_next(request)
+        response.headers.update(getattr(request.state, "rate_headers", None) or {})
         caller = getattr(request.state, "caller", None)
         if caller is not None and caller.credits is not None:
-            balance = services.store.balance(caller.owner)
+            balance = await run_in_threadpool(services.store.balance, caller.owner)
             if balance is not None:
                 response.headers["x-remaining-credits"] = f"{balance:g}"
         return response

@@ -8,11 +8,18 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import Depends, Request
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from server.errors import Forbidden, Unauthorized
+from server.ratelimit import check_rate_limit
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 
 log = logging.getLogger("beyond.auth")
 
@@ -21,15 +28,76 @@ def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+# What a key may be allowed: the two API versions, and /metrics when BEYOND_METRICS_REQUIRE_KEY is on.
+Endpoint = Literal["v1", "v2", "metrics"]
+
+
 @dataclass(frozen=True)
 class Caller:
     """An authenticated key. `owner` (the digest) is what jobs are stored under: never the key."""
 
     owner: str
     name: str
-    endpoints: frozenset[str] | None = None  # "v1", "v2"; None: all
+    endpoints: frozenset[str] | None = None  # None: all
     rate_limit: str | None = None  # limits' notation; None: the server's BEYOND_RATE_LIMIT
-    credits: float | None = None  # starting balance; None: unmetered
+    credits: float | None = None  # the grant; None: unmetered
+
+
+class KeyEntry(BaseModel):
+    """One key of BEYOND_API_KEYS_FILE: the key itself, or only its SHA-256 digest (hex)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: SecretStr | None = None
+    sha256: str | None = Field(None, pattern="^[0-9a-fA-F]{64}$")
+    name: str | None = Field(None, min_length=1, max_length=100)
+    endpoints: list[Endpoint] | None = None
+    rate_limit: str | None = None
+    credits: float | None = Field(None, ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _check(self) -> KeyEntry:
+        if (self.key is None) == (self.sha256 is None):
+            raise ValueError("give exactly one of key and sha256")
+        if self.key is not None and not self.key.get_secret_value():
+            raise ValueError("key: empty")
+        if self.rate_limit is not None:
+            check_rate_limit(self.rate_limit)
+        return self
+
+    def caller(self) -> Caller:
+        owner = digest(self.key.get_secret_value()) if self.key is not None else (self.sha256 or "").lower()
+        return Caller(
+            owner=owner,
+            name=self.name or f"key-{owner[:8]}",
+            endpoints=frozenset(self.endpoints) if self.endpoints is not None else None,
+            rate_limit=self.rate_limit,
+            credits=self.credits,
+        )
+
+
+class KeysFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    keys: list[KeyEntry]
+
+
+def read_keys_file(file: Path) -> list[Caller]:
+    """A JSON or TOML (by the .toml suffix) keys file; see docs/guard.md. Errors never quote values."""
+    try:
+        text = Path(file).read_text()
+        data = tomllib.loads(text) if Path(file).suffix.lower() == ".toml" else json.loads(text)
+        return [entry.caller() for entry in KeysFile.model_validate(data).keys]
+    except ValidationError as exc:
+        first = exc.errors(include_input=False, include_url=False)[0]
+        # Field names only: an unknown field's name could itself be a pasted key.
+        known = set(KeyEntry.model_fields) | {"keys"}
+        where = ".".join(str(p) if isinstance(p, int) or p in known else "?" for p in first["loc"])
+        problem = f"{where or 'file'}: {str(first['msg']).removeprefix('Value error, ')}"
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        # JSON and TOML parse errors can quote the offending text: name the kind of problem only.
+        problem = type(exc).__name__
+    raise ValueError(f"cannot read the keys file {file}: {problem}")
 
 
 class KeyRing:
@@ -38,27 +106,13 @@ class KeyRing:
 
     @classmethod
     def load(cls, text: str | None, file: Path | None) -> KeyRing:
-        """Keys from BEYOND_API_KEYS (comma-separated) and BEYOND_API_KEYS_FILE (JSON, see docs/guard.md)."""
+        """Keys from BEYOND_API_KEYS (comma-separated) and BEYOND_API_KEYS_FILE (its entries win)."""
         callers: dict[str, Caller] = {}
         for key in (part.strip() for part in (text or "").split(",")):
             if key:
                 callers[digest(key)] = Caller(owner=digest(key), name=f"key-{digest(key)[:8]}")
-        if file is not None:
-            try:
-                entries = json.loads(Path(file).read_text())["keys"]
-                for entry in entries:
-                    owner = digest(entry["key"])
-                    endpoints = entry.get("endpoints")
-                    callers[owner] = Caller(
-                        owner=owner,
-                        name=str(entry.get("name") or f"key-{owner[:8]}"),
-                        endpoints=frozenset(endpoints) if endpoints is not None else None,
-                        rate_limit=entry.get("rate_limit"),
-                        credits=float(entry["credits"]) if entry.get("credits") is not None else None,
-                    )
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                # The message names the file and the problem, never a key.
-                raise ValueError(f"cannot read the keys file {file}: {type(exc).__name__}") from None
+        for caller in read_keys_file(file) if file is not None else []:
+            callers[caller.owner] = caller
         return cls(callers)
 
     @property
@@ -89,10 +143,10 @@ class KeyRing:
 def get_caller(request: Request) -> Caller | None:
     ring: KeyRing = request.app.state.services.keys
     caller = ring.identify(request.headers.get("x-api-key"), request.headers.get("authorization"))
-    endpoint = request.url.path.split("/")[1]  # "v1" or "v2"
+    endpoint = request.url.path.split("/")[1]  # "v1", "v2" or "metrics"
     if caller is not None and caller.endpoints is not None and endpoint not in caller.endpoints:
         raise Forbidden(f"this key may not use /{endpoint}")
-    request.state.caller = caller  # for the x-remaining-credits header
+    request.state.caller = caller  # for the x-remaining-credits header and the access log
     return caller
 
 
@@ -101,11 +155,23 @@ CallerDep = Annotated[Caller | None, Depends(get_caller)]
 
 def get_submitter(request: Request, caller: CallerDep) -> Caller | None:
     """A caller about to submit work: counted against its rate limit before its body is read."""
-    request.app.state.services.limiter.hit(caller.owner if caller else "anonymous", caller and caller.rate_limit)
+    limiter = request.app.state.services.limiter
+    request.state.rate_headers = limiter.hit(caller.owner if caller else "anonymous", caller and caller.rate_limit)
     return caller
 
 
 SubmitterDep = Annotated[Caller | None, Depends(get_submitter)]
+
+
+def get_metrics_reader(request: Request) -> Caller | None:
+    """/metrics is open unless BEYOND_METRICS_REQUIRE_KEY is on; then it takes a key allowed "metrics"
+    (or one with no endpoint list)."""
+    if not request.app.state.services.settings.metrics_require_key:
+        return None
+    return get_caller(request)
+
+
+MetricsReaderDep = Annotated[Caller | None, Depends(get_metrics_reader)]
 
 
 def owner_of(caller: Caller | None) -> str | None:

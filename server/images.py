@@ -8,6 +8,7 @@ import io
 import ipaddress
 import re
 import socket
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -68,6 +69,37 @@ def decode_base64(value: str, limits: ImageLimits) -> bytes:
         raise InputImageError("not a URL and not valid base64") from None
 
 
+# Ranges Python's `ipaddress` counts as global (or does not single out) that must still never be reached.
+THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")  # 0.x.y.z reaches the local host on Linux
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries and may be routed to (mapped, 6to4, NAT64, v4-compatible)."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in NAT64 or (ip in IPV4_COMPATIBLE and int(ip) > 1):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
+def classify(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """One of: public; private (private, loopback, carrier-grade NAT: allowed for in-house servers);
+    forbidden (link-local with the cloud metadata services, multicast, reserved, unspecified)."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.teredo is not None:
+            return "forbidden"
+        ip = embedded_ipv4(ip) or ip
+    if ip.is_loopback:
+        return "private"  # before is_reserved, which covers ::1 too
+    if ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved or ip in THIS_NETWORK:
+        return "forbidden"
+    return "public" if ip.is_global else "private"
+
+
 def check_address(host: str, allow_private: bool) -> list[str]:
     """Resolve `host` and refuse addresses that are not on the public internet.
 
@@ -76,18 +108,18 @@ def check_address(host: str, allow_private: bool) -> list[str]:
     """
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except socket.gaierror:
+    except (socket.gaierror, UnicodeError):
         raise InputImageError(f"cannot resolve host {host!r}") from None
     addresses = []
     for info in infos:
         ip = ipaddress.ip_address(info[4][0].split("%")[0])
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        if ip.is_link_local or ip.is_multicast or ip.is_unspecified:
+        kind = classify(ip)
+        if kind == "forbidden":
             raise InputImageError(f"host {host!r} resolves to a forbidden address")
-        if not ip.is_global and not allow_private:
+        if kind == "private" and not allow_private:
             raise InputImageError(f"host {host!r} resolves to a private or loopback address, which is refused")
-        addresses.append(str(ip))
+        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+        addresses.append(str(mapped or ip))
     return addresses
 
 
@@ -111,6 +143,9 @@ def pinned_request(url: str, address: str) -> tuple[httpx.URL, dict[str, str], d
 def fetch(url: str, limits: ImageLimits) -> bytes:
     """Download with a byte cap, timeouts and every redirect re-checked."""
     timeout = httpx.Timeout(limits.timeout, connect=min(5.0, limits.timeout))
+    # Read timeouts bound each wait; this bounds the whole, against a server dripping bytes slowly.
+    deadline = time.monotonic() + 2 * limits.timeout
+    too_large = f"image is larger than the limit of {limits.max_bytes} bytes"
     with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
         for _ in range(MAX_REDIRECTS + 1):
             target, headers, extensions = pinned_request(url, check_url(url, limits)[0])
@@ -121,17 +156,19 @@ def fetch(url: str, limits: ImageLimits) -> bytes:
                         continue
                     if response.status_code != 200:
                         raise InputImageError(f"fetching the URL answered HTTP {response.status_code}")
-                    declared = response.headers.get("content-length")
-                    if declared and declared.isdigit() and int(declared) > limits.max_bytes:
-                        raise InputImageError(f"image is larger than the limit of {limits.max_bytes} bytes")
+                    declared = response.headers.get("content-length", "")
+                    if declared.isdigit() and int(declared) > limits.max_bytes:
+                        raise InputImageError(too_large)
                     chunks, size = [], 0
                     for chunk in response.iter_bytes():
                         size += len(chunk)
                         if size > limits.max_bytes:
-                            raise InputImageError(f"image is larger than the limit of {limits.max_bytes} bytes")
+                            raise InputImageError(too_large)
+                        if time.monotonic() > deadline:
+                            raise InputImageError(f"fetching the URL took longer than {2 * limits.timeout:g} s")
                         chunks.append(chunk)
                     return b"".join(chunks)
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 raise InputImageError(f"could not fetch the URL ({type(exc).__name__})") from None
     raise InputImageError(f"more than {MAX_REDIRECTS} redirects")
 

@@ -30,8 +30,10 @@ class Settings(BaseSettings):
 
     # Comma-separated API keys; none: open access (with a warning at startup).
     api_keys: SecretStr | None = None
-    # A JSON file of keys with per-key name, endpoints, rate_limit and credits (docs/guard.md).
+    # A JSON or TOML file of keys with per-key name, endpoints, rate_limit and credits (docs/guard.md).
     api_keys_file: Path | None = None
+    # /metrics is open (like /health) unless this is on; then it takes a key allowed "metrics".
+    metrics_require_key: bool = False
     # Bounded queue: beyond it new work gets 429 at once rather than waiting without end.
     max_queue: int = Field(100, gt=0)
     # A v1 request waiting longer than this gets 504 and its job is cancelled.

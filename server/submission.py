@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -11,14 +12,16 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from models.seeds import draw_seed
+from server.auth import Caller
 from server.deps import Services
 from server.errors import BadRequest, GatewayTimeout, InsufficientCredits, JobFailed, NotFound, RateLimited
 from server.images import InputImageError, check_canvas, check_url, decode_base64, decode_image, is_url
 from server.jobs.model import Job, JobStatus
-from server.jobs.store import InsufficientBalance
+from server.jobs.store import InsufficientBalance, QueueFull
 from server.schemas import SegBeyondRequest
 
 POLL = 0.05
+log = logging.getLogger("beyond.submission")
 
 
 def _prepare_input(
@@ -38,33 +41,53 @@ def _prepare_input(
         raise BadRequest(str(exc)) from None
 
 
-async def submit(body: SegBeyondRequest, services: Services, owner: str | None = None) -> Job:
-    if services.store.queued_count() >= services.settings.max_queue:
-        raise RateLimited(
-            f"the queue is full ({services.settings.max_queue} requests waiting); try again shortly",
-            headers={"Retry-After": "5"},
-        )
+async def submit(body: SegBeyondRequest, services: Services, caller: Caller | None = None) -> Job:
+    max_queue = services.settings.max_queue
+    queue_full = RateLimited(
+        f"the queue is full ({max_queue} requests waiting); try again shortly", headers={"Retry-After": "5"}
+    )
+    # Checked first so a full server does not decode images it will refuse (and exactly, below).
+    if services.store.queued_count() >= max_queue:
+        raise queue_full
     source, image, image_size = await run_in_threadpool(_prepare_input, body, services)
     params = body.engine_params(services.styles)
     if params["seed"] == -1:
         # Drawn now, so a retried job and the stored record use the same seed.
         params["seed"] = draw_seed()
-    cost = request_cost(params, image_size)
+    metered = caller is not None and caller.credits is not None
     try:
-        return await run_in_threadpool(
-            services.store.create, params, source, image=image, base64=body.base64, owner=owner, cost=cost
+        job = await run_in_threadpool(
+            services.store.create,
+            params,
+            source,
+            image=image,
+            base64=body.base64,
+            owner=caller.owner if caller else None,
+            cost=request_cost(params, image_size) if metered else 0.0,
+            max_queued=max_queue,
         )
+    except QueueFull:
+        raise queue_full from None
     except InsufficientBalance as exc:
         raise InsufficientCredits(
-            f"insufficient credits: this request costs {exc.cost:g}, the balance is {exc.balance:g}",
-            headers={"x-remaining-credits": f"{exc.balance:g}"},
+            f"insufficient credits: this request costs {exc.cost:g}, the balance is {exc.balance:g}"
         ) from None
+    log.info(
+        "accepted request %s",
+        job.id,
+        extra={"event": "accepted", "request_id": job.id, "caller": caller.name if caller else None},
+    )
+    return job
+
+
+# An input given by URL is only fetched when its job runs; its size is taken to be SDXL's native one.
+URL_INPUT_SIZE = (1024, 1024)
 
 
 def request_cost(params: dict[str, Any], image_size: tuple[int, int] | None) -> float:
-    """samples x steps / 30 x max(1, output megapixels); a URL's size is unknown before it is
-    fetched, so its output counts as one megapixel plus the padding."""
-    width, height = image_size or (0, 0)
+    """samples x steps / 30 x max(1, megapixels of the output canvas), rounded to 4 decimals: a
+    default request (1 sample, 30 steps) on a canvas up to 1 MP costs 1 credit."""
+    width, height = image_size or URL_INPUT_SIZE
     width += params["left"] + params["right"]
     height += params["top"] + params["bottom"]
     megapixels = max(1.0, width * height / 1e6)

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from PIL import Image
 
-from tests.helpers import ServerProcess, request_body, smooth_image
+from tests.helpers import ServerProcess, b64, encode, noise_image, request_body, smooth_image
 
 KEY_A, KEY_B = "SG_aaaaaaaaaaaaaaaa", "SG_bbbbbbbbbbbbbbbb"
 
@@ -27,6 +30,8 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
         "BEYOND_MAX_PROMPT_CHARS": "500",
         "BEYOND_RATE_LIMIT": "40/minute",
         "BEYOND_LOG_FORMAT": "json",
+        "BEYOND_MAX_INPUT_BYTES": "100000",
+        "BEYOND_MAX_INPUT_PIXELS": "1000000",
     }
     proc = ServerProcess(tmp_path_factory.mktemp("guarded"), env=env).start()
     try:
@@ -138,6 +143,11 @@ def test_an_oversized_body_is_413(guarded: ServerProcess) -> None:
         "http://10.1.2.3/x.png",
         "http://169.254.169.254/latest/meta-data",
         "http://[::1]/x.png",
+        "http://2130706433/x.png",  # 127.0.0.1 as one number
+        "http://[::ffff:127.0.0.1]/x.png",
+        "http://100.64.0.1/x.png",
+        "http://[fd00::1]/x.png",
+        "http://0.0.0.0:8000/x.png",
         "file:///etc/passwd",
     ],
 )
@@ -200,3 +210,35 @@ def test_json_access_logs_carry_the_request_id_and_no_payload(guarded: ServerPro
     assert submit["route"] == "/v2/seg-beyond" and submit["caller"].startswith("key-")
     log = guarded.log_path.read_text(errors="replace")
     assert payload[:64] not in log and KEY_A not in log
+
+
+def test_oversized_images_are_400_naming_the_limit(guarded: ServerProcess) -> None:
+    heavy = encode(noise_image(200, 200))  # ~120 kB of PNG, under the body limit even in base64
+    assert len(heavy) > 100_000 and len(b64(heavy)) < 300_000
+    response = v2(guarded, KEY_A, input_image=b64(heavy))
+    assert response.status_code == 400
+    assert response.json()["error"] == "input_image: image is larger than the limit of 100000 bytes"
+    wide = v2(guarded, KEY_A, input_image=b64(encode(Image.new("RGB", (1100, 1000)))), left=0)
+    assert wide.status_code == 400
+    assert wide.json()["error"] == "input_image: image is 1100x1000 = 1100000 pixels; the limit is 1000000"
+
+
+latin1 = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=60)
+
+
+near_misses = st.sampled_from([KEY_A + "x", KEY_A.lower(), KEY_A[:-1], KEY_B[1:]])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(key=st.none() | latin1 | near_misses, authorization=latin1)
+def test_no_forged_key_gets_in_or_a_5xx(guarded: ServerProcess, key: str | None, authorization: str) -> None:
+    # HTTP stacks strip the spaces around header values: " KEY_A" is KEY_A itself, not a forgery.
+    assume(key is None or key.strip() not in (KEY_A, KEY_B))
+    # Sent as bytes: header values beyond ASCII are legal on the wire (latin-1), if unusual.
+    headers = {"authorization": authorization.encode("latin-1")}
+    if key is not None:
+        headers["x-api-key"] = key.encode("latin-1")
+    for method, path in (("POST", "/v2/seg-beyond"), ("GET", "/v2/requests/abc/status"), ("POST", "/v1/seg-beyond")):
+        response = httpx.request(method, guarded.url + path, headers=headers, json={}, timeout=30)
+        assert response.status_code == 401, (key, response.text)
+        assert set(response.json()) == {"error"}

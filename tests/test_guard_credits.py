@@ -1,18 +1,66 @@
-"""Per-key settings from a keys file: endpoints (403) and credits (charge, refund, 406, restart)."""
+"""Per-key settings from a (TOML) keys file: endpoints (403), per-key rate limits, /metrics behind a
+key, credits (charge, refund, 406, x-remaining-credits, restart), and v1 while the worker is down."""
 
 from __future__ import annotations
 
-import json
+import hashlib
+import os
+import signal
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers import ServerProcess, request_body, serve_expecting_exit, smooth_image
+from tests.helpers import ImageServer, ServerProcess, request_body, serve_expecting_exit, smooth_image
 
-METERED, V2_ONLY = "SG_cccccccccccccccc", "SG_dddddddddddddddd"
-COST = round(20 / 30, 4)  # samples 1 x 20 steps / 30 x 1 megapixel
+METERED, V2_ONLY, MONITOR = "SG_cccccccccccccccc", "SG_dddddddddddddddd", "SG_eeeeeeeeeeeeeeee"
+COST = round(20 / 30, 4)  # samples 1 x 20 steps / 30 x 1 megapixel (a 64x48 canvas counts as 1)
+# A URL input is priced as 1024x1024 before it is fetched: with left=16, 1040x1024 = 1.065 MP.
+URL_COST = round(20 / 30 * 1040 * 1024 / 1e6, 4)
+
+
+def keys_toml(credits: float) -> str:
+    monitor = hashlib.sha256(MONITOR.encode()).hexdigest()
+    return f"""
+[[keys]]
+key = "{METERED}"
+name = "team-a"
+credits = {credits}
+
+[[keys]]
+key = "{V2_ONLY}"
+name = "scripts"
+endpoints = ["v2"]
+rate_limit = "3/minute"
+
+[[keys]]
+sha256 = "{monitor}"  # only the digest is on disk
+name = "monitoring"
+endpoints = ["metrics"]
+"""
+
+
+@dataclass
+class Metered:
+    server: ServerProcess
+    keys: Path
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def metered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Metered]:
+    folder = tmp_path_factory.mktemp("metered")
+    keys = folder / "keys.toml"
+    keys.write_text(keys_toml(3))
+    env = {"BEYOND_API_KEYS_FILE": str(keys), "BEYOND_METRICS_REQUIRE_KEY": "1"}
+    server = ServerProcess(folder / "data", env=env).start()
+    try:
+        yield Metered(server.wait_ready(), keys, env)
+    finally:
+        server.stop()
 
 
 def post(server: ServerProcess, key: str, version: str = "v2", **fields: object) -> httpx.Response:
@@ -20,12 +68,16 @@ def post(server: ServerProcess, key: str, version: str = "v2", **fields: object)
     return httpx.post(f"{server.url}/{version}/seg-beyond", json=body, headers={"x-api-key": key}, timeout=120)
 
 
-def wait_done(server: ServerProcess, key: str, request_id: str) -> dict:
+def get(server: ServerProcess, path: str, key: str | None) -> httpx.Response:
+    return httpx.get(server.url + path, headers={"x-api-key": key} if key else {}, timeout=30)
+
+
+def wait_done(server: ServerProcess, key: str, request_id: str) -> httpx.Response:
     deadline = time.monotonic() + 120
     while True:
-        body = httpx.get(f"{server.url}/v2/requests/{request_id}/status", headers={"x-api-key": key}).json()
-        if body["status"] in ("COMPLETED", "FAILED"):
-            return body
+        response = get(server, f"/v2/requests/{request_id}/status", key)
+        if response.status_code == 422 or response.json()["status"] == "COMPLETED":
+            return response
         assert time.monotonic() < deadline
         time.sleep(0.1)
 
@@ -34,54 +86,92 @@ def balance(response: httpx.Response) -> float:
     return float(response.headers["x-remaining-credits"])
 
 
-def test_endpoints_and_credits_from_the_keys_file(tmp_path: Path, images) -> None:
-    keys = tmp_path / "keys.json"
-    keys.write_text(
-        json.dumps(
-            {
-                "keys": [
-                    {"key": METERED, "name": "team-a", "credits": 3},
-                    {"key": V2_ONLY, "name": "scripts", "endpoints": ["v2"]},
-                ]
-            }
-        )
-    )
-    env = {"BEYOND_API_KEYS_FILE": str(keys)}
-    server = ServerProcess(tmp_path / "data", env=env).start().wait_ready()
+def test_endpoints_per_key(metered: Metered) -> None:
+    server = metered.server
+    forbidden = post(server, V2_ONLY, "v1")
+    assert forbidden.status_code == 403 and forbidden.json() == {"error": "this key may not use /v1"}
+    assert post(server, MONITOR).status_code == 403
+    unmetered = post(server, V2_ONLY, seed=5)
+    assert unmetered.status_code == 200 and "x-remaining-credits" not in unmetered.headers
+    # Its own rate limit, announced on every submission.
+    assert unmetered.headers["X-RateLimit-Limit"] == "3" and unmetered.headers["X-RateLimit-Remaining"] == "2"
+    assert int(unmetered.headers["X-RateLimit-Reset"]) >= time.time()
+
+
+def test_metrics_can_require_a_key(metered: Metered) -> None:
+    server = metered.server
+    assert get(server, "/metrics", None).status_code == 401
+    assert get(server, "/metrics", V2_ONLY).status_code == 403
+    scraped = get(server, "/metrics", MONITOR)
+    assert scraped.status_code == 200 and "beyond_queue_depth" in scraped.text
+    assert get(server, "/health", None).status_code == 200
+
+
+def test_a_key_has_its_own_rate_limit(metered: Metered) -> None:
+    statuses = []
+    for _ in range(4):
+        response = post(metered.server, V2_ONLY, steps=5)  # invalid, but counted before the body is read
+        statuses.append(response.status_code)
+        if response.status_code == 429:
+            break
+    assert statuses[-1] == 429 and set(statuses[:-1]) == {400}
+    assert response.headers["X-RateLimit-Limit"] == "3" and response.headers["X-RateLimit-Remaining"] == "0"
+    assert int(response.headers["Retry-After"]) >= 1
+    # The server has no limit of its own: the metered key is not held back.
+    assert post(metered.server, METERED, steps=5).status_code == 400
+
+
+def test_credits_are_charged_refunded_and_checked_before_queueing(metered: Metered, images: ImageServer) -> None:
+    server = metered.server
+    first = post(server, METERED, seed=1)
+    assert first.status_code == 200 and balance(first) == pytest.approx(3 - COST, abs=1e-4)
+    done = wait_done(server, METERED, first.json()["request_id"])
+    assert done.json()["status"] == "COMPLETED" and balance(done) == pytest.approx(3 - COST, abs=1e-4)
+
+    # A job that fails (its URL answers 404 when the worker fetches it) is refunded.
+    failing = post(server, METERED, input_image=images.url + "/nothing-here.png")
+    assert failing.status_code == 200 and balance(failing) == pytest.approx(3 - COST - URL_COST, abs=1e-4)
+    failed = wait_done(server, METERED, failing.json()["request_id"])
+    assert failed.status_code == 422 and balance(failed) == pytest.approx(3 - COST, abs=1e-4)
+
+    # Too expensive: 406 before queueing, nothing charged.
+    queued_before = get(server, "/health", None).json()["queued"]
+    dear = post(server, METERED, samples=4, steps=100)
+    assert dear.status_code == 406 and "insufficient credits" in dear.json()["error"]
+    assert balance(dear) == pytest.approx(3 - COST, abs=1e-4)
+    assert get(server, "/health", None).json()["queued"] == queued_before
+    # Errors carry the header too.
+    assert balance(post(server, METERED, steps=5)) == pytest.approx(3 - COST, abs=1e-4)
+
+
+def test_v1_while_the_worker_is_down_is_502_at_once(metered: Metered) -> None:
+    server = metered.server
+    os.kill(server.worker_pid(), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while get(server, "/health", None).status_code == 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    started = time.monotonic()
+    down = post(server, METERED, "v1", seed=2)
+    assert down.status_code == 502 and "the engine is not available" in down.json()["error"]
+    assert time.monotonic() - started < 10
+    assert balance(down) == pytest.approx(3 - COST, abs=1e-4)  # nothing charged
+    server.wait_ready()
+    up = post(server, METERED, "v1", seed=2)
+    assert up.status_code == 200 and up.headers["content-type"] == "image/jpeg"
+    assert balance(up) == pytest.approx(3 - 2 * COST, abs=1e-4)
+
+
+def test_the_ledger_survives_a_kill_and_a_raised_grant_tops_it_up(metered: Metered) -> None:
+    before = balance(get(metered.server, "/v2/requests/none/status", METERED))
+    assert before == pytest.approx(3 - 2 * COST, abs=1e-4)
+    metered.server.kill()
+    metered.keys.write_text(keys_toml(5))  # 2 more credits granted
+    again = ServerProcess(metered.server.data_dir, env=metered.env).start()
     try:
-        # Endpoints: a v2-only key gets 403 on v1 and works on v2, with no credits header.
-        assert post(server, V2_ONLY, "v1").status_code == 403
-        unmetered = post(server, V2_ONLY)
-        assert unmetered.status_code == 200 and "x-remaining-credits" not in unmetered.headers
-
-        # Charged at submission: samples 1 x 20 steps / 30 x 1 MP.
-        first = post(server, METERED, seed=1)
-        assert first.status_code == 200 and balance(first) == pytest.approx(3 - COST, abs=1e-4)
-        assert wait_done(server, METERED, first.json()["request_id"])["status"] == "COMPLETED"
-
-        # A job that fails is refunded.
-        failing = post(server, METERED, input_image=images.url + "/nothing-here.png")
-        assert balance(failing) == pytest.approx(3 - 2 * COST, abs=1e-4)
-        wait_done(server, METERED, failing.json()["request_id"])
-        status = httpx.get(
-            f"{server.url}/v2/requests/{failing.json()['request_id']}/status", headers={"x-api-key": METERED}
-        )
-        assert status.status_code == 422 and balance(status) == pytest.approx(3 - COST, abs=1e-4)
-
-        # Too expensive: 406 before queueing, nothing charged.
-        queued_before = httpx.get(f"{server.url}/health").json()["queued"]
-        dear = post(server, METERED, samples=4, steps=100)
-        assert dear.status_code == 406 and "insufficient credits" in dear.json()["error"]
-        assert balance(dear) == pytest.approx(3 - COST, abs=1e-4)
-        assert httpx.get(f"{server.url}/health").json()["queued"] == queued_before
-    finally:
-        server.kill()
-
-    # The ledger lives in the job store: a restart keeps it (and does not reset it to 3).
-    again = ServerProcess(tmp_path / "data", env=env).start().wait_ready()
-    try:
-        response = httpx.get(f"{again.url}/v2/requests/{first.json()['request_id']}", headers={"x-api-key": METERED})
-        assert response.status_code == 200 and balance(response) == pytest.approx(3 - COST, abs=1e-4)
+        again.wait_ready()
+        response = get(again, "/v2/requests/none/status", METERED)
+        assert response.status_code == 404 and balance(response) == pytest.approx(before + 2, abs=1e-4)
     finally:
         again.stop()
 

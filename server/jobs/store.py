@@ -24,6 +24,10 @@ class InsufficientBalance(Exception):
         self.balance, self.cost = balance, cost
 
 
+class QueueFull(Exception):
+    pass
+
+
 # A job whose worker died gets one more attempt; a second death means the job itself kills it.
 MAX_ATTEMPTS = 2
 
@@ -38,6 +42,7 @@ class JobStore(Protocol):
         base64: bool,
         owner: str | None,
         cost: float = 0.0,
+        max_queued: int | None = None,
     ) -> Job: ...
     def get(self, job_id: str) -> Job | None: ...
     def claim_next(self) -> Job | None: ...
@@ -51,7 +56,7 @@ class JobStore(Protocol):
     def processing(self) -> list[Job]: ...
     def purge_expired(self, now: float | None = None) -> int: ...
     def job_dir(self, job_id: str) -> Path: ...
-    def open_account(self, owner: str, balance: float) -> None: ...
+    def open_account(self, owner: str, granted: float) -> None: ...
     def balance(self, owner: str) -> float | None: ...
 
 
@@ -76,10 +81,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     result TEXT NOT NULL DEFAULT '{}',
     cost REAL NOT NULL DEFAULT 0
 );
-CREATE TABLE IF NOT EXISTS credits (owner TEXT PRIMARY KEY, balance REAL NOT NULL);
+-- The credit ledger: `granted` is the key's credits as last configured, so raising it tops up.
+CREATE TABLE IF NOT EXISTS credits (owner TEXT PRIMARY KEY, granted REAL, balance REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at);
 """
+# Columns added since the first release: a data directory from an older server gets them on start.
+ADDED_COLUMNS = (("jobs", "cost", "REAL NOT NULL DEFAULT 0"), ("credits", "granted", "REAL"))
 
 
 class SqliteJobStore:
@@ -92,6 +100,9 @@ class SqliteJobStore:
         self._local = threading.local()
         with self._db() as db:
             db.executescript(SCHEMA)
+            for table, column, declaration in ADDED_COLUMNS:
+                if column not in {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -140,8 +151,11 @@ class SqliteJobStore:
         base64: bool,
         owner: str | None,
         cost: float = 0.0,
+        max_queued: int | None = None,
     ) -> Job:
-        """Queue a job; with a cost, the owner's balance is charged in the same transaction."""
+        """Queue a job. With a cost, the owner's balance (if it has an account) is charged; with
+        max_queued, a full queue raises QueueFull. Both in the one transaction that queues the job,
+        so concurrent submissions can neither overdraw an account nor overfill the queue."""
         job_id = uuid.uuid4().hex
         folder = self.job_dir(job_id)
         folder.mkdir(parents=True)
@@ -152,10 +166,14 @@ class SqliteJobStore:
         db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
-            balance = self.balance(owner) if owner else None
-            if cost > 0 and balance is not None:
-                if balance < cost:
-                    raise InsufficientBalance(balance, cost)
+            if max_queued is not None and self.queued_count() >= max_queued:
+                raise QueueFull()
+            balance = self.balance(owner) if owner and cost > 0 else None
+            if balance is None:
+                cost = 0.0
+            elif balance < cost:
+                raise InsufficientBalance(balance, cost)
+            else:
                 db.execute("UPDATE credits SET balance = balance - ? WHERE owner = ?", (cost, owner))
             row = db.execute(
                 # created_at is taken inside the write lock, so it grows in the order jobs are accepted.
@@ -168,7 +186,7 @@ class SqliteJobStore:
                     json.dumps(source),
                     int(base64),
                     owner,
-                    cost if balance is not None else 0.0,
+                    cost,
                 ),
             ).fetchone()
             db.execute("COMMIT")
@@ -178,9 +196,15 @@ class SqliteJobStore:
             raise
         return self._job(row)
 
-    def open_account(self, owner: str, balance: float) -> None:
-        """A metered key's starting balance; an existing ledger (after a restart) is kept."""
-        self._db().execute("INSERT OR IGNORE INTO credits (owner, balance) VALUES (?, ?)", (owner, balance))
+    def open_account(self, owner: str, granted: float) -> None:
+        """A metered key's account. A new one starts at `granted`; an existing one keeps its balance
+        across restarts and moves by the change in the grant, so raising a key's credits tops it up."""
+        self._db().execute(
+            "INSERT INTO credits (owner, granted, balance) VALUES (?, ?, ?) ON CONFLICT (owner) DO UPDATE"
+            " SET balance = balance + excluded.granted - COALESCE(granted, excluded.granted),"
+            " granted = excluded.granted",
+            (owner, granted, granted),
+        )
 
     def balance(self, owner: str) -> float | None:
         row = self._db().execute("SELECT balance FROM credits WHERE owner = ?", (owner,)).fetchone()

@@ -3,13 +3,14 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
+from server.auth import MetricsReaderDep
 from server.deps import ServicesDep
 
 router = APIRouter()
 
 
 @router.get("/metrics", include_in_schema=False)
-def metrics(services: ServicesDep) -> Response:
+def metrics(services: ServicesDep, _: MetricsReaderDep) -> Response:
     return services.metrics.render(services.store.queued_count())
 
 

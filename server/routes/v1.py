@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.auth import SubmitterDep, owner_of
+from server.auth import SubmitterDep
 from server.deps import BodyDep, ServicesDep, public_base
 from server.errors import BadGateway, BadRequest, InternalError, NotFound
 from server.jobs.model import FailureKind, JobStatus
@@ -28,10 +28,13 @@ REQUEST_SCHEMA = {
     responses={200: {"content": {"image/jpeg": {}}, "description": "the outpainted image (JSON with base64: true)"}},
 )
 async def run_sync(caller: SubmitterDep, body: BodyDep, request: Request, services: ServicesDep) -> Response:
-    # While a worker restarts, v1 waits its turn; when the model cannot load, waiting is pointless.
-    if services.supervisor.status.state == "failed":
-        raise BadGateway(f"the engine is not available: {services.supervisor.status.error or 'it failed to start'}")
-    job = await submit(body, services, owner_of(caller))
+    # No engine ready (it failed to load, or its worker is down or restarting): 502 at once, rather
+    # than a wait the client cannot see the end of. v2 work is still queued for when it is back.
+    status = services.supervisor.status
+    if not services.supervisor.ready:
+        reason = status.error if status.state == "failed" and status.error else f"the worker is {status.state}"
+        raise BadGateway(f"the engine is not available: {reason}")
+    job = await submit(body, services, caller)
     job = await wait_finished(services, job.id, request.is_disconnected)
     if job.status == JobStatus.FAILED:
         if job.error_kind == FailureKind.INPUT.value:

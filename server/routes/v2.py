@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v2")
 
 @router.post(f"/{SLUG}", openapi_extra=REQUEST_SCHEMA, status_code=200)
 async def submit_async(caller: SubmitterDep, body: BodyDep, request: Request, services: ServicesDep) -> JSONResponse:
-    job = await submit(body, services, owner_of(caller))
+    job = await submit(body, services, caller)
     base = f"{public_base(request, services.settings)}/v2/requests/{job.id}"
     return JSONResponse(
         {

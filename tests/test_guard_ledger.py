@@ -1,0 +1,136 @@
+"""The credit ledger and the queue bound in the job store: charged once, refunded on every way to FAILED."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from server.jobs.model import FailureKind, JobStatus
+from server.jobs.store import MAX_ATTEMPTS, InsufficientBalance, QueueFull, SqliteJobStore
+from server.submission import request_cost
+
+OWNER, OTHER = "a" * 64, "b" * 64
+PARAMS = {"steps": 30, "samples": 1, "left": 0, "right": 0, "top": 0, "bottom": 0}
+
+
+def queue(store: SqliteJobStore, cost: float = 2.0, owner: str = OWNER, **kw: object):
+    return store.create(PARAMS, {"kind": "file"}, image=b"x", base64=False, owner=owner, cost=cost, **kw)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> SqliteJobStore:
+    store = SqliteJobStore(tmp_path)
+    store.open_account(OWNER, 10.0)
+    return store
+
+
+def test_a_job_is_charged_at_submission_and_kept_when_it_completes(store: SqliteJobStore) -> None:
+    job = queue(store)
+    assert store.balance(OWNER) == 8.0
+    store.claim_next()
+    store.complete(job.id, {"outputs": []})
+    assert store.balance(OWNER) == 8.0
+
+
+def test_a_retried_job_is_charged_once(store: SqliteJobStore) -> None:
+    job = queue(store)
+    assert store.claim_next().id == job.id
+    assert store.release(job.id, "the worker died") == JobStatus.QUEUED
+    assert store.claim_next().attempts == 2
+    store.complete(job.id, {"outputs": []})
+    assert store.balance(OWNER) == 8.0
+
+
+@pytest.mark.parametrize("path", ["worker_failure", "cancel_queued", "cancel_running", "worker_death"])
+def test_every_way_to_failed_refunds_once(store: SqliteJobStore, path: str) -> None:
+    job = queue(store)
+    assert store.balance(OWNER) == 8.0
+    if path == "worker_failure":
+        store.claim_next()
+        store.fail(job.id, "out of memory", FailureKind.ENGINE)
+    elif path == "cancel_queued":
+        store.request_cancel(job.id)
+    elif path == "cancel_running":
+        store.claim_next()
+        store.request_cancel(job.id)
+        assert store.balance(OWNER) == 8.0  # still running until the worker stops it
+        store.fail(job.id, "cancelled", FailureKind.CANCELLED)
+    else:
+        for _ in range(MAX_ATTEMPTS):
+            store.claim_next()
+            store.release(job.id, "the worker died")
+    assert store.get(job.id).status == JobStatus.FAILED
+    assert store.balance(OWNER) == 10.0
+    # A second fail (a late message from a dying worker) neither refunds again nor changes the job.
+    store.fail(job.id, "late", FailureKind.ENGINE)
+    store.request_cancel(job.id)
+    assert store.balance(OWNER) == 10.0
+
+
+def test_not_enough_credits_queues_nothing(store: SqliteJobStore) -> None:
+    queue(store, cost=6.0)
+    with pytest.raises(InsufficientBalance) as caught:
+        queue(store, cost=6.0)
+    assert caught.value.balance == 4.0 and caught.value.cost == 6.0
+    assert store.queued_count() == 1 and store.balance(OWNER) == 4.0
+    assert len(list(store.files.iterdir())) == 1  # the refused job's folder is gone too
+
+
+def test_keys_without_an_account_are_not_metered(store: SqliteJobStore) -> None:
+    job = queue(store, owner=OTHER)
+    assert store.balance(OTHER) is None
+    store.claim_next()
+    store.fail(job.id, "boom", FailureKind.ENGINE)
+    assert store.balance(OWNER) == 10.0 and store.balance(OTHER) is None
+
+
+def test_the_ledger_survives_a_restart_and_a_raised_grant_tops_it_up(tmp_path: Path) -> None:
+    first = SqliteJobStore(tmp_path)
+    first.open_account(OWNER, 10.0)
+    queue(first, cost=3.0)
+    again = SqliteJobStore(tmp_path)
+    again.open_account(OWNER, 10.0)  # the same grant: the balance is kept, not reset
+    assert again.balance(OWNER) == 7.0
+    again.open_account(OWNER, 15.0)  # 5 more granted
+    assert again.balance(OWNER) == 12.0
+
+
+def test_a_store_from_before_credits_is_upgraded(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    db.execute(
+        "CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, status TEXT NOT NULL,"
+        " params TEXT NOT NULL, source TEXT NOT NULL, base64 INTEGER NOT NULL DEFAULT 0, owner TEXT,"
+        " created_at REAL NOT NULL, started_at REAL, finished_at REAL, attempts INTEGER NOT NULL DEFAULT 0,"
+        " progress REAL NOT NULL DEFAULT 0, error TEXT, error_kind TEXT,"
+        " cancel_requested INTEGER NOT NULL DEFAULT 0, expires_at REAL, result TEXT NOT NULL DEFAULT '{}')"
+    )
+    db.execute("CREATE TABLE credits (owner TEXT PRIMARY KEY, balance REAL NOT NULL)")
+    db.execute("INSERT INTO credits VALUES (?, 4.0)", (OWNER,))
+    db.commit()
+    db.close()
+    store = SqliteJobStore(tmp_path)
+    store.open_account(OWNER, 10.0)  # no grant on record: the balance stands
+    assert store.balance(OWNER) == 4.0
+    job = queue(store, cost=1.0)
+    assert store.balance(OWNER) == 3.0 and store.get(job.id).status == JobStatus.QUEUED
+
+
+def test_the_queue_bound_is_exact(store: SqliteJobStore) -> None:
+    for _ in range(3):
+        queue(store, cost=0.0, max_queued=3)
+    with pytest.raises(QueueFull):
+        queue(store, cost=1.0, max_queued=3)
+    assert store.queued_count() == 3 and store.balance(OWNER) == 10.0
+    store.claim_next()  # a running job no longer waits: room for one more
+    queue(store, cost=0.0, max_queued=3)
+
+
+def test_the_cost_formula() -> None:
+    base = {"steps": 30, "samples": 1, "left": 0, "right": 0, "top": 0, "bottom": 0}
+    assert request_cost(base, (512, 512)) == 1.0  # up to 1 MP counts as 1
+    assert request_cost({**base, "samples": 4, "steps": 60}, (512, 512)) == 8.0
+    assert request_cost({**base, "left": 1024}, (1024, 1024)) == round(2048 * 1024 / 1e6, 4)
+    # A URL's size is not known at submission: it counts as 1024x1024, plus the padding.
+    assert request_cost({**base, "right": 1024}, None) == request_cost({**base, "right": 1024}, (1024, 1024))
