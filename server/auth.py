@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from server.errors import Forbidden, Unauthorized
@@ -140,9 +141,13 @@ class KeyRing:
         return self._callers[found]
 
 
-def get_caller(request: Request) -> Caller | None:
+# Declared for the OpenAPI page (its Authorize button); the check itself is ours, for our error bodies.
+api_key_header = APIKeyHeader(name="x-api-key", auto_error=False, description="an API key of this server")
+
+
+async def get_caller(request: Request, key: Annotated[str | None, Security(api_key_header)] = None) -> Caller | None:
     ring: KeyRing = request.app.state.services.keys
-    caller = ring.identify(request.headers.get("x-api-key"), request.headers.get("authorization"))
+    caller = ring.identify(key, request.headers.get("authorization"))
     endpoint = request.url.path.split("/")[1]  # "v1", "v2" or "metrics"
     if caller is not None and caller.endpoints is not None and endpoint not in caller.endpoints:
         raise Forbidden(f"this key may not use /{endpoint}")
@@ -153,7 +158,7 @@ def get_caller(request: Request) -> Caller | None:
 CallerDep = Annotated[Caller | None, Depends(get_caller)]
 
 
-def get_submitter(request: Request, caller: CallerDep) -> Caller | None:
+async def get_submitter(request: Request, caller: CallerDep) -> Caller | None:
     """A caller about to submit work: counted against its rate limit before its body is read."""
     limiter = request.app.state.services.limiter
     request.state.rate_headers = limiter.hit(caller.owner if caller else "anonymous", caller and caller.rate_limit)
@@ -163,12 +168,12 @@ def get_submitter(request: Request, caller: CallerDep) -> Caller | None:
 SubmitterDep = Annotated[Caller | None, Depends(get_submitter)]
 
 
-def get_metrics_reader(request: Request) -> Caller | None:
+async def get_metrics_reader(request: Request) -> Caller | None:
     """/metrics is open unless BEYOND_METRICS_REQUIRE_KEY is on; then it takes a key allowed "metrics"
     (or one with no endpoint list)."""
     if not request.app.state.services.settings.metrics_require_key:
         return None
-    return get_caller(request)
+    return await get_caller(request, request.headers.get("x-api-key"))
 
 
 MetricsReaderDep = Annotated[Caller | None, Depends(get_metrics_reader)]

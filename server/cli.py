@@ -33,6 +33,7 @@ def serve(args: argparse.Namespace) -> int:
     from models.loading import ModelSpecError, check_spec
     from models.styles import StyleFileError, default_registry
     from server.app import create_app
+    from server.jobs.store import StoreCorrupt
     from server.logs import configure as configure_logs
     from server.settings import Settings
 
@@ -64,14 +65,61 @@ def serve(args: argparse.Namespace) -> int:
     except StyleFileError as exc:
         print(f"beyond: cannot load the styles: {exc}", file=sys.stderr)
         return 2
+    problem = device_problem(settings.device)
+    if problem:
+        print(f"beyond: cannot use device {settings.device!r}: {problem}", file=sys.stderr)
+        return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
         app = create_app(settings)
+    except StoreCorrupt as exc:
+        print(
+            f"beyond: {exc}.\nMove it aside (mv {exc.path} {exc.path}.broken) and start again: a new, empty store"
+            " is made; the requests in the old one are lost.",
+            file=sys.stderr,
+        )
+        return 2
     except ValueError as exc:
         print(f"beyond: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    # Our own access log (server/middleware.py) replaces uvicorn's, which would log query strings.
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
     return 0
+
+
+DEVICE_CHECK = """
+import sys, torch
+name = sys.argv[1]
+kind, _, index = name.partition(":")
+if kind == "cuda":
+    if not torch.cuda.is_available():
+        sys.exit("CUDA is not available on this machine (no GPU, no driver, or a CPU build of torch)")
+    if index and int(index) >= torch.cuda.device_count():
+        sys.exit(f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+elif kind == "mps" and not torch.backends.mps.is_available():
+    sys.exit("MPS is not available on this machine")
+"""
+
+
+def device_problem(device: str) -> str | None:
+    """Why an explicitly asked-for accelerator cannot be used, checked in a child process (this one
+    never imports torch); None when it can, or for auto and cpu."""
+    if device in ("auto", "cpu"):
+        return None
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", DEVICE_CHECK, device], capture_output=True, text=True, timeout=120)
+    if out.returncode == 0:
+        return None
+    return (out.stderr.strip().splitlines() or ["unknown"])[-1]
 
 
 def main(argv: list[str] | None = None) -> int:

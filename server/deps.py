@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -13,6 +14,8 @@ from models.styles import StyleRegistry
 from server.auth import KeyRing
 from server.errors import BadRequest, PayloadTooLarge, describe_validation_error
 from server.images import ImageLimits
+from server.jobs.inputs import InputStage
+from server.jobs.results_cache import FinishedJobs
 from server.jobs.store import JobStore
 from server.jobs.supervisor import Supervisor
 from server.metrics import Metrics
@@ -26,6 +29,8 @@ class Services:
     settings: Settings
     store: JobStore
     supervisor: Supervisor
+    inputs: InputStage
+    finished: FinishedJobs
     limits: ImageLimits
     styles: StyleRegistry
     keys: KeyRing
@@ -33,7 +38,7 @@ class Services:
     metrics: Metrics
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     return request.app.state.services
 
 
@@ -57,6 +62,8 @@ async def parse_body(request: Request, services: ServicesDep) -> SegBeyondReques
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise BadRequest("body: not valid JSON") from None
+    except RecursionError:
+        raise BadRequest("body: nested too deeply") from None
     if not isinstance(data, dict):
         raise BadRequest("body: must be a JSON object")
     try:
@@ -71,6 +78,17 @@ async def parse_body(request: Request, services: ServicesDep) -> SegBeyondReques
 
 
 BodyDep = Annotated[SegBeyondRequest, Depends(parse_body)]
+
+
+def disk_problem(settings: Settings) -> str | None:
+    """Words for /health and submissions when the data directory has less than BEYOND_MIN_FREE_BYTES left."""
+    try:
+        free = shutil.disk_usage(settings.data_dir).free
+    except OSError:
+        return None  # the store reports a missing folder itself
+    if free < settings.min_free_bytes:
+        return f"the disk is full ({free // 1024} KiB free)"
+    return None
 
 
 def public_base(request: Request, settings: Settings) -> str:

@@ -12,7 +12,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.jobs.store import DiskFull, StoreError
+from server.logs import RateLimitedLog
+
 log = logging.getLogger("beyond.errors")
+unavailable = RateLimitedLog(log)
 
 
 class ApiError(Exception):
@@ -56,7 +60,7 @@ class PayloadTooLarge(ApiError):
     status_code = 413
 
 
-class JobFailed(ApiError):
+class FailedRequest(ApiError):
     """A FAILED request, served as 422 with its status in the body (as the hosted API does)."""
 
     status_code = 422
@@ -79,6 +83,10 @@ class BadGateway(ApiError):
 
 class ServiceUnavailable(ApiError):
     status_code = 503
+
+
+class InsufficientStorage(ApiError):
+    status_code = 507
 
 
 class GatewayTimeout(ApiError):
@@ -110,7 +118,21 @@ def install_error_handlers(app: FastAPI) -> None:
             message = "not found"
         return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(DiskFull)
+    async def _disk_full(_: Request, exc: DiskFull) -> JSONResponse:
+        unavailable.error("%s", exc)
+        return JSONResponse({"error": "the server's disk is full; try again later"}, status_code=507)
+
+    @app.exception_handler(StoreError)
+    async def _store(_: Request, exc: StoreError) -> JSONResponse:
+        unavailable.error("%s", exc)
+        return JSONResponse(
+            {"error": "the job store is unavailable; try again later"}, status_code=503, headers={"Retry-After": "5"}
+        )
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        # The route template only: the path can carry ids, the query string keys.
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        log.exception("unhandled error on %s %s", request.method, route)
         return JSONResponse({"error": "internal server error"}, status_code=500)

@@ -1,12 +1,19 @@
-"""Log set-up: plain text, or one JSON object a line (BEYOND_LOG_FORMAT=json) for log shippers."""
+"""Log set-up: plain text, or one JSON object a line (BEYOND_LOG_FORMAT=json) for log shippers.
+
+Every process logs in the one format: the API, uvicorn's own loggers and the worker. uvicorn's
+access log is off; `server/middleware.py` writes ours (route template, never the query string).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 
 # Fields the access log attaches to its records; bodies (and so base64 images) and keys never are.
 FIELDS = ("event", "method", "route", "status", "request_id", "seconds", "caller")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
 class JsonFormatter(logging.Formatter):
@@ -25,8 +32,36 @@ class JsonFormatter(logging.Formatter):
 
 def configure(level: str, fmt: str) -> None:
     handler = logging.StreamHandler()
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # uvicorn's loggers carry handlers of their own; through ours they keep one format.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    logging.getLogger("uvicorn.access").disabled = True
+
+
+class RateLimitedLog:
+    """One line per distinct message per `every` seconds: a broken store must not flood the log."""
+
+    def __init__(self, logger: logging.Logger, every: float = 60.0) -> None:
+        self.logger, self.every = logger, every
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def _due(self, key: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(key, -self.every) < self.every:
+                return False
+            self._last[key] = now
+            return True
+
+    def error(self, message: str, *args: object) -> None:
+        if self._due(message % args):
+            self.logger.error(message, *args)
+
+    def exception(self, message: str, *args: object) -> None:
+        if self._due(message % args):
+            self.logger.exception(message, *args)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.names import DEFAULT_MODEL
+from server.ratelimit import check_rate_limit
 
 
 class Settings(BaseSettings):
@@ -64,16 +66,27 @@ class Settings(BaseSettings):
 
     # A worker that dies this many times in a row while loading makes /health report failure.
     worker_restart_backoff: float = Field(2.0, ge=0)
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error", "critical", "DEBUG", "INFO", "WARNING", "ERROR"] = "info"
     log_format: Literal["text", "json"] = "text"
 
-    @property
-    def db_path(self) -> Path:
-        return self.data_dir / "jobs.sqlite3"
+    # Below this much free space in data_dir, submissions get 507 and /health says the disk is full.
+    min_free_bytes: int = Field(50 * 1024 * 1024, ge=0)
+    # Where a single-file checkpoint's tokenizers are looked for first (see the README's "Real weights").
+    tokenizer_dir: Path | None = None
 
-    @property
-    def jobs_dir(self) -> Path:
-        return self.data_dir / "jobs"
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError(f"must be auto, cpu, cuda, cuda:N or mps; got {value!r}")
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_rate_limit(value)
+        return value
 
 
 @lru_cache

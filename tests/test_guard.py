@@ -223,7 +223,10 @@ def test_oversized_images_are_400_naming_the_limit(guarded: ServerProcess) -> No
     assert wide.json()["error"] == "input_image: image is 1100x1000 = 1100000 pixels; the limit is 1000000"
 
 
-latin1 = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=60)
+# h11 (under httpx) refuses to send a header value with leading or trailing blanks.
+latin1 = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"), max_size=60).map(
+    lambda s: s.strip(" \t")
+)
 
 
 near_misses = st.sampled_from([KEY_A + "x", KEY_A.lower(), KEY_A[:-1], KEY_B[1:]])

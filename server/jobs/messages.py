@@ -1,4 +1,8 @@
-"""The few typed messages between the supervisor (API process) and the worker (engine process)."""
+"""The few typed messages between the supervisor (API process) and the worker (engine process).
+
+The worker knows nothing of the store: it gets a job's input bytes with the job and hands back the
+encoded images, so the same worker serves any store.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from server.images import ImageLimits
+from server.jobs.contract import JobParams, JobResult
 
 
 @dataclass(frozen=True)
@@ -17,21 +22,24 @@ class WorkerConfig:
     limits: ImageLimits
     styles_dir: Path | None = None
     expansion_model: Path | None = None
+    tokenizer_dir: Path | None = None
     cpu_threads: int | None = None
     # The speed knobs as text (auto | 1 | 0, and a compile mode): parsed in the worker, so the API
     # process never imports torch.
     channels_last: str = "auto"
     fuse_qkv: str = "auto"
     compile: str = "0"
+    log_level: str = "info"
+    log_format: str = "text"
 
 
 # supervisor -> worker
 @dataclass(frozen=True)
 class RunJob:
     job_id: str
-    params: dict[str, Any]
-    source: dict[str, Any]
-    folder: Path
+    attempt: int
+    params: JobParams
+    image: bytes
 
 
 @dataclass(frozen=True)
@@ -56,8 +64,15 @@ class LoadFailed:
 
 
 @dataclass(frozen=True)
+class Started:
+    job_id: str
+    attempt: int
+
+
+@dataclass(frozen=True)
 class Progress:
     job_id: str
+    attempt: int
     step: int
     total: int
 
@@ -65,11 +80,14 @@ class Progress:
 @dataclass(frozen=True)
 class JobDone:
     job_id: str
-    result: dict[str, Any] = field(default_factory=dict)
+    attempt: int
+    result: JobResult
+    files: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class JobFailed:
     job_id: str
+    attempt: int
     error: str
     kind: str

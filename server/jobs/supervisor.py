@@ -1,21 +1,25 @@
-"""The supervisor: feeds queued jobs to the worker process, one at a time, and keeps it alive.
+"""The supervisor: feeds ready jobs to the worker process, one at a time, and keeps it alive.
 
-It runs in a thread of the API process. The worker may die at any moment (a segfault, an OOM
-kill); the supervisor then puts its job back in the queue (once) and starts a new worker, while
-the API goes on answering.
+It runs in a thread of the API process and sleeps until something happens: a message or the death
+of the worker, a job becoming ready (the store wakes it), or the next purge of expired results.
+The worker may die at any moment (a segfault, an OOM kill); the supervisor then puts its job back
+in the queue (once) and starts a new worker, while the API goes on answering.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import multiprocessing
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from server.jobs.contract import FailureKind
 from server.jobs.messages import (
     Cancel,
     JobDone,
@@ -25,26 +29,37 @@ from server.jobs.messages import (
     Ready,
     RunJob,
     Shutdown,
+    Started,
     WorkerConfig,
 )
-from server.jobs.model import FailureKind
-from server.jobs.store import JobStore
+from server.jobs.store import FileGone, JobStore, StoreError
 from server.jobs.worker import worker_main
+from server.logs import RateLimitedLog
 from server.metrics import Metrics
 
 log = logging.getLogger("beyond.supervisor")
-TICK = 0.05
 MAX_BACKOFF = 60.0
+STORE_RETRY = 1.0  # seconds between tries while the store is broken
+
+
+class WorkerStatus(str, enum.Enum):
+    STARTING = "starting"
+    LOADING = "loading"
+    READY = "ready"
+    RESTARTING = "restarting"
+    FAILED = "failed"
+    STOPPED = "stopped"
 
 
 @dataclass
 class WorkerState:
-    state: str = "starting"  # starting, loading, ready, restarting, failed, stopped
+    state: WorkerStatus = WorkerStatus.STARTING
     info: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     pid: int | None = None
     restarts: int = 0
     current_job: str | None = None
+    attempt: int = 0
 
 
 class Supervisor:
@@ -55,14 +70,12 @@ class Supervisor:
         *,
         purge_interval: float = 30.0,
         backoff: float = 2.0,
-        log_level: str = "info",
         metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.config = config
         self.purge_interval = purge_interval
         self.backoff = backoff
-        self.log_level = log_level
         self.status = WorkerState()
         self.metrics = metrics
         self._ctx = multiprocessing.get_context("spawn")
@@ -72,14 +85,19 @@ class Supervisor:
         self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
         self._cancel_sent: str | None = None
         self._load_failures = 0
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._errors = RateLimitedLog(log)
+        store.events.on_work(self.wake)
 
     @property
     def ready(self) -> bool:
-        return self.status.state == "ready"
+        return self.status.state == WorkerStatus.READY
 
-    @property
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.is_alive()
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):  # a byte is already waiting: awake anyway
+            self._wake_w.send(b"\0")
 
     def start(self) -> None:
         # Jobs left PROCESSING by a previous server that died: their worker is gone too.
@@ -87,8 +105,10 @@ class Supervisor:
             self.store.release(job.id, "the server stopped")
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop the worker: asked first, then terminated, then killed, within about 2 x timeout."""
         self._stop.set()
+        self.wake()
         self._thread.join(timeout)
         if self._conn is not None:
             with contextlib.suppress(OSError):
@@ -96,43 +116,50 @@ class Supervisor:
         if self._proc is not None:
             self._proc.join(timeout)
             if self._proc.is_alive():
+                self._proc.terminate()
+                self._proc.join(timeout)
+            if self._proc.is_alive():
                 self._proc.kill()
-        self.status.state = "stopped"
+        self.status.state = WorkerStatus.STOPPED
 
     def _spawn(self) -> None:
         parent, child = self._ctx.Pipe()
-        self._proc = self._ctx.Process(
-            target=worker_main, args=(child, self.config, self.log_level), name="beyond-worker", daemon=True
-        )
+        self._proc = self._ctx.Process(target=worker_main, args=(child, self.config), name="beyond-worker", daemon=True)
         self._proc.start()
         child.close()
         self._conn = parent
         self.status.pid = self._proc.pid
-        self.status.state = "loading"
+        self.status.state = WorkerStatus.LOADING
         log.info("worker started (pid %s), loading %s", self._proc.pid, self.config.model)
 
     def _loop(self) -> None:
-        last_purge = 0.0
+        next_purge = 0.0
         while not self._stop.is_set():
             try:
                 if self._proc is None:
                     self._spawn()
-                self._pump()
-                if self.ready and self.status.current_job is None:
-                    self._dispatch()
-                self._forward_cancel()
-                if time.monotonic() - last_purge > self.purge_interval:
-                    last_purge = time.monotonic()
+                if time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + self.purge_interval
                     removed = self.store.purge_expired()
                     if removed:
                         log.info("purged %d expired requests", removed)
-            except Exception:  # the loop must outlive any single surprise
-                log.exception("supervisor loop error")
-                time.sleep(TICK)
+                if self.ready and self.status.current_job is None:
+                    self._dispatch()
+                self._pump(max(0.0, next_purge - time.monotonic()))
+            except StoreError as exc:
+                self._errors.error("the job store failed: %s", exc)
+                self._stop.wait(STORE_RETRY)
+            except Exception as exc:  # the loop must outlive any single surprise
+                self._errors.exception("supervisor loop error: %s", type(exc).__name__)
+                self._stop.wait(STORE_RETRY)
 
-    def _pump(self) -> None:
+    def _pump(self, timeout: float) -> None:
         assert self._proc is not None and self._conn is not None
-        ready = wait([self._conn, self._proc.sentinel], timeout=TICK)
+        ready = wait([self._conn, self._proc.sentinel, self._wake_r], timeout=timeout)
+        if self._wake_r in ready:
+            with contextlib.suppress(BlockingIOError):
+                while self._wake_r.recv(4096):
+                    pass
         if self._conn in ready:
             try:
                 while self._conn.poll():
@@ -144,23 +171,30 @@ class Supervisor:
             self._on_death()
 
     def _handle(self, message: object) -> None:
+        store = self.store
         if isinstance(message, Ready):
-            self.status.state, self.status.info, self.status.error = "ready", message.info, None
+            self.status.state, self.status.info, self.status.error = WorkerStatus.READY, message.info, None
             self._load_failures = 0
             log.info("worker ready: %s", message.info)
         elif isinstance(message, LoadFailed):
-            self.status.state, self.status.error = "failed", message.error
+            self.status.state, self.status.error = WorkerStatus.FAILED, message.error
             log.error("worker could not load the model: %s", message.error)
+        elif isinstance(message, Started):
+            store.mark_started(message.job_id, message.attempt)
         elif isinstance(message, Progress):
-            self.store.set_progress(message.job_id, message.step / max(message.total, 1))
+            cancel = store.set_progress(message.job_id, message.attempt, message.step / max(message.total, 1))
+            if cancel and self._cancel_sent != message.job_id and self._conn is not None:
+                self._conn.send(Cancel(message.job_id))
+                self._cancel_sent = message.job_id
         elif isinstance(message, JobDone):
-            self.store.complete(message.job_id, message.result)
-            if self.metrics:
-                self.metrics.job_done(message.result)
-            self._job_finished(message.job_id)
+            try:
+                store.complete(message.job_id, message.attempt, message.result, message.files)
+                if self.metrics:
+                    self.metrics.job_done(message.result)
+            finally:
+                self._job_finished(message.job_id)
         elif isinstance(message, JobFailed):
-            self.store.fail(message.job_id, message.error, FailureKind(message.kind))
-            if self.metrics:
+            if store.fail(message.job_id, message.error, FailureKind(message.kind), message.attempt) and self.metrics:
                 self.metrics.job_failed(message.kind)
             self._job_finished(message.job_id)
 
@@ -172,37 +206,37 @@ class Supervisor:
     def _on_death(self) -> None:
         assert self._proc is not None
         code = self._proc.exitcode
-        loading = self.status.state in ("loading", "failed")
+        loading = self.status.state in (WorkerStatus.LOADING, WorkerStatus.FAILED)
         log.error("worker (pid %s) exited with code %s", self._proc.pid, code)
-        if self.status.current_job is not None:
-            outcome = self.store.release(self.status.current_job, f"the worker process died (exit code {code})")
-            if self.metrics:
-                self.metrics.job_failed(FailureKind.WORKER_DIED.value)
-            log.warning("job %s after worker death: %s", self.status.current_job, outcome.value)
-            self._job_finished(self.status.current_job)
+        if self.metrics:
+            self.metrics.worker_died()
+        job_id = self.status.current_job
         self._proc, self._conn = None, None
         self.status.restarts += 1
+        if job_id is not None:
+            self._job_finished(job_id)
+            outcome = self.store.release(job_id, f"the worker process died (exit code {code})")
+            if outcome.value == "FAILED" and self.metrics:
+                self.metrics.job_failed(FailureKind.WORKER_DIED.value)
+            log.warning("job %s after worker death: %s", job_id, outcome.value)
         if loading:
             self._load_failures += 1
             delay = min(MAX_BACKOFF, self.backoff * 2 ** (self._load_failures - 1))
-            self.status.state = "failed"
+            self.status.state = WorkerStatus.FAILED
             self._stop.wait(delay)
         else:
-            self.status.state = "restarting"
+            self.status.state = WorkerStatus.RESTARTING
 
     def _dispatch(self) -> None:
         job = self.store.claim_next()
         if job is None:
             return
-        assert self._conn is not None
-        self.status.current_job = job.id
-        self._conn.send(RunJob(job.id, job.params, job.source, self.store.job_dir(job.id)))
-
-    def _forward_cancel(self) -> None:
-        job_id = self.status.current_job
-        if job_id is None or self._cancel_sent == job_id or self._conn is None:
+        try:
+            image = self.store.read_file(job.id, "input")
+        except FileGone:
+            self.store.fail(job.id, "input_image: the stored input is gone", FailureKind.INPUT, job.attempts)
             return
-        job = self.store.get(job_id)
-        if job is not None and job.cancel_requested:
-            self._conn.send(Cancel(job_id))
-            self._cancel_sent = job_id
+        assert self._conn is not None
+        self.status.current_job, self.status.attempt = job.id, job.attempts
+        self._conn.send(RunJob(job.id, job.attempts, job.params, image))
+        # More may be ready: the next pass through the loop looks again once this one is done.

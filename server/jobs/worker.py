@@ -1,4 +1,4 @@
-"""The worker process: loads the engine once, then runs one job at a time for the supervisor.
+"""The worker process: loads the engine once, then runs the jobs the supervisor sends, one at a time.
 
 It is a separate process so that a crash, an out-of-memory kill or a hung driver takes down only
 the engine; the API stays up and the supervisor starts a new worker.
@@ -6,11 +6,13 @@ the engine; the API stays up and the supervisor starts a new worker.
 
 from __future__ import annotations
 
+import io
 import logging
 import queue
 import threading
 from multiprocessing.connection import Connection
 
+from server.jobs.contract import FailureKind, JobResult, output_name
 from server.jobs.messages import (
     Cancel,
     JobDone,
@@ -20,16 +22,13 @@ from server.jobs.messages import (
     Ready,
     RunJob,
     Shutdown,
+    Started,
     WorkerConfig,
 )
-from server.jobs.model import FailureKind
 
 log = logging.getLogger("beyond.worker")
 JPEG_QUALITY = 95
-
-
-def output_name(index: int) -> str:
-    return f"output-{index}.jpg"
+UNKNOWN_FAILURE = "the engine failed on this request (an internal error); the server log has the details"
 
 
 class Worker:
@@ -39,6 +38,11 @@ class Worker:
         self.inbox: queue.Queue = queue.Queue()
         self.cancelled: set[str] = set()
         self.engine = None
+        self._send_lock = threading.Lock()
+
+    def send(self, message: object) -> None:
+        with self._send_lock:
+            self.conn.send(message)
 
     def load(self) -> None:
         import torch
@@ -52,7 +56,7 @@ class Worker:
         config = self.config
         speed = SpeedOptions.parse(config.channels_last, config.fuse_qkv, config.compile)
         engine = OutpaintEngine.load(config.model, config.device, config.dtype, speed)
-        engine.composer = build_composer(self.config.styles_dir, self.config.expansion_model, device=engine.device)
+        engine.composer = build_composer(config.styles_dir, config.expansion_model, device=engine.device)
         self.engine = engine
 
     def _read(self) -> None:
@@ -77,64 +81,79 @@ class Worker:
             if isinstance(message, Shutdown):
                 return
             if isinstance(message, RunJob):
-                self.conn.send(self.run(message))
+                self.send(self.run(message))
 
     def run(self, job: RunJob) -> JobDone | JobFailed:
         import torch
 
         from models.engine import Cancelled, OutpaintRequest
-        from server.images import InputImageError, check_canvas, decode_image, load_image
+        from server.images import InputImageError, check_canvas, decode_image
+
+        def failed(error: str, kind: FailureKind) -> JobFailed:
+            return JobFailed(job.job_id, job.attempt, error, kind.value)
 
         def on_step(step: int, total: int) -> None:
             if job.job_id in self.cancelled:
                 raise Cancelled()
-            self.conn.send(Progress(job.job_id, step, total))
+            self.send(Progress(job.job_id, job.attempt, step, total))
 
         try:
-            if job.source.get("kind") == "url":
-                image = load_image(job.source["url"], self.config.limits)
-            else:
-                image = decode_image((job.folder / "input").read_bytes(), self.config.limits)
-            check_canvas(image.size, job.params, self.config.limits)
-            result = self.engine.run(OutpaintRequest(image=image, **job.params), on_step)
+            if job.job_id in self.cancelled:
+                raise Cancelled()
+            params = job.params.to_json()
+            image = decode_image(job.image, self.config.limits)
+            check_canvas(image.size, params, self.config.limits)
+            self.send(Started(job.job_id, job.attempt))
+            result = self.engine.run(OutpaintRequest(image=image, **params), on_step)
+            files = {}
             for i, picture in enumerate(result.images):
-                picture.save(job.folder / output_name(i), format="JPEG", quality=JPEG_QUALITY)
+                buffer = io.BytesIO()
+                picture.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+                files[output_name(i)] = buffer.getvalue()
             return JobDone(
                 job.job_id,
-                {
-                    "outputs": [output_name(i) for i in range(len(result.images))],
-                    "seeds": result.seeds,
-                    "width": result.images[0].width,
-                    "height": result.images[0].height,
-                    "working_size": list(result.working_size),
-                    "inference_time": result.inference_time,
-                    "positive_prompts": result.positive_prompts,
-                    "negative_prompts": result.negative_prompts,
-                    "styles": result.styles,
-                    "notes": result.notes,
-                    "gpu_peak_memory": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
-                },
+                job.attempt,
+                JobResult(
+                    outputs=tuple(files),
+                    seeds=tuple(result.seeds),
+                    width=result.images[0].width,
+                    height=result.images[0].height,
+                    working_size=tuple(result.working_size),
+                    inference_time=result.inference_time,
+                    positive_prompts=tuple(result.positive_prompts),
+                    negative_prompts=tuple(result.negative_prompts),
+                    styles=tuple(result.styles),
+                    notes=result.notes,
+                    gpu_peak_memory=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
+                ),
+                files,
             )
         except Cancelled:
-            return JobFailed(job.job_id, "cancelled", FailureKind.CANCELLED.value)
+            return failed("cancelled", FailureKind.CANCELLED)
         except InputImageError as exc:
-            return JobFailed(job.job_id, str(exc), FailureKind.INPUT.value)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            return JobFailed(
-                job.job_id,
-                "out of GPU memory; try fewer samples or a smaller canvas",
-                FailureKind.ENGINE.value,
+            return failed(str(exc), FailureKind.INPUT)
+        except (torch.cuda.OutOfMemoryError, MemoryError):
+            log.warning("job %s ran out of memory", job.job_id)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return failed("out of memory; try fewer samples or a smaller canvas", FailureKind.OUT_OF_MEMORY)
+        except FloatingPointError:
+            log.warning("job %s produced non-finite values", job.job_id)
+            return failed(
+                "the model produced NaN or infinite values; a different seed, or the server in bf16 or fp32, may help",
+                FailureKind.NON_FINITE,
             )
-        except Exception as exc:  # one job's failure must not end the worker
+        except Exception:  # one job's failure must not end the worker; the client gets our words only
             log.exception("job %s failed", job.job_id)
-            return JobFailed(job.job_id, f"{type(exc).__name__}: {exc}", FailureKind.ENGINE.value)
+            return failed(UNKNOWN_FAILURE, FailureKind.ENGINE)
         finally:
             self.cancelled.discard(job.job_id)
 
 
-def worker_main(conn: Connection, config: WorkerConfig, log_level: str = "INFO") -> None:
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s worker %(message)s")
+def worker_main(conn: Connection, config: WorkerConfig) -> None:
+    from server.logs import configure
+
+    configure(config.log_level, config.log_format)
     worker = Worker(conn, config)
     try:
         worker.load()

@@ -9,6 +9,6 @@ from server.deps import ServicesDep
 router = APIRouter()
 
 
-@router.get("/v1/styles")
-def list_styles(services: ServicesDep) -> dict:
+@router.get("/v1/styles", summary="The styles a request may name")
+async def list_styles(services: ServicesDep) -> dict:
     return {"styles": services.styles.describe()}

@@ -7,17 +7,21 @@ from fastapi.responses import JSONResponse, Response
 
 from server.auth import SubmitterDep
 from server.deps import BodyDep, ServicesDep, public_base
-from server.errors import BadGateway, BadRequest, InternalError, NotFound
-from server.jobs.model import FailureKind, JobStatus
-from server.schemas import SegBeyondRequest
-from server.submission import read_output, result_body, submit, wait_finished
+from server.errors import BadGateway, BadRequest, Conflict, InternalError, NotFound
+from server.jobs.contract import FailureKind, JobStatus
+from server.results import read_output, result_body
+from server.routes.responses import errors
+from server.schemas import ResultResponse, SegBeyondRequest
+from server.submission import submit, wait_finished
 
 SLUG = "seg-beyond"
 router = APIRouter()
+# The body is parsed by server/deps.py (for our 400s and 413s); the schema is added to the components
+# by server/app.py's openapi_schema.
 REQUEST_SCHEMA = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": SegBeyondRequest.model_json_schema()}},
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{SegBeyondRequest.__name__}"}}},
     }
 }
 
@@ -25,25 +29,40 @@ REQUEST_SCHEMA = {
 @router.post(
     f"/v1/{SLUG}",
     openapi_extra=REQUEST_SCHEMA,
-    responses={200: {"content": {"image/jpeg": {}}, "description": "the outpainted image (JSON with base64: true)"}},
+    summary="Outpaint an image and wait for it",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {
+                "image/jpeg": {},
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{ResultResponse.__name__}"}},
+            },
+            "description": "the outpainted image (JSON with the images inline when base64 is true)",
+        },
+        **errors(400, 401, 403, 406, 409, 413, 429, 500, 502, 503, 504, 507),
+    },
 )
 async def run_sync(caller: SubmitterDep, body: BodyDep, request: Request, services: ServicesDep) -> Response:
     # No engine ready (it failed to load, or its worker is down or restarting): 502 at once, rather
     # than a wait the client cannot see the end of. v2 work is still queued for when it is back.
     status = services.supervisor.status
     if not services.supervisor.ready:
-        reason = status.error if status.state == "failed" and status.error else f"the worker is {status.state}"
+        reason = status.error if status.state == "failed" and status.error else f"the worker is {status.state.value}"
         raise BadGateway(f"the engine is not available: {reason}")
     job = await submit(body, services, caller)
-    job = await wait_finished(services, job.id, request.is_disconnected)
+    job = await wait_finished(services, job.id, request)
     if job.status == JobStatus.FAILED:
+        headers = {"x-request-id": job.id}
         if job.error_kind == FailureKind.INPUT.value:
-            raise BadRequest(job.error or "input_image: unusable")
-        raise InternalError(job.error or "failed", headers={"x-request-id": job.id})
+            raise BadRequest(job.error or "input_image: unusable", headers=headers)
+        if job.cancelled:
+            raise Conflict(f"request {job.id} was cancelled", headers=headers)
+        raise InternalError(job.error or "failed", headers=headers)
+    assert job.result is not None
     headers = {
         "x-request-id": job.id,
-        "x-seeds": ",".join(str(s) for s in job.result["seeds"]),
-        "x-inference-time": f"{job.result['inference_time']:.4f}",
+        "x-seeds": ",".join(str(s) for s in job.result.seeds),
+        "x-inference-time": f"{job.result.inference_time:.4f}",
     }
     if not job.base64:
         return Response(read_output(services, job, 0), media_type="image/jpeg", headers=headers)

@@ -1,0 +1,179 @@
+"""The job contract: one typed form of a job from submission to result.
+
+The store keeps these types, the worker messages carry them and the result bodies are made from them.
+Each has one JSON form (`to_json` / `from_json`), the one the store writes and the API echoes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+# Credits are kept as integers of this many units each, so balances never drift (0.1 + 0.2 != 0.3).
+CREDIT_UNITS = 10_000
+
+
+def to_units(credits: float) -> int:
+    return round(credits * CREDIT_UNITS)
+
+
+def from_units(units: int) -> float:
+    return units / CREDIT_UNITS
+
+
+def output_name(index: int) -> str:
+    return f"output-{index}.jpg"
+
+
+class JobStatus(str, Enum):
+    QUEUED = "QUEUED"
+    PROCESSING = "PROCESSING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+
+class FailureKind(str, Enum):
+    INPUT = "input"  # the client's input cannot be used: v1 answers 400
+    CANCELLED = "cancelled"
+    ENGINE = "engine"  # the model failed on this job (a bug, or an unexpected error)
+    OUT_OF_MEMORY = "out_of_memory"
+    NON_FINITE = "non_finite"
+    WORKER_DIED = "worker_died"
+    TIMEOUT = "timeout"
+
+
+@dataclass(frozen=True)
+class JobParams:
+    """What the engine needs besides the image, as validated from the request (seed already drawn)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 30
+    samples: int = 1
+    styles: tuple[str, ...] = ()
+    seed: int = 0
+    guidance_scale: float = 4.0
+    scheduler: str = "karras"
+    sampler: str = "dpmpp_2m_sde_gpu"
+    left: int = 0
+    right: int = 0
+    top: int = 0
+    bottom: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["styles"] = list(self.styles)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JobParams:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["styles"] = tuple(values.get("styles", ()))
+        return cls(**values)
+
+    def canvas_size(self, width: int, height: int) -> tuple[int, int]:
+        return width + self.left + self.right, height + self.top + self.bottom
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where the input comes from. A URL is fetched by the input stage, then stored like a base64 input."""
+
+    url: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "url", "url": self.url} if self.url else {"kind": "file"}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ImageSource:
+        return cls(url=data.get("url") if data.get("kind") == "url" else None)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a completed job produced. `outputs` are names in the job's file area."""
+
+    outputs: tuple[str, ...]
+    seeds: tuple[int, ...]
+    width: int
+    height: int
+    working_size: tuple[int, int]
+    inference_time: float
+    positive_prompts: tuple[str, ...] = ()
+    negative_prompts: tuple[str, ...] = ()
+    styles: tuple[str, ...] = ()
+    notes: dict[str, Any] = field(default_factory=dict)
+    gpu_peak_memory: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for name in ("outputs", "seeds", "working_size", "positive_prompts", "negative_prompts", "styles"):
+            data[name] = list(data[name])
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JobResult:
+        return cls(
+            outputs=tuple(data["outputs"]),
+            seeds=tuple(data["seeds"]),
+            width=int(data["width"]),
+            height=int(data["height"]),
+            working_size=tuple(data.get("working_size") or (0, 0)),  # type: ignore[arg-type]
+            inference_time=float(data["inference_time"]),
+            positive_prompts=tuple(data.get("positive_prompts", ())),
+            negative_prompts=tuple(data.get("negative_prompts", ())),
+            styles=tuple(data.get("styles", ())),
+            notes=dict(data.get("notes") or {}),
+            gpu_peak_memory=int(data.get("gpu_peak_memory", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class JobState:
+    """The small part of a job the status endpoint needs: read without the job's JSON columns."""
+
+    id: str
+    seq: int
+    status: JobStatus
+    owner: str | None
+    progress: float
+    error: str | None
+    error_kind: str | None
+    expires_at: float | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (JobStatus.COMPLETED, JobStatus.FAILED)
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    seq: int
+    status: JobStatus
+    params: JobParams
+    source: ImageSource
+    base64: bool = False
+    owner: str | None = None
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    attempts: int = 0
+    progress: float = 0.0
+    error: str | None = None
+    error_kind: str | None = None
+    cancel_requested: bool = False
+    expires_at: float | None = None
+    input_ready: bool = True
+    cost: int = 0  # credit units charged at submission
+    result: JobResult | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (JobStatus.COMPLETED, JobStatus.FAILED)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.error_kind == FailureKind.CANCELLED.value

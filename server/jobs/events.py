@@ -1,0 +1,72 @@
+"""In-process notifications between the store's writers and whoever waits on them.
+
+A finished job wakes its v1 waiter and its event streams at once; a new job wakes the dispatcher at
+once. Nothing on the request path sleeps and re-reads. Writers may be any thread; waiters are
+asyncio tasks (on any loop) or plain callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+
+
+class Watch:
+    """A change signal for one job, for one asyncio waiter. Clear, re-read the state, then wait."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.event = asyncio.Event()
+
+    def clear(self) -> None:
+        self.event.clear()
+
+    async def wait(self, timeout: float) -> bool:
+        """True when the job changed, False when `timeout` seconds passed first."""
+        try:
+            await asyncio.wait_for(self.event.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+
+class JobEvents:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watches: dict[str, set[Watch]] = {}
+        self._work: list[Callable[[], None]] = []
+
+    @contextlib.contextmanager
+    def watch(self, job_id: str) -> Iterator[Watch]:
+        watch = Watch()
+        with self._lock:
+            self._watches.setdefault(job_id, set()).add(watch)
+        try:
+            yield watch
+        finally:
+            with self._lock:
+                watchers = self._watches.get(job_id)
+                if watchers is not None:
+                    watchers.discard(watch)
+                    if not watchers:
+                        del self._watches[job_id]
+
+    def job_changed(self, job_id: str) -> None:
+        with self._lock:
+            watchers = list(self._watches.get(job_id, ()))
+        for watch in watchers:
+            with contextlib.suppress(RuntimeError):  # its loop has closed: nobody waits any more
+                watch.loop.call_soon_threadsafe(watch.event.set)
+
+    def on_work(self, callback: Callable[[], None]) -> None:
+        """`callback` runs (in the writer's thread) whenever a job becomes ready to run."""
+        with self._lock:
+            self._work.append(callback)
+
+    def work_available(self) -> None:
+        with self._lock:
+            callbacks = list(self._work)
+        for callback in callbacks:
+            callback()

@@ -1,0 +1,470 @@
+"""The embedded job store: SQLite in WAL mode, each job's files in a folder beside it.
+
+The database is the only state the API and the supervisor share. A row exists only once its input
+file is written; a file area without a row (a crash between the two) is removed at start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from server.jobs.contract import CREDIT_UNITS, FailureKind, ImageSource, Job, JobParams, JobResult, JobState, JobStatus
+from server.jobs.events import JobEvents
+from server.jobs.store import (
+    MAX_ATTEMPTS,
+    DiskFull,
+    FileGone,
+    InsufficientBalance,
+    QueueFull,
+    StoreCorrupt,
+    StoreUnavailable,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    params TEXT NOT NULL,
+    source TEXT NOT NULL,
+    base64 INTEGER NOT NULL DEFAULT 0,
+    owner TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    progress REAL NOT NULL DEFAULT 0,
+    error TEXT,
+    error_kind TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    expires_at REAL,
+    result TEXT NOT NULL DEFAULT '{}',
+    input_ready INTEGER NOT NULL DEFAULT 1,
+    cost_units INTEGER NOT NULL DEFAULT 0
+);
+-- The credit ledger, in integer units (contract.CREDIT_UNITS a credit): `granted_units` is the key's
+-- credits as last configured, so raising it tops the balance up.
+CREATE TABLE IF NOT EXISTS credits (owner TEXT PRIMARY KEY, granted_units INTEGER, balance_units INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
+CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at);
+"""
+# Columns added since the first release, and the older column (credits as REAL) each is filled from.
+ADDED_COLUMNS = (
+    ("jobs", "input_ready", "INTEGER NOT NULL DEFAULT 1", None),
+    ("jobs", "cost_units", "INTEGER NOT NULL DEFAULT 0", "cost"),
+)
+STATE_COLUMNS = "id, seq, status, owner, progress, error, error_kind, expires_at"
+LIVE = (JobStatus.QUEUED.value, JobStatus.PROCESSING.value)
+
+
+class SqliteJobStore:
+    def __init__(self, data_dir: Path, ttl: float = 3600.0, events: JobEvents | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.files = self.data_dir / "jobs"
+        self.path = self.data_dir / "jobs.sqlite3"
+        self.ttl = ttl
+        self.events = events or JobEvents()
+        self._local = threading.local()
+        self.files.mkdir(parents=True, exist_ok=True)
+        try:
+            db = self._connect()
+            problem = db.execute("PRAGMA quick_check").fetchone()[0]
+            if problem != "ok":
+                raise StoreCorrupt(str(self.path), str(problem)[:200])
+            db.executescript(SCHEMA)
+            self._upgrade(db)
+        except sqlite3.DatabaseError as exc:
+            raise StoreCorrupt(str(self.path), str(exc)) from None
+        stat = os.stat(self.path)
+        self._identity = (stat.st_dev, stat.st_ino)
+        self._local.db = db
+        self._remove_orphans()
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=30000")
+        return db
+
+    @staticmethod
+    def _upgrade(db: sqlite3.Connection) -> None:
+        credits = {row["name"] for row in db.execute("PRAGMA table_info(credits)")}
+        if "balance" in credits:  # the REAL ledger of older releases becomes integer units
+            granted = "granted" if "granted" in credits else "NULL"
+            db.executescript(
+                f"""
+                BEGIN;
+                CREATE TABLE credits_units
+                    (owner TEXT PRIMARY KEY, granted_units INTEGER, balance_units INTEGER NOT NULL);
+                INSERT INTO credits_units SELECT owner, CAST(ROUND({granted} * {CREDIT_UNITS}) AS INTEGER),
+                    CAST(ROUND(balance * {CREDIT_UNITS}) AS INTEGER) FROM credits;
+                DROP TABLE credits;
+                ALTER TABLE credits_units RENAME TO credits;
+                COMMIT;
+                """
+            )
+        for table, column, declaration, old in ADDED_COLUMNS:
+            present = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+                if old in present:
+                    db.execute(f"UPDATE {table} SET {column} = CAST(ROUND({old} * {CREDIT_UNITS}) AS INTEGER)")
+
+    def _db(self) -> sqlite3.Connection:
+        self._check_file()
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = self._connect()
+        return db
+
+    def _check_file(self) -> None:
+        """Writing to a store file that was deleted or replaced would lose every write silently."""
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            raise StoreUnavailable(f"the job store {self.path} was deleted while the server was running") from None
+        if (stat.st_dev, stat.st_ino) != self._identity:
+            raise StoreUnavailable(f"the job store {self.path} was replaced while the server was running")
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """SQLite's and the disk's failures as the store's own."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if "full" in str(exc):
+                raise DiskFull("the disk of the job store is full") from None
+            raise StoreUnavailable(f"the job store {self.path} failed: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            raise StoreUnavailable(f"the job store {self.path} is damaged: {exc}") from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull("the disk of the job store is full") from None
+            raise
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._errors():
+            db = self._db()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise
+
+    def _execute(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        with self._errors():
+            return self._db().execute(sql, args)
+
+    @staticmethod
+    def _job(row: sqlite3.Row | None) -> Job | None:
+        if row is None:
+            return None
+        result = json.loads(row["result"])
+        return Job(
+            id=row["id"],
+            seq=row["seq"],
+            status=JobStatus(row["status"]),
+            params=JobParams.from_json(json.loads(row["params"])),
+            source=ImageSource.from_json(json.loads(row["source"])),
+            base64=bool(row["base64"]),
+            owner=row["owner"],
+            created_at=row["created_at"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            attempts=row["attempts"],
+            progress=row["progress"],
+            error=row["error"],
+            error_kind=row["error_kind"],
+            cancel_requested=bool(row["cancel_requested"]),
+            expires_at=row["expires_at"],
+            input_ready=bool(row["input_ready"]),
+            cost=row["cost_units"],
+            result=JobResult.from_json(result) if result else None,
+        )
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.files / job_id
+
+    def _remove_orphans(self) -> None:
+        known = {row[0] for row in self._execute("SELECT id FROM jobs")}
+        for folder in self.files.iterdir():
+            if folder.name not in known:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    # -- submission -------------------------------------------------------------------------------
+
+    def create(
+        self,
+        params: JobParams,
+        source: ImageSource,
+        *,
+        image: bytes | None,
+        base64: bool,
+        owner: str | None,
+        cost: int = 0,
+        max_queued: int | None = None,
+    ) -> Job:
+        """Queue a job. With a cost, the owner's balance (if it has an account) is charged; with
+        max_queued, a full queue raises QueueFull. Both in the one transaction that queues the job,
+        so concurrent submissions can neither overdraw an account nor overfill the queue."""
+        job_id = uuid.uuid4().hex
+        folder = self.job_dir(job_id)
+        try:
+            with self._errors():
+                folder.mkdir(parents=True)
+                if image is not None:
+                    # Written before the row exists, so a listed job always has its input.
+                    (folder / "input").write_bytes(image)
+            with self._transaction() as db:
+                if max_queued is not None and self._queued(db) >= max_queued:
+                    raise QueueFull()
+                balance = self._balance(db, owner) if owner and cost > 0 else None
+                if balance is None:
+                    cost = 0
+                elif balance < cost:
+                    raise InsufficientBalance(balance, cost)
+                else:
+                    db.execute("UPDATE credits SET balance_units = balance_units - ? WHERE owner = ?", (cost, owner))
+                row = db.execute(
+                    # created_at is taken inside the write lock, so it grows in the order jobs are accepted.
+                    "INSERT INTO jobs (id, status, params, source, base64, owner, cost_units, input_ready, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, (julianday('now') - 2440587.5) * 86400.0) RETURNING *",
+                    (
+                        job_id,
+                        JobStatus.QUEUED.value,
+                        json.dumps(params.to_json()),
+                        json.dumps(source.to_json()),
+                        int(base64),
+                        owner,
+                        cost,
+                        int(image is not None),
+                    ),
+                ).fetchone()
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        job = self._job(row)
+        assert job is not None
+        if job.input_ready:
+            self.events.work_available()
+        return job
+
+    def open_account(self, owner: str, granted: int) -> None:
+        """A metered key's account. A new one starts at `granted`; an existing one keeps its balance
+        across restarts and moves by the change in the grant, so raising a key's credits tops it up."""
+        self._execute(
+            "INSERT INTO credits (owner, granted_units, balance_units) VALUES (?, ?, ?) ON CONFLICT (owner) DO UPDATE"
+            " SET balance_units = balance_units + excluded.granted_units - COALESCE(granted_units,"
+            " excluded.granted_units), granted_units = excluded.granted_units",
+            (owner, granted, granted),
+        )
+
+    @staticmethod
+    def _balance(db: sqlite3.Connection, owner: str) -> int | None:
+        row = db.execute("SELECT balance_units FROM credits WHERE owner = ?", (owner,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def balance(self, owner: str) -> int | None:
+        with self._errors():
+            return self._balance(self._db(), owner)
+
+    # -- the read side ----------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job | None:
+        job = self._job(self._execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+        if job is not None and job.expires_at is not None and job.expires_at <= time.time():
+            return None
+        return job
+
+    def state(self, job_id: str) -> JobState | None:
+        row = self._execute(f"SELECT {STATE_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None or (row["expires_at"] is not None and row["expires_at"] <= time.time()):
+            return None
+        return JobState(
+            id=row["id"],
+            seq=row["seq"],
+            status=JobStatus(row["status"]),
+            owner=row["owner"],
+            progress=row["progress"],
+            error=row["error"],
+            error_kind=row["error_kind"],
+            expires_at=row["expires_at"],
+        )
+
+    def queue_position(self, seq: int) -> int:
+        row = self._execute(
+            "SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?", (JobStatus.QUEUED.value, seq)
+        ).fetchone()
+        return int(row[0])
+
+    @staticmethod
+    def _queued(db: sqlite3.Connection) -> int:
+        return int(db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (JobStatus.QUEUED.value,)).fetchone()[0])
+
+    def queued_count(self) -> int:
+        with self._errors():
+            return self._queued(self._db())
+
+    def read_file(self, job_id: str, name: str) -> bytes:
+        try:
+            return (self.job_dir(job_id) / name).read_bytes()
+        except FileNotFoundError:
+            raise FileGone(name) from None
+
+    def health(self) -> str | None:
+        """None when the store works; else what is wrong, in words for /health."""
+        try:
+            self._execute("SELECT 1").fetchone()
+        except (StoreUnavailable, DiskFull) as exc:
+            return str(exc)
+        return None
+
+    # -- the input stage ---------------------------------------------------------------------------
+
+    def awaiting_input(self) -> list[Job]:
+        rows = self._execute(
+            "SELECT * FROM jobs WHERE status = ? AND input_ready = 0 ORDER BY seq", (JobStatus.QUEUED.value,)
+        ).fetchall()
+        return [job for job in map(self._job, rows) if job is not None]
+
+    def attach_input(self, job_id: str, image: bytes) -> bool:
+        """The fetched input of a URL job: it becomes ready to run. False if the job ended meanwhile."""
+        with self._errors():
+            (self.job_dir(job_id) / "input").write_bytes(image)
+        cursor = self._execute(
+            "UPDATE jobs SET input_ready = 1 WHERE id = ? AND status = ?", (job_id, JobStatus.QUEUED.value)
+        )
+        if cursor.rowcount:
+            self.events.work_available()
+        return bool(cursor.rowcount)
+
+    # -- the worker side ---------------------------------------------------------------------------
+
+    def claim_next(self) -> Job | None:
+        row = self._execute(
+            "UPDATE jobs SET status = ?, attempts = attempts + 1, progress = 0"
+            " WHERE seq = (SELECT seq FROM jobs WHERE status = ? AND input_ready = 1 ORDER BY seq LIMIT 1)"
+            " AND status = ? RETURNING *",
+            (JobStatus.PROCESSING.value, JobStatus.QUEUED.value, JobStatus.QUEUED.value),
+        ).fetchone()
+        job = self._job(row)
+        if job is not None:
+            self.events.job_changed(job.id)
+        return job
+
+    def mark_started(self, job_id: str, attempt: int) -> None:
+        self._execute(
+            "UPDATE jobs SET started_at = ? WHERE id = ? AND attempts = ? AND status = ?",
+            (time.time(), job_id, attempt, JobStatus.PROCESSING.value),
+        )
+        self.events.job_changed(job_id)
+
+    def set_progress(self, job_id: str, attempt: int, progress: float) -> bool:
+        """Record progress; True when the job's cancellation was asked for meanwhile."""
+        row = self._execute(
+            "UPDATE jobs SET progress = ? WHERE id = ? AND attempts = ? AND status = ? RETURNING cancel_requested",
+            (progress, job_id, attempt, JobStatus.PROCESSING.value),
+        ).fetchone()
+        self.events.job_changed(job_id)
+        return row is None or bool(row[0])
+
+    def _finish(self, job_id: str, status: JobStatus, attempt: int | None, **columns: Any) -> bool:
+        now = time.time()
+        columns.update(status=status.value, finished_at=now, expires_at=now + self.ttl)
+        assignments = ", ".join(f"{name} = ?" for name in columns)
+        fence, args = ("", ()) if attempt is None else (" AND attempts = ?", (attempt,))
+        with self._transaction() as db:
+            row = db.execute(
+                f"UPDATE jobs SET {assignments} WHERE id = ? AND status IN (?, ?){fence} RETURNING owner, cost_units",
+                (*columns.values(), job_id, *LIVE, *args),
+            ).fetchone()
+            # Every way a job can fail passes here, once: that is where its charge is refunded.
+            if row is not None and status == JobStatus.FAILED and row["cost_units"] > 0:
+                db.execute(
+                    "UPDATE credits SET balance_units = balance_units + ? WHERE owner = ?",
+                    (row["cost_units"], row["owner"]),
+                )
+        self.events.job_changed(job_id)
+        return row is not None
+
+    def complete(self, job_id: str, attempt: int, result: JobResult, files: dict[str, bytes]) -> bool:
+        folder = self.job_dir(job_id)
+        try:
+            with self._errors():
+                for name, data in files.items():
+                    (folder / name).write_bytes(data)
+        except DiskFull:
+            self.fail(job_id, "the server's disk is full; the images could not be kept", FailureKind.ENGINE, attempt)
+            raise
+        return self._finish(
+            job_id, JobStatus.COMPLETED, attempt, result=json.dumps(result.to_json()), progress=1.0
+        )
+
+    def fail(self, job_id: str, error: str, kind: FailureKind, attempt: int | None = None) -> bool:
+        return self._finish(job_id, JobStatus.FAILED, attempt, error=error, error_kind=kind.value)
+
+    def release(self, job_id: str, reason: str) -> JobStatus:
+        """A job's worker died under it: queue it again at its old place, or fail it for good."""
+        job = self.get(job_id)
+        if job is None or job.status != JobStatus.PROCESSING:
+            return job.status if job else JobStatus.FAILED
+        if job.cancel_requested:
+            self.fail(job_id, "cancelled", FailureKind.CANCELLED)
+            return JobStatus.FAILED
+        if job.attempts >= MAX_ATTEMPTS:
+            self.fail(
+                job_id, f"{reason} while running this job, {job.attempts} times; giving up", FailureKind.WORKER_DIED
+            )
+            return JobStatus.FAILED
+        self._execute(
+            "UPDATE jobs SET status = ?, started_at = NULL, progress = 0 WHERE id = ? AND status = ?",
+            (JobStatus.QUEUED.value, job_id, JobStatus.PROCESSING.value),
+        )
+        self.events.job_changed(job_id)
+        self.events.work_available()
+        return JobStatus.QUEUED
+
+    def processing(self) -> list[Job]:
+        rows = self._execute(
+            "SELECT * FROM jobs WHERE status = ? ORDER BY seq", (JobStatus.PROCESSING.value,)
+        ).fetchall()
+        return [job for job in map(self._job, rows) if job is not None]
+
+    # -- both sides --------------------------------------------------------------------------------
+
+    def request_cancel(self, job_id: str) -> Job | None:
+        self._execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status IN (?, ?)", (job_id, *LIVE))
+        job = self.get(job_id)
+        if job is not None and job.status == JobStatus.QUEUED:
+            # Nothing runs it yet: it ends here (the supervisor stops a running one at its next step).
+            self.fail(job_id, "cancelled", FailureKind.CANCELLED)
+            job = self.get(job_id)
+        self.events.job_changed(job_id)
+        return job
+
+    def purge_expired(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        ids = [r[0] for r in self._execute("SELECT id FROM jobs WHERE expires_at <= ?", (now,)).fetchall()]
+        for job_id in ids:
+            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+            self._execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return len(ids)

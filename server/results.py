@@ -1,0 +1,108 @@
+"""The read side: status, result and output bodies. Finished jobs never change, so they are cached."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime, timezone
+from typing import Any
+
+from server.deps import Services
+from server.errors import FailedRequest, NotFound
+from server.jobs.contract import Job, JobState, JobStatus
+from server.jobs.store import FileGone
+
+
+def _not_found(job_id: str) -> NotFound:
+    return NotFound(f"request {job_id!r} not found (unknown, or expired)")
+
+
+def find(services: Services, job_id: str, owner: str | None = None) -> Job:
+    job = services.finished.get(job_id)
+    if job is None:
+        job = services.store.get(job_id)
+        if job is not None:
+            services.finished.put(job)
+    if job is None or (owner is not None and job.owner != owner):
+        raise _not_found(job_id)
+    return job
+
+
+def find_state(services: Services, job_id: str, owner: str | None = None) -> JobState | Job:
+    """The small row of a live job, or the cached job when it has finished."""
+    state: JobState | Job | None = services.finished.get(job_id) or services.store.state(job_id)
+    if state is None or (owner is not None and state.owner != owner):
+        raise _not_found(job_id)
+    return state
+
+
+def iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat() if ts else None
+
+
+def output_url(base: str, job: Job, index: int) -> str:
+    return f"{base}/v2/requests/{job.id}/outputs/{index}.jpg"
+
+
+def read_output(services: Services, job: Job, index: int) -> bytes:
+    outputs = job.result.outputs if job.result else ()
+    if job.status != JobStatus.COMPLETED or not 0 <= index < len(outputs):
+        raise NotFound(f"request {job.id!r} has no output {index}")
+    try:
+        return services.store.read_file(job.id, outputs[index])
+    except FileGone:
+        raise NotFound(f"output {index} of request {job.id!r} is no longer stored") from None
+
+
+def failed(job: JobState | Job) -> FailedRequest:
+    return FailedRequest(job.error or "failed", request_id=job.id)
+
+
+def status_body(services: Services, job: JobState | Job) -> dict[str, Any]:
+    if job.status == JobStatus.FAILED:
+        raise failed(job)
+    body: dict[str, Any] = {"status": job.status.value, "request_id": job.id}
+    if job.status == JobStatus.QUEUED:
+        body["queue_position"] = services.store.queue_position(job.seq)
+    elif job.status == JobStatus.PROCESSING:
+        body["progress"] = round(job.progress, 4)
+    return body
+
+
+def result_body(services: Services, job: Job, base: str) -> dict[str, Any]:
+    if job.status == JobStatus.FAILED:
+        raise failed(job)
+    body: dict[str, Any] = {
+        "status": job.status.value,
+        "request_id": job.id,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "parameters": job.params.to_json(),
+    }
+    result = job.result
+    if job.status != JobStatus.COMPLETED or result is None:
+        return body
+    count = len(result.outputs)
+    if job.base64:
+        outputs = [base64.b64encode(read_output(services, job, i)).decode() for i in range(count)]
+    else:
+        outputs = [output_url(base, job, i) for i in range(count)]
+    started = job.started_at or job.created_at
+    body.update(
+        output=outputs[0],
+        outputs=outputs,
+        seeds=list(result.seeds),
+        width=result.width,
+        height=result.height,
+        completed_at=iso(job.finished_at),
+        expires_at=iso(job.expires_at),
+        metrics={
+            "inference_time": round(result.inference_time, 4),
+            "queue_time": round(started - job.created_at, 4),
+            "total_time": round((job.finished_at or started) - job.created_at, 4),
+        },
+        prompts={"positive": list(result.positive_prompts), "negative": list(result.negative_prompts)},
+        styles=list(result.styles),
+        notes=result.notes,
+        working_size=list(result.working_size),
+    )
+    return body
