@@ -65,7 +65,7 @@ async def download(url: str, limits: ImageLimits) -> bytes:
                             raise InputImageError(too_large)
                         chunks.append(chunk)
                     return b"".join(chunks)
-            except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            except (httpx.HTTPError, httpx.InvalidURL, UnicodeError) as exc:  # UnicodeError: httpx's IDNA
                 # The detail is for the operator; an invalid URL's message would quote the URL (which may
                 # carry a signed query), so only its type is logged.
                 detail = "" if isinstance(exc, httpx.InvalidURL) else f": {exc}"

@@ -104,7 +104,7 @@ def parse_url(url: str) -> Target:
         raise InputImageError("the URL has no host")
     if not valid_host(host):
         raise InputImageError("the URL's host is not a valid host name or IP address")
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    port = parsed.port if parsed.port is not None else 443 if parsed.scheme == "https" else 80
     if not 0 < port < 65536:
         raise InputImageError(f"the URL's port {port} is out of range")
     return Target(parsed, host, port)
