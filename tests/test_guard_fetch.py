@@ -51,6 +51,16 @@ IN_HOUSE = ImageLimits(allow_private_urls=True)
         ("::", "forbidden"),
         ("240.0.0.1", "forbidden"),
         ("255.255.255.255", "forbidden"),
+        ("::a9fe:a9fe", "forbidden"),  # IPv4-compatible metadata service
+        ("::ffff:7f00:1", "private"),  # IPv4-mapped loopback
+        ("2002:808:808::1", "public"),  # 6to4 around 8.8.8.8
+        ("::808:808", "public"),  # IPv4-compatible 8.8.8.8
+        ("64:ff9b:1::a9fe:a9fe", "forbidden"),  # local-use NAT64: which bits hold the IPv4 address is unknown
+        ("64:ff9b:1::808:808", "forbidden"),
+        ("64:ff9b:1:ffff:ffff:ffff:ffff:ffff", "forbidden"),
+        ("fec0::1", "forbidden"),  # site-local
+        ("feff:ffff::1", "forbidden"),
+        ("::ffff:0:7f00:1", "forbidden"),  # IPv4-translated (SIIT): reserved
     ],
 )
 def test_address_classes(address: str, kind: str) -> None:
@@ -96,6 +106,37 @@ def test_a_name_that_resolves_inward_is_refused(dns: dict[str, list[str]]) -> No
 
 
 @pytest.mark.parametrize(
+    ("answer", "strict", "in_house"),
+    [
+        ("64:ff9b::a9fe:a9fe", "forbidden", "forbidden"),
+        ("64:ff9b::a00:1", "private or loopback", None),
+        ("64:ff9b::808:808", None, None),
+        ("64:ff9b:1::a9fe:a9fe", "forbidden", "forbidden"),
+        ("2002:a9fe:a9fe::1", "forbidden", "forbidden"),
+        ("2002:c0a8:101::1", "private or loopback", None),
+        ("::a9fe:a9fe", "forbidden", "forbidden"),
+        ("::ffff:169.254.169.254", "forbidden", "forbidden"),
+        ("fec0::1", "forbidden", "forbidden"),
+        ("fec0:1:2:3::4", "forbidden", "forbidden"),
+    ],
+)
+def test_names_resolving_to_embedded_and_site_local_addresses(
+    dns: dict[str, list[str]], answer: str, strict: str | None, in_house: str | None
+) -> None:
+    # Judged in-process: the faked resolver answers, nothing connects anywhere.
+    dns["embedded.example"] = [answer]
+    for limits, refusal in ((STRICT, strict), (IN_HOUSE, in_house)):
+        if refusal is None:
+            check_url("http://embedded.example/x.png", limits)
+        else:
+            with pytest.raises(InputImageError, match=refusal):
+                check_url("http://embedded.example/x.png", limits)
+        if refusal == "forbidden":  # the same address written into the URL as a literal
+            with pytest.raises(InputImageError, match=refusal):
+                check_url(f"http://[{answer}]/x.png", limits)
+
+
+@pytest.mark.parametrize(
     "location",
     ["http://10.1.2.3/x.png", "http://[::1]/x.png", "http://169.254.169.254/latest", "http://[::ffff:192.168.0.1]/"],
 )
@@ -126,6 +167,37 @@ def test_the_connection_goes_to_the_address_that_was_checked(
     dns["rebind.example"] = ["127.0.0.1", "169.254.169.254"]
     assert load_image(f"http://rebind.example:{port}/rebind.png", STRICT).size == (8, 8)
     assert dns["_lookups"] == ["rebind.example"]
+
+
+class RecordingV6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def test_the_host_header_of_an_ipv6_literal_has_brackets() -> None:
+    png = encode(noise_image(8, 8))
+    received: list[str | None] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            received.append(self.headers.get("Host"))
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = RecordingV6Server(("::1", 0), Handler)  # no IPv6 loopback: this fails, and so should the test
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    try:
+        assert load_image(f"http://[::1]:{port}/x.png", IN_HOUSE).size == (8, 8)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert received == [f"[::1]:{port}"]
 
 
 class Trickle(BaseHTTPRequestHandler):
