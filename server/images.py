@@ -114,7 +114,7 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     except InputImageError:
         raise
     except Image.DecompressionBombError as exc:
-        # Pillow refuses a header over twice its own limit before the size can be read; ours is far lower.
+        # Pillow refuses a header past its own bomb limit (178956970 pixels) before our check sees the size.
         log.info("input_image %s refused by Pillow: %s", fmt, exc)
         raise InputImageError(f"image is larger than the limit of {limits.max_pixels} pixels") from None
     except Exception as exc:  # any failure inside the decoders is the data's fault, never a server error
