@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import base64
+import logging
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -177,3 +180,54 @@ def test_a_redirect_to_a_private_address_is_refused(images) -> None:
     images.add("/to-metadata", b"", status=302, headers={"Location": "http://169.254.169.254/latest"})
     with pytest.raises(InputImageError, match="forbidden"):
         load_image(images.url + "/to-metadata", ImageLimits(allow_private_urls=True))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares a size and holds almost nothing: the shape of a decompression bomb."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+def assert_our_words(message: str) -> None:
+    for leak in ("0x", "object at", "BytesIO", "/", "178956970", "357913941", "Traceback"):
+        assert leak not in message, message
+
+
+@pytest.mark.parametrize("max_pixels", [16_000_000, 1000])
+@pytest.mark.parametrize("side", [15_000, 20_000])  # 225 and 400 MP: Pillow's own bomb check speaks first
+def test_a_header_past_pillows_own_limit_is_reported_against_ours(max_pixels: int, side: int) -> None:
+    with pytest.raises(InputImageError) as caught:
+        decode_image(png_header(side, side), ImageLimits(max_pixels=max_pixels))
+    assert str(caught.value) == f"input_image: image is larger than the limit of {max_pixels} pixels"
+    assert_our_words(str(caught.value))
+
+
+def test_a_header_over_our_limit_but_under_pillows_names_the_size() -> None:
+    with pytest.raises(InputImageError) as caught:
+        decode_image(png_header(5000, 4000), LIMITS)
+    assert str(caught.value) == "input_image: image is 5000x4000 = 20000000 pixels; the limit is 16000000"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "data"),
+    [
+        ("JPEG", encode(noise_image(64, 64), "JPEG")[:1500]),  # truncated
+        ("PNG", encode(noise_image(64, 64))[:2000]),  # truncated
+        ("PNG", b"\x89PNG\r\n\x1a\n" + b"garbage" * 20),  # Pillow: "cannot identify image file <_io.BytesIO ...>"
+        ("JPEG", b"\xff\xd8\xff" + bytes(range(256)) * 4),
+        ("WEBP", b"RIFF\x10\x00\x00\x00WEBPVP8 " + b"\x00" * 32),
+    ],
+)
+def test_undecodable_images_get_our_message_and_the_detail_goes_to_the_log(
+    fmt: str, data: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="beyond.images")
+    with pytest.raises(InputImageError) as caught:
+        decode_image(data, LIMITS)
+    assert str(caught.value) == f"input_image: cannot decode the {fmt} image: the data is truncated or corrupt"
+    assert_our_words(str(caught.value))
+    assert [r for r in caplog.records if r.name == "beyond.images" and fmt in r.getMessage()]
