@@ -12,7 +12,7 @@ import logging
 
 from starlette.concurrency import run_in_threadpool
 
-from server.images import ImageLimits, InputImageError, check_canvas, decode_image, fetch
+from server.images import ImageLimits, InputImageError, check_canvas, decode_image, fetch_async
 from server.jobs.contract import FailureKind, Job
 from server.jobs.store import JobStore, StoreError
 
@@ -41,17 +41,16 @@ class InputStage:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _fetch_and_check(self, job: Job) -> bytes:
-        assert job.source.url is not None
-        data = fetch(job.source.url, self.limits)
+    def _check(self, job: Job, data: bytes) -> None:
         image = decode_image(data, self.limits)
         check_canvas(image.size, job.params.to_json(), self.limits)
-        return data
 
     async def _prepare(self, job: Job) -> None:
+        assert job.source.url is not None
         async with self._slots:
             try:
-                data = await run_in_threadpool(self._fetch_and_check, job)
+                data = await fetch_async(job.source.url, self.limits)
+                await run_in_threadpool(self._check, job, data)
             except InputImageError as exc:
                 await run_in_threadpool(self.store.fail, job.id, str(exc), FailureKind.INPUT)
                 return

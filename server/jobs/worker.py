@@ -46,11 +46,17 @@ class Worker:
 
     def load(self) -> None:
         import torch
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
 
         from models.engine import OutpaintEngine
         from models.speed import SpeedOptions
         from models.styles import build_composer
 
+        # The libraries print through handlers of their own; through ours they keep the one format.
+        for library in (diffusers_logging, transformers_logging):
+            library.disable_default_handler()
+            library.enable_propagation()
         if self.config.cpu_threads:
             torch.set_num_threads(self.config.cpu_threads)
         config = self.config
