@@ -21,12 +21,13 @@ class Cancelled(EngineError):
 class OutOfMemory(EngineError, MemoryError):
     """The device (or the host) ran out of memory during a run; the run's memory has been released."""
 
-    def __init__(self, device: str, samples: int, canvas: tuple[int, int]) -> None:
+    def __init__(self, device: str, samples: int, canvas: tuple[int, int], detail: str = "") -> None:
         width, height = canvas
         super().__init__(f"out of memory on {device} with {samples} sample(s) of a {width}x{height} canvas")
         self.device = device
         self.samples = samples
         self.canvas = canvas
+        self.detail = detail  # the allocator's own message (how much it tried to allocate), for logs
 
 
 class NonFiniteOutput(EngineError, FloatingPointError):

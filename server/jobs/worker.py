@@ -43,9 +43,9 @@ class Worker:
     def load(self) -> None:
         import torch
 
+        from models.composer import build_composer
         from models.engine import OutpaintEngine
         from models.speed import SpeedOptions
-        from models.styles import build_composer
 
         if self.config.cpu_threads:
             torch.set_num_threads(self.config.cpu_threads)
