@@ -221,6 +221,18 @@ def test_single_file_tokenizer_search_order(tmp_path: Path, offline: Path) -> No
     assert bad.value.tokenizer_dir == tmp_path / "nowhere"
 
 
+def test_the_engine_passes_the_tokenizer_folder_on(tmp_path: Path) -> None:
+    from models.engine import OutpaintEngine
+
+    original = tiny()
+    path = save_original_checkpoint(original, tmp_path / "model.safetensors")
+    save_tokenizers(original, tmp_path / "shared")
+    with pytest.raises(TokenizersNotFound):
+        OutpaintEngine.load(str(path), "cpu", "fp32")
+    engine = OutpaintEngine.load(str(path), "cpu", "fp32", tokenizer_dir=tmp_path / "shared")
+    assert_same_weights(original, engine.pipeline.c)
+
+
 def write_header_only_safetensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     # check_spec reads only the header, so a file without tensor data stands in for 7 GB.
     header = {k: {"dtype": "F16", "shape": list(s), "data_offsets": [0, 0]} for k, s in shapes.items()}
