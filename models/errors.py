@@ -64,17 +64,15 @@ class ModelSpecError(EngineError):
 
 
 class TokenizersNotFound(ModelSpecError):
-    """A single-file checkpoint (which never holds tokenizers) and no tokenizers in any searched place.
-
-    `searched` lists the places looked at, in order; `tokenizer_dir_given` says whether the caller
-    passed a tokenizer folder (when not, a caller with a setting for it should mention the setting).
+    """A single-file checkpoint (which never holds tokenizers), no tokenizer folder passed in, and no
+    tokenizers in any other place searched. `searched` lists the places, in order, the first being the
+    tokenizer_dir parameter: a caller with a setting for it should name the setting there.
     """
 
-    def __init__(self, message: str, checkpoint: Path, searched: list[str], tokenizer_dir_given: bool) -> None:
+    def __init__(self, message: str, checkpoint: Path, searched: list[str]) -> None:
         super().__init__(message)
         self.checkpoint = checkpoint
         self.searched = searched
-        self.tokenizer_dir_given = tokenizer_dir_given
 
 
 class InvalidTokenizerDir(ModelSpecError):

@@ -199,7 +199,7 @@ def test_single_file_tokenizer_search_order(tmp_path: Path, offline: Path) -> No
     message = str(err.value)
     for place in ("tokenizer_dir", "model.tokenizers", loading.SDXL_BASE_REPO, DEFAULT_MODEL):
         assert place in message
-    assert err.value.checkpoint == path and err.value.tokenizer_dir_given is False
+    assert err.value.checkpoint == path
     assert len(err.value.searched) == 4 and "tokenizer_dir" in err.value.searched[0]
 
     # 4. the Hugging Face cache of the default model

@@ -79,7 +79,7 @@ def find_tokenizers(path: Path, tokenizer_dir: Path | None = None) -> tuple[tupl
             if all(has_tokenizer_files(d) for d in dirs):
                 return dirs, f"the Hugging Face cache of {repo}"
     searched = [
-        "a tokenizer folder given to the loader (tokenizer_dir), when one is given",
+        "a folder passed in as tokenizer_dir (none was)",
         f"{beside}/ (i.e. <checkpoint name>.tokenizers/)",
         f"{path.parent}/ itself (tokenizer/ and tokenizer_2/ next to the file)",
         f"the Hugging Face cache ({hub_cache_dir()}) of {' or '.join(TOKENIZER_REPOS)}",
@@ -92,7 +92,6 @@ def find_tokenizers(path: Path, tokenizer_dir: Path | None = None) -> tuple[tupl
         + tokenizer_download_hint(beside),
         checkpoint=path,
         searched=searched,
-        tokenizer_dir_given=False,
     )
 
 
@@ -111,7 +110,7 @@ def parameters_on_meta() -> Iterator[None]:
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], part: str, path: Path) -> None:
-    """Load `state` (from `_to_diffusers`) into `model` in fp32. Converts `state` in place, so that
+    """Load `state` (from `to_diffusers`) into `model` in fp32. Converts `state` in place, so that
     each checkpoint tensor is freed once its fp32 copy exists (SDXL's UNet: 5 GB fp16 -> 10 GB fp32)."""
     import torch
 
