@@ -88,7 +88,7 @@ def build_composer(
     expansion_model: str | Path | None = None,
     device: str | torch.device = "cpu",
 ) -> PromptComposer:
-    """The composer for the server's settings; a bad styles folder or model folder fails here."""
+    """The composer for a styles folder and an expansion model folder (None: none); a bad one fails here."""
     from models.expansion import LanguageModelExpander, NoExpansion
 
     expander: Expander = (
