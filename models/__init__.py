@@ -5,19 +5,25 @@
     result = engine.run(OutpaintRequest(image=img, prompt="a beach", left=64))
 
 Heavy imports (torch, diffusers) happen on first use of these names, so light modules such as
-`models.names` stay cheap to import for the HTTP process.
+`models.names` stay cheap to import for the HTTP process. The errors (`models.errors`) are torch-free.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Cancelled", "OutpaintEngine", "OutpaintRequest", "OutpaintResult"]
+_ENGINE = ("OutpaintEngine", "OutpaintRequest", "OutpaintResult")
+_ERRORS = ("Cancelled", "EngineError", "ModelSpecError", "NonFiniteOutput", "OutOfMemory", "UnknownStyle")
+__all__ = [*_ERRORS, *_ENGINE]
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:
+    if name in _ENGINE:
         from models import engine
 
         return getattr(engine, name)
+    if name in _ERRORS:
+        from models import errors
+
+        return getattr(errors, name)
     raise AttributeError(f"module 'models' has no attribute {name!r}")

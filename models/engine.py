@@ -5,23 +5,23 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from models.canvas import Padding, build_canvas, paste_back, working_size
+from models.composer import PromptComposer
 from models.devices import resolve_device, resolve_dtype
+from models.errors import Cancelled, OutOfMemory
 from models.names import DEFAULT_SAMPLER, DEFAULT_SCHEDULER, SAMPLERS, SCHEDULERS
 from models.pipeline import OutpaintPipeline
 from models.prompts import encode_prompts
 from models.seeds import draw_seed
 from models.speed import SpeedOptions
-from models.styles import PromptComposer
 
-
-class Cancelled(Exception):
-    """Raised from a step callback to stop a run between two denoising steps."""
+__all__ = ["Cancelled", "OutOfMemory", "OutpaintEngine", "OutpaintRequest", "OutpaintResult"]
 
 
 @dataclass
@@ -66,12 +66,20 @@ class OutpaintEngine:
 
     @classmethod
     def load(
-        cls, spec: str = "random:tiny", device: str = "auto", dtype: str = "auto", speed: SpeedOptions | None = None
+        cls,
+        spec: str = "random:tiny",
+        device: str = "auto",
+        dtype: str = "auto",
+        speed: SpeedOptions | None = None,
+        *,
+        tokenizer_dir: str | Path | None = None,
     ) -> OutpaintEngine:
+        """`tokenizer_dir`: where a single-file checkpoint's tokenizers are looked for first."""
         from models.loading import load_components
 
         dev = resolve_device(device)
-        return cls(OutpaintPipeline(load_components(spec), dev, resolve_dtype(dtype, dev), speed), spec)
+        components = load_components(spec, tokenizer_dir=tokenizer_dir)
+        return cls(OutpaintPipeline(components, dev, resolve_dtype(dtype, dev), speed), spec)
 
     @property
     def device(self) -> torch.device:
@@ -108,9 +116,20 @@ class OutpaintEngine:
             images = [original.copy() for _ in seeds]
             size = original.size
         else:
-            images, size = self._outpaint(
-                original, pad, composed.positives, composed.negatives, seeds, request, on_step
-            )
+            out_of_memory = None
+            try:
+                images, size = self._outpaint(
+                    original, pad, composed.positives, composed.negatives, seeds, request, on_step
+                )
+            except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+                out_of_memory = str(exc) or type(exc).__name__
+            if out_of_memory is not None:
+                # Outside the except block, so the traceback no longer holds the failed run's
+                # tensors: their cached blocks go back to the device for the next request.
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                canvas = pad.canvas_size(original.width, original.height)
+                raise OutOfMemory(str(self.device), len(seeds), canvas, out_of_memory)
         return OutpaintResult(
             images=images,
             seeds=seeds,

@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from models.errors import EngineError
+
 if TYPE_CHECKING:
     import torch
 
@@ -26,7 +28,7 @@ CHUNK_TOKENS = 75
 TOP_K = 100
 
 
-class ExpansionModelError(ValueError):
+class ExpansionModelError(EngineError, ValueError):
     """The configured expansion model folder cannot be used (raised at startup, not per request)."""
 
 
@@ -42,7 +44,7 @@ class NoExpansion:
     """What V2 does when no model is configured: nothing, and the composer says so in the notes."""
 
     available = False
-    reason = "no expansion model configured (set BEYOND_EXPANSION_MODEL)"
+    reason = "no expansion model configured"
 
     def expand(self, prompt: str, seed: int) -> str:
         return ""

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from models.components import Components
+from models.errors import NonFiniteOutput
 from models.prompts import PromptEmbeddings
 from models.sampling import build_scheduler
 from models.speed import SpeedOptions, apply_speedups
@@ -133,5 +134,5 @@ class OutpaintPipeline:
         images = self.decode_latents(latents)
         # One check at the end rather than per step: a per-step check would sync the GPU every step.
         if not torch.isfinite(images).all():
-            raise FloatingPointError("the model produced NaN or infinite values; try --dtype bf16 or fp32")
+            raise NonFiniteOutput(str(dtype).removeprefix("torch."))
         return images

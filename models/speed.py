@@ -16,8 +16,8 @@ there they gain little or nothing and only make the CPU tests slower or harder t
 - The VAE runs in bf16 when the compute dtype is bf16 (bf16 has fp32's range, so the SDXL VAE does
   not overflow); only fp16 keeps it in fp32. `OutpaintPipeline` does that itself; it is reported here.
 
-The server's settings name them `BEYOND_CHANNELS_LAST` and `BEYOND_FUSE_QKV` (auto | 1 | 0) and
-`BEYOND_COMPILE` (0 | 1 | a torch.compile mode such as `max-autotune-no-cudagraphs`).
+As text (`SpeedOptions.parse`, for a caller's settings): channels_last and fuse_qkv take auto | 1 | 0,
+compile takes 0 | 1 | a torch.compile mode such as `max-autotune-no-cudagraphs`.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from diffusers.models.attention_processor import (
 from torch import nn
 
 from models.components import Components
+from models.errors import InvalidSpeedOption
 
 log = logging.getLogger("beyond.speed")
 
@@ -55,27 +56,27 @@ class SpeedOptions:
 
     @classmethod
     def parse(cls, channels_last: str = "auto", fuse_qkv: str = "auto", compile: str = "0") -> SpeedOptions:
-        """From the text of the server's settings (BEYOND_CHANNELS_LAST, BEYOND_FUSE_QKV, BEYOND_COMPILE)."""
+        """From settings given as text; a knob that is none of auto, 1 or 0 raises `InvalidSpeedOption`."""
         compile_value = compile.strip()
         compile_on = compile_value.lower() not in _FALSE
         mode = compile_value if compile_on and compile_value.lower() not in _TRUE else DEFAULT_COMPILE_MODE
         return cls(
-            channels_last=_tristate(channels_last, "BEYOND_CHANNELS_LAST"),
-            fuse_qkv=_tristate(fuse_qkv, "BEYOND_FUSE_QKV"),
+            channels_last=_tristate(channels_last, "channels_last"),
+            fuse_qkv=_tristate(fuse_qkv, "fuse_qkv"),
             compile=compile_on,
             compile_mode=mode,
         )
 
 
-def _tristate(value: str, name: str) -> bool | None:
-    value = value.strip().lower()
+def _tristate(text: str, option: str) -> bool | None:
+    value = text.strip().lower()
     if value == "auto":
         return None
     if value in _TRUE:
         return True
     if value in _FALSE:
         return False
-    raise ValueError(f"{name} must be auto, 1 or 0; got {value!r}")
+    raise InvalidSpeedOption(option, text)
 
 
 @dataclass(frozen=True)

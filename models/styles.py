@@ -3,23 +3,34 @@
 A template style has a positive text, which may hold a `{prompt}` placeholder, and a negative text.
 The built-in ones (Enhance, Sharp and a library) are ours, in `data/styles.json`; operators add or
 replace template styles with JSON files in a folder of their own. This module imports neither torch
-nor transformers, so that request validation can use the registry in the HTTP process.
+nor transformers, so that request validation can use the registry in the HTTP process; the engine's
+composer, which applies the styles to a prompt, is `models.composer`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
+from models.errors import StyleFileError, UnknownStyle
 
-    from models.expansion import Expander
+__all__ = [
+    "EXPANSION",
+    "EXPANSION_KIND",
+    "TEMPLATE",
+    "Style",
+    "StyleFileError",
+    "StyleRegistry",
+    "UnknownStyle",
+    "default_registry",
+    "parse_styles",
+    "style_key",
+]
 
 PLACEHOLDER = "{prompt}"
 LIBRARY_PATH = Path(__file__).parent / "data" / "styles.json"
@@ -28,16 +39,6 @@ TEMPLATE, EXPANSION_KIND = "template", "expansion"
 # Fooocus's own key names are accepted too, so an operator can drop in a style file written for it.
 _POSITIVE_KEYS, _NEGATIVE_KEYS = ("positive", "prompt"), ("negative", "negative_prompt")
 _FILE_KEYS = {"name", "aliases", "description", *_POSITIVE_KEYS, *_NEGATIVE_KEYS}
-
-
-class UnknownStyle(ValueError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"styles: unknown style '{name}'; GET /v1/styles lists the known ones")
-        self.name = name
-
-
-class StyleFileError(ValueError):
-    """A style file or folder that cannot be used; the message names it. Raised at startup."""
 
 
 def style_key(name: str) -> str:
@@ -92,10 +93,6 @@ def _tidy(text: str) -> str:
     # An empty prompt in "{prompt}, detail" must not leave stray separators behind.
     text = re.sub(r"\s*,(\s*,)+", ",", text)
     return re.sub(r"\s+", " ", text).strip(" ,")
-
-
-def _join(pieces: Iterable[str]) -> str:
-    return ", ".join(p for p in (q.strip() for q in pieces) if p)
 
 
 def _read_styles(path: Path, source: str) -> list[Style]:
@@ -258,79 +255,3 @@ def default_registry(styles_dir: str | Path | None = None) -> StyleRegistry:
 
 def parse_styles(text: str, registry: StyleRegistry | None = None) -> list[str]:
     return (registry or default_registry()).parse(text)
-
-
-@dataclass
-class ComposedPrompts:
-    positives: list[str]  # one per sample
-    negatives: list[str]
-    styles: list[str]  # the styles applied, canonical names
-    notes: dict = field(default_factory=dict)
-
-
-class PromptComposer:
-    """Turns the user's prompt, negative prompt and styles into the texts encoded per sample.
-
-    As in Fooocus: template positives follow in style order, preceded by the raw prompt unless a
-    template placed it with `{prompt}`; the V2 expansion (expanding the raw prompt, seeded per
-    sample) comes last; style negatives come first and the user's negative prompt last.
-    """
-
-    def __init__(self, registry: StyleRegistry | None = None, expander: Expander | None = None) -> None:
-        if expander is None:
-            from models.expansion import NoExpansion
-
-            expander = NoExpansion()
-        self.registry = registry if registry is not None else default_registry()
-        self.expander = expander
-
-    def compose(
-        self, prompt: str, negative: str, styles: Sequence[str], seeds: Sequence[int]
-    ) -> ComposedPrompts:
-        prompt, negative = prompt.strip(), (negative or "").strip()
-        chosen = list({s.name: s for s in (self.registry.get(n) for n in styles)}.values())
-        templates = [s for s in chosen if s.kind == TEMPLATE]
-        positives = [s.apply(prompt) for s in templates]
-        if not any(s.has_placeholder for s in templates):
-            positives.insert(0, prompt)
-        base = _join(positives)
-        negative_text = _join([*(s.negative for s in templates), negative])
-
-        notes: dict[str, Any] = {}
-        expansions = [""] * len(seeds)
-        applied = [s.name for s in chosen]
-        if any(s.kind == EXPANSION_KIND for s in chosen):
-            skipped = None
-            if not self.expander.available:
-                skipped = getattr(self.expander, "reason", "no expansion model")
-            elif not prompt:
-                skipped = "the prompt is empty"
-            if skipped:
-                notes["expansion"] = f"skipped: {skipped}"
-                applied.remove(EXPANSION)
-            else:
-                expansions = [self.expander.expand(prompt, seed) for seed in seeds]
-                notes["expansion"] = "applied"
-                notes["expansions"] = expansions
-        return ComposedPrompts(
-            positives=[_join([base, e]) for e in expansions],
-            negatives=[negative_text] * len(seeds),
-            styles=applied,
-            notes=notes,
-        )
-
-
-def build_composer(
-    styles_dir: str | Path | None = None,
-    expansion_model: str | Path | None = None,
-    device: str | torch.device = "cpu",
-) -> PromptComposer:
-    """The composer for the server's settings; a bad styles folder or model folder fails here."""
-    from models.expansion import LanguageModelExpander, NoExpansion
-
-    expander: Expander = (
-        LanguageModelExpander(expansion_model, device=device)
-        if expansion_model is not None
-        else NoExpansion()
-    )
-    return PromptComposer(default_registry(styles_dir), expander)

@@ -7,9 +7,11 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+import models
 from models import architectures as arch
 from models.canvas import SEAM_BAND, Padding, build_canvas, working_size
 from models.engine import Cancelled, OutpaintEngine, OutpaintRequest
+from models.errors import EngineError, NonFiniteOutput, OutOfMemory
 from models.pipeline import OutpaintPipeline
 from models.random_models import build_random
 from tests.helpers import noise_image, smooth_image
@@ -127,6 +129,36 @@ def test_cancel_stops_between_steps(engine: OutpaintEngine) -> None:
     with pytest.raises(Cancelled):
         engine.run(OutpaintRequest(image=noise_image(), prompt="x", steps=20, left=16), on_step=stop_at_three)
     assert seen == [1, 2, 3]
+    assert models.Cancelled is Cancelled and issubclass(Cancelled, EngineError)
+
+
+@pytest.mark.parametrize("error", [MemoryError, torch.cuda.OutOfMemoryError])
+def test_running_out_of_memory_is_reported_with_the_facts(engine: OutpaintEngine, error: type[Exception]) -> None:
+    # The step callback runs inside the denoise loop, where a real allocation failure would surface.
+    def allocate_too_much(step: int, total: int) -> None:
+        raise error("tried to allocate 80 GiB")
+
+    request = OutpaintRequest(image=noise_image(80, 48), prompt="x", steps=4, samples=2, left=16, top=8)
+    with pytest.raises(OutOfMemory) as caught:
+        engine.run(request, on_step=allocate_too_much)
+    assert (caught.value.device, caught.value.samples, caught.value.canvas) == ("cpu", 2, (96, 56))
+    assert caught.value.detail == "tried to allocate 80 GiB"
+    assert str(caught.value) == "out of memory on cpu with 2 sample(s) of a 96x56 canvas"
+    assert isinstance(caught.value, EngineError) and isinstance(caught.value, MemoryError)
+    # The engine is still usable afterwards.
+    assert len(engine.run(OutpaintRequest(image=noise_image(80, 48), prompt="x", steps=2, left=16)).images) == 1
+
+
+def test_non_finite_output_is_a_typed_error() -> None:
+    components = build_random("random:tiny")
+    with torch.no_grad():
+        components.vae.decoder.conv_out.bias.fill_(float("nan"))
+    engine = OutpaintEngine(OutpaintPipeline(components, torch.device("cpu"), torch.float32), "random:tiny")
+    with pytest.raises(NonFiniteOutput) as caught:
+        engine.run(OutpaintRequest(image=noise_image(80, 48), prompt="x", steps=2, left=16))
+    assert caught.value.dtype == "float32"
+    assert str(caught.value) == "the model produced NaN or infinite values when computing in float32"
+    assert isinstance(caught.value, FloatingPointError) and isinstance(caught.value, EngineError)
 
 
 def test_a_plain_four_channel_unet_outpaints_with_the_known_region_reimposed() -> None:

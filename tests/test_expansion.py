@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.composer import build_composer
 from models.expansion import (
     WORDS_PATH,
     ExpansionModelError,
@@ -17,7 +18,6 @@ from models.expansion import (
     clean_prompt,
     load_words,
 )
-from models.styles import build_composer
 from tests.helpers import build_tiny_gpt2
 
 WORDS = load_words()

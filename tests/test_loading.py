@@ -14,7 +14,17 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from models import architectures as arch
 from models import loading
 from models.components import Components
-from models.loading import DEFAULT_MODEL, ModelSpecError, check_spec, load_components
+from models.loading import (
+    DEFAULT_MODEL,
+    InvalidTokenizerDir,
+    ModelSpecError,
+    TokenizersNotFound,
+    check_spec,
+    load_components,
+)
+from models.loading.checkpoint_shapes import PREFIXES
+from models.loading.hub import hub_download_list
+from models.loading.single_file import single_file_plan, to_diffusers
 from models.random_models import RANDOM_SPECS, build_random
 from tests.checkpoint_conversion import (
     clip_to_original,
@@ -30,13 +40,18 @@ PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 @pytest.fixture(autouse=True)
 def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """No test may reach the network or see the machine's own cache or tokenizer folder."""
+    """No test may reach the network or see the machine's own cache."""
+    from huggingface_hub import constants
+
     home = tmp_path / "hf_home"
     home.mkdir()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(home))
-    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", loading.TOKENIZER_DIR_ENV):
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         monkeypatch.delenv(name, raising=False)
+    # huggingface_hub reads its variables once, at import; models.loading uses what it read.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
     return home
 
 
@@ -175,35 +190,47 @@ def test_single_file_checkpoint_loads_offline(tmp_path: Path, in_channels: int) 
     assert loaded.scheduler.config.prediction_type == "epsilon"
 
 
-def test_single_file_tokenizer_search_order(
-    tmp_path: Path, offline: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_single_file_tokenizer_search_order(tmp_path: Path, offline: Path) -> None:
     original = tiny()
     path = save_original_checkpoint(original, tmp_path / "model.safetensors")
 
-    with pytest.raises(ModelSpecError) as err:
+    with pytest.raises(TokenizersNotFound) as err:
         check_spec(str(path))
     message = str(err.value)
-    for place in (loading.TOKENIZER_DIR_ENV, "model.tokenizers", loading.SDXL_BASE_REPO, DEFAULT_MODEL):
+    for place in ("tokenizer_dir", "model.tokenizers", loading.SDXL_BASE_REPO, DEFAULT_MODEL):
         assert place in message
+    assert err.value.checkpoint == path
+    assert len(err.value.searched) == 4 and "tokenizer_dir" in err.value.searched[0]
 
     # 4. the Hugging Face cache of the default model
     fake_hub_cache(offline, DEFAULT_MODEL, lambda snap: save_tokenizers(original, snap))
-    assert loading._single_file_plan(path).tokenizer_source == f"the Hugging Face cache of {DEFAULT_MODEL}"
+    assert single_file_plan(path).tokenizer_source == f"the Hugging Face cache of {DEFAULT_MODEL}"
     # 3. beside the file, before the cache
     save_tokenizers(original, tmp_path)
-    assert loading._single_file_plan(path).tokenizer_source == "the checkpoint's folder"
+    assert single_file_plan(path).tokenizer_source == "the checkpoint's folder"
     # 2. <stem>.tokenizers/, before the plain folders beside it
     save_tokenizers(original, tmp_path / "model.tokenizers")
-    assert "model.tokenizers/" in loading._single_file_plan(path).tokenizer_source
-    # 1. the environment variable wins, and a wrong one is an error rather than a silent fallback
+    assert "model.tokenizers/" in single_file_plan(path).tokenizer_source
+    # 1. the folder the caller gives wins, and a wrong one is an error rather than a silent fallback
+    shared = tmp_path / "shared"
+    save_tokenizers(original, shared)
+    assert str(shared) in single_file_plan(path, shared).tokenizer_source
+    assert_same_weights(original, load_components(str(path), tokenizer_dir=shared))
+    with pytest.raises(InvalidTokenizerDir, match="nowhere") as bad:
+        check_spec(str(path), tokenizer_dir=tmp_path / "nowhere")
+    assert bad.value.tokenizer_dir == tmp_path / "nowhere"
+
+
+def test_the_engine_passes_the_tokenizer_folder_on(tmp_path: Path) -> None:
+    from models.engine import OutpaintEngine
+
+    original = tiny()
+    path = save_original_checkpoint(original, tmp_path / "model.safetensors")
     save_tokenizers(original, tmp_path / "shared")
-    monkeypatch.setenv(loading.TOKENIZER_DIR_ENV, str(tmp_path / "shared"))
-    assert loading.TOKENIZER_DIR_ENV in loading._single_file_plan(path).tokenizer_source
-    assert_same_weights(original, load_components(str(path)))
-    monkeypatch.setenv(loading.TOKENIZER_DIR_ENV, str(tmp_path / "nowhere"))
-    with pytest.raises(ModelSpecError, match=loading.TOKENIZER_DIR_ENV):
-        check_spec(str(path))
+    with pytest.raises(TokenizersNotFound):
+        OutpaintEngine.load(str(path), "cpu", "fp32")
+    engine = OutpaintEngine.load(str(path), "cpu", "fp32", tokenizer_dir=tmp_path / "shared")
+    assert_same_weights(original, engine.pipeline.c)
 
 
 def write_header_only_safetensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -229,11 +256,11 @@ def test_full_size_checkpoint_is_recognised_from_its_shapes(tmp_path: Path) -> N
     write_header_only_safetensors(path, {k: tuple(v.shape) for k, v in state.items()})
     save_tokenizers(build_random("random:tiny"), tmp_path)
     check_spec(str(path))
-    configs = loading._single_file_plan(path).configs
+    configs = single_file_plan(path).configs
     # The full-size key layout converts to exactly the keys and shapes of the configured models.
     for part, model in (("unet", unet), ("vae", vae), ("text_encoder", te1), ("text_encoder_2", te2)):
-        prefix = loading._PREFIXES[part]
-        converted = loading._to_diffusers(
+        prefix = PREFIXES[part]
+        converted = to_diffusers(
             part, {k: v for k, v in state.items() if k.startswith(prefix)}, model, path
         )
         assert {k: v.shape for k, v in converted.items()} == {
@@ -330,7 +357,7 @@ def test_hub_id_download_with_the_hub_faked(tmp_path: Path, monkeypatch: pytest.
         asked["bars off"] = are_progress_bars_disabled()
         return str(tmp_path / "published")
 
-    monkeypatch.setattr(loading, "_offline", lambda: False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     check_spec("someone/tiny-sdxl")
@@ -366,7 +393,7 @@ def test_hub_download_picks_fp16_weights_and_skips_the_rest() -> None:
         "text_encoder_2/model.safetensors.index.json",
         "sd_xl_base_1.0.safetensors",
     ]
-    wanted = loading._hub_download_list("o/n", files)
+    wanted = hub_download_list("o/n", files)
     assert "unet/diffusion_pytorch_model.fp16.safetensors" in wanted
     assert "vae/diffusion_pytorch_model.safetensors" in wanted
     assert "text_encoder/model.fp16.safetensors" in wanted
@@ -379,7 +406,7 @@ def test_hub_download_picks_fp16_weights_and_skips_the_rest() -> None:
     assert not any(f.endswith(".bin") or f.startswith("sd_xl") for f in wanted)
     assert "unet/diffusion_pytorch_model.safetensors" not in wanted
     with pytest.raises(ModelSpecError, match="no .safetensors weights for unet"):
-        loading._hub_download_list("o/n", [f for f in files if not f.startswith("unet/diffusion")])
+        hub_download_list("o/n", [f for f in files if not f.startswith("unet/diffusion")])
 
 
 # --- specs that cannot load -------------------------------------------------------------------------

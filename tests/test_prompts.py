@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from models.components import Components
+from models.composer import PromptComposer
 from models.prompts import chunk_count, encode_prompts, token_chunks
 from models.random_models import build_random
-from models.styles import PromptComposer
 
 CPU = torch.device("cpu")
 # The tiny model's tokenizers are character-level (one token per character that is not a space), so

@@ -7,6 +7,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
+from models.errors import InvalidSpeedOption
 from models.pipeline import OutpaintPipeline
 from models.prompts import encode_prompts
 from models.random_models import build_random
@@ -98,8 +99,10 @@ def test_options_from_the_environment() -> None:
     assert SpeedOptions.parse("1", "off", "1") == SpeedOptions(True, False, True, DEFAULT_COMPILE_MODE)
     assert SpeedOptions.parse(compile="reduce-overhead").compile_mode == "reduce-overhead"
     assert SpeedOptions.parse(compile="0").compile is False
-    with pytest.raises(ValueError, match="BEYOND_FUSE_QKV"):
+    with pytest.raises(InvalidSpeedOption, match="fuse_qkv") as caught:
         SpeedOptions.parse(fuse_qkv="maybe")
+    assert (caught.value.option, caught.value.value) == ("fuse_qkv", "maybe")
+    assert isinstance(caught.value, ValueError)
 
 
 @pytest.mark.parametrize(("dtype", "vae_dtype"), [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])

@@ -49,9 +49,9 @@ class Worker:
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
 
+        from models.composer import build_composer
         from models.engine import OutpaintEngine
         from models.speed import SpeedOptions
-        from models.styles import build_composer
 
         # The libraries print through handlers of their own; through ours they keep the one format.
         for library in (diffusers_logging, transformers_logging):
