@@ -56,9 +56,9 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     configure_logs(settings.log_level, settings.log_format)
     try:
-        check_spec(settings.model)
+        check_spec(settings.model, tokenizer_dir=settings.tokenizer_dir)
     except ModelSpecError as exc:
-        print(f"beyond: cannot use model {settings.model!r}:\n{exc}", file=sys.stderr)
+        print(f"beyond: cannot use model {settings.model!r}:\n{word_model_error(exc)}", file=sys.stderr)
         return 2
     try:
         default_registry(settings.styles_dir)
@@ -93,6 +93,17 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,
     )
     return 0
+
+
+def word_model_error(exc: Exception) -> str:
+    """The engine's facts, with the server's own settings named where they are the way out."""
+    from models.errors import InvalidTokenizerDir, TokenizersNotFound
+
+    if isinstance(exc, InvalidTokenizerDir):
+        return f"BEYOND_TOKENIZER_DIR={exc.tokenizer_dir}: {exc}"
+    if isinstance(exc, TokenizersNotFound):
+        return f"{exc}\n(set BEYOND_TOKENIZER_DIR to a folder holding tokenizer/ and tokenizer_2/)"
+    return str(exc)
 
 
 DEVICE_CHECK = """

@@ -61,7 +61,7 @@ class Worker:
             torch.set_num_threads(self.config.cpu_threads)
         config = self.config
         speed = SpeedOptions.parse(config.channels_last, config.fuse_qkv, config.compile)
-        engine = OutpaintEngine.load(config.model, config.device, config.dtype, speed)
+        engine = OutpaintEngine.load(config.model, config.device, config.dtype, speed, tokenizer_dir=config.tokenizer_dir)
         engine.composer = build_composer(config.styles_dir, config.expansion_model, device=engine.device)
         self.engine = engine
 
@@ -92,7 +92,8 @@ class Worker:
     def run(self, job: RunJob) -> JobDone | JobFailed:
         import torch
 
-        from models.engine import Cancelled, OutpaintRequest
+        from models.engine import OutpaintRequest
+        from models.errors import Cancelled, NonFiniteOutput, OutOfMemory
         from server.images import InputImageError, check_canvas, decode_image
 
         def failed(error: str, kind: FailureKind) -> JobFailed:
@@ -138,15 +139,14 @@ class Worker:
             return failed("cancelled", FailureKind.CANCELLED)
         except InputImageError as exc:
             return failed(str(exc), FailureKind.INPUT)
-        except (torch.cuda.OutOfMemoryError, MemoryError):
-            log.warning("job %s ran out of memory", job.job_id)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+        except OutOfMemory as exc:
+            log.warning("job %s: %s (%s)", job.job_id, exc, exc.detail)
             return failed("out of memory; try fewer samples or a smaller canvas", FailureKind.OUT_OF_MEMORY)
-        except FloatingPointError:
-            log.warning("job %s produced non-finite values", job.job_id)
+        except NonFiniteOutput as exc:
+            log.warning("job %s: %s", job.job_id, exc)
             return failed(
-                "the model produced NaN or infinite values; a different seed, or the server in bf16 or fp32, may help",
+                f"the model produced NaN or infinite values in {exc.dtype}; another seed may help, or the server"
+                " in bf16 or fp32 (BEYOND_DTYPE)",
                 FailureKind.NON_FINITE,
             )
         except Exception:  # one job's failure must not end the worker; the client gets our words only
