@@ -1,0 +1,87 @@
+"""GET /v2/requests/{id}/events: a request's progress as a server-sent event stream.
+
+Events: `status` (data: the body GET .../status answers) whenever what that body says changes, then one
+`result` (data: the body GET /v2/requests/{id} answers, the 422 body for a FAILED request), then the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.concurrency import run_in_threadpool
+
+from server.auth import CallerDep, owner_of
+from server.deps import Services, ServicesDep, public_base
+from server.errors import ApiError
+from server.jobs.model import Job
+from server.submission import find, result_body, status_body
+
+router = APIRouter(prefix="/v2")
+log = logging.getLogger("beyond.events")
+
+POLL = 0.2  # seconds between store reads while waiting for a change
+WAIT = 30.0  # longest wait in one next_change call; nothing is sent when it passes unchanged
+PING = 15  # seconds between keep-alive comments, so proxies do not drop a quiet stream
+
+
+def seen(body: dict[str, Any]) -> tuple:
+    """A status body as a comparable value: two bodies that read the same to a client compare equal."""
+    return tuple(sorted(body.items()))
+
+
+def _visible(services: Services, job_id: str) -> tuple[Job | None, tuple]:
+    job = services.store.get(job_id)
+    if job is None or job.finished:
+        return job, ("ended",)
+    return job, seen(status_body(services, job))
+
+
+async def next_change(services: Services, job_id: str, last: tuple, timeout: float) -> Job | None:
+    """The job once something a client sees of it differs from `last` (see `seen`), or when `timeout`
+    passes; None once it is gone (expired). The only place the stream waits: polling the store for now."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job, now = await run_in_threadpool(_visible, services, job_id)
+        if now != last or time.monotonic() >= deadline:
+            return job
+        await asyncio.sleep(POLL)
+
+
+def final_body(services: Services, job_id: str, base: str) -> dict[str, Any]:
+    """What GET /v2/requests/{id} answers now, error bodies included (422 FAILED, 404 once expired)."""
+    try:
+        return result_body(services, find(services, job_id), base)
+    except ApiError as exc:
+        return exc.body()
+
+
+async def progress_events(
+    services: Services, job: Job | None, job_id: str, base: str
+) -> AsyncIterator[ServerSentEvent]:
+    try:
+        last: tuple = ()
+        while job is not None and not job.finished:
+            body = await run_in_threadpool(status_body, services, job)
+            if seen(body) != last:
+                last = seen(body)
+                yield ServerSentEvent(data=json.dumps(body), event="status")
+            job = await next_change(services, job_id, last, WAIT)
+        result = await run_in_threadpool(final_body, services, job_id, base)
+        yield ServerSentEvent(data=json.dumps(result), event="result")
+    finally:
+        # Reached on the last event and when the client goes away (the generator is cancelled then).
+        log.info("events stream for %s closed", job_id, extra={"event": "events_closed", "request_id": job_id})
+
+
+@router.get("/requests/{request_id}/events")
+def get_events(request_id: str, request: Request, services: ServicesDep, caller: CallerDep) -> EventSourceResponse:
+    job = find(services, request_id, owner_of(caller))  # a 404 here comes before any stream starts
+    base = public_base(request, services.settings)
+    return EventSourceResponse(progress_events(services, job, request_id, base), ping=PING)
