@@ -9,7 +9,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from tests.helpers import ROOT, ServerProcess, smooth_image
+from tests.helpers import ROOT, ImageServer, ServerProcess, b64, encode, smooth_image
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -46,15 +46,6 @@ def browser() -> Iterator[Browser]:
             yield chromium
         finally:
             chromium.close()
-
-
-@pytest.fixture(scope="module")
-def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path_factory.mktemp("keyed"), env={"BEYOND_API_KEYS": KEY}).start()
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
 
 
 @pytest.fixture()
@@ -94,14 +85,12 @@ def value(page: Page, selector: str) -> int:
 
 
 def test_outpaint_from_the_playground(
-    keyed_server: ServerProcess, page: Page, page_errors: list[str], tmp_path: Path
+    server: ServerProcess, page: Page, page_errors: list[str], tmp_path: Path
 ) -> None:
-    server = keyed_server
     requested: list[str] = []
     page.on("request", lambda request: requested.append(request.url))
     page.add_init_script(RECORD_PROGRESS)
     page.goto(f"{server.url}/")
-    page.fill("#api-key", KEY)
     page.wait_for_selector("#styles option")
     selected = page.eval_on_selector("#styles", "s => Array.from(s.selectedOptions, o => o.value)")
     assert selected == ["V2", "Enhance", "Sharp"]
@@ -140,7 +129,7 @@ def test_outpaint_from_the_playground(
     download = page.get_attribute(".result figcaption a[download]", "href")
     assert download is not None and download.startswith(f"{server.url}/v2/requests/")
     request_id = download.split("/")[5]
-    body = httpx.get(f"{server.url}/v2/requests/{request_id}", headers={"x-api-key": KEY}, timeout=30).json()
+    body = httpx.get(f"{server.url}/v2/requests/{request_id}", timeout=30).json()
     assert body["parameters"]["steps"] == 20 and body["parameters"]["right"] == right
     assert f"seed {body['seeds'][0]}" in caption
 
@@ -151,19 +140,42 @@ def test_outpaint_from_the_playground(
     assert page_errors == []
 
 
-def test_api_errors_show_on_the_page_and_the_key_stays_in_the_browser(
-    keyed_server: ServerProcess, page: Page, tmp_path: Path
-) -> None:
-    page.goto(f"{keyed_server.url}/")
-    page.set_input_files("#file", picture(tmp_path))
-    page.wait_for_function("document.getElementById('canvas').dataset.frame")
-    page.fill("#prompt", "a quiet beach")
-    page.fill("#steps", "20")
-    page.click("#submit")
-    page.wait_for_selector("#error:not([hidden])")
-    assert page.text_content("#error") == "missing API key: send it in the x-api-key header"
-
+def test_drop_url_key_cancel_and_api_errors_on_the_page(server: ServerProcess, page: Page, images: ImageServer) -> None:
+    page.goto(f"{server.url}/")
+    # Dropped on the canvas: a file made in the page, as a drag from the desktop would bring it.
+    page.evaluate(
+        """data => {
+          const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+          const transfer = new DataTransfer();
+          transfer.items.add(new File([bytes], "dropped.png", { type: "image/png" }));
+          const drop = new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true });
+          document.getElementById("drop").dispatchEvent(drop);
+        }""",
+        b64(encode(smooth_image(80, 48))),
+    )
+    page.wait_for_function("document.getElementById('size').textContent.startsWith('input 80×48 ')")
+    # By URL: shown here, and sent to the server as given.
+    url = images.add("/playground.png", encode(smooth_image(WIDTH, HEIGHT)))
+    page.fill("#url", url)
+    page.click("#use-url")
+    page.wait_for_function(f"document.getElementById('size').textContent.startsWith('input {WIDTH}×{HEIGHT} ')")
+    # The key goes in the x-api-key header of every API call (this server has no keys: it ignores it).
     page.fill("#api-key", KEY)
+    page.fill("#prompt", "a quiet beach")
+    page.fill("#steps", "100")
+    with page.expect_request(lambda r: r.method == "POST") as submitted, page.expect_request("**/events") as events:
+        page.click("#submit")
+    body = submitted.value.post_data_json
+    assert body["input_image"] == url and body["steps"] == 100 and body["styles"] == "V2,Enhance,Sharp"
+    sides = {side: body[side] for side in ("left", "right", "top", "bottom")}
+    assert sides == {"left": 256, "right": 256, "top": 0, "bottom": 0}
+    assert submitted.value.headers["x-api-key"] == KEY and events.value.headers["x-api-key"] == KEY
+    # Cancelled from the page: the API's FAILED result and its error are what the page shows.
+    page.click("#cancel")
+    page.wait_for_selector("#error:not([hidden])", timeout=30_000)
+    assert page.text_content("#error") == "cancelled"
+    assert page.locator("#submit").is_enabled() and page.locator("#cancel").is_hidden()
+
     page.reload()
     assert page.input_value("#api-key") == KEY  # kept in this browser's localStorage
     assert page.evaluate("localStorage.getItem('beyond.apiKey')") == KEY

@@ -481,7 +481,8 @@ async function run(event) {
     const result = await follow(job.request_id, controller.signal);
     if (result.status === "COMPLETED") {
       $("progress").value = 1;
-      $("status").textContent = `done in ${result.metrics?.total_time ?? "?"} s`;
+      const seconds = result.metrics?.total_time;
+      $("status").textContent = typeof seconds === "number" ? `done in ${seconds.toFixed(1)} s` : "done";
       addResult(result);
     } else {
       $("status").textContent = result.status || "failed";
