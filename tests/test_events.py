@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
+from server.app import create_app
+from server.routes import events as events_route
+from server.settings import Settings
 from tests.helpers import ImageServer, ServerProcess, request_body
 
 KEYS = "SG_aaaaaaaaaaaaaaaa,SG_bbbbbbbbbbbbbbbb"
@@ -137,3 +142,63 @@ def test_with_keys_only_the_owner_sees_the_events(keyed_server: ServerProcess) -
     assert httpx.get(url, timeout=30).status_code == 401
     events = read_stream(keyed_server, request_id, key=owner)
     assert events[-1] == ("result", get_result(keyed_server, request_id, key=owner).json())
+
+
+def test_keep_alive_comments_flow_while_nothing_changes_and_a_disconnect_ends_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In-process, with no worker started: the job stays QUEUED, so only keep-alives can follow its first event.
+    monkeypatch.setattr(events_route, "PING", 0.3)
+    app = create_app(Settings(data_dir=tmp_path, model="random:tiny"))
+    job = app.state.services.store.create(
+        {"steps": 20}, {"kind": "url", "url": "http://127.0.0.1:9/x.png"}, image=None, base64=False, owner=None
+    )
+    path = f"/v2/requests/{job.id}/events"
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 80),
+    }
+
+    async def drive() -> tuple[list[dict], float]:
+        sent: list[dict] = []
+        gone = asyncio.Event()
+        requested = False
+
+        async def receive() -> dict:
+            nonlocal requested
+            if not requested:
+                requested = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        task = asyncio.create_task(app(scope, receive, send))
+        await asyncio.sleep(1.2)
+        gone.set()
+        started = time.monotonic()
+        await asyncio.wait_for(task, 10)
+        return sent, time.monotonic() - started
+
+    sent, ending = asyncio.run(drive())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    text = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body").decode()
+    blocks = [block for block in text.replace("\r\n", "\n").split("\n\n") if block]
+    assert blocks[0].startswith("event: status\ndata: ")
+    first = json.loads(blocks[0].split("data: ", 1)[1])
+    assert first == {"status": "QUEUED", "request_id": job.id, "queue_position": 0}
+    pings = [block for block in blocks[1:] if block.startswith(":")]
+    assert len(pings) >= 2 and pings == blocks[1:]  # keep-alives only: nothing changed
+    assert ending < 2  # the disconnect ended the stream (the app returned) at once
