@@ -61,8 +61,8 @@ def get_result(server: ServerProcess, request_id: str, key: str | None = None) -
 
 
 def test_a_queued_job_streams_its_position_then_progress_then_its_result(server: ServerProcess) -> None:
-    first = submit(server, steps=60)
-    second = submit(server, steps=40)
+    first = submit(server, steps=20)
+    second = submit(server, steps=30)
     events = read_stream(server, second)
     names = [name for name, _ in events]
     assert names[-1] == "result" and set(names[:-1]) == {"status"}, names

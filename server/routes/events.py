@@ -80,8 +80,14 @@ async def progress_events(
         log.info("events stream for %s closed", job_id, extra={"event": "events_closed", "request_id": job_id})
 
 
-@router.get("/requests/{request_id}/events")
+@router.get(
+    "/requests/{request_id}/events",
+    response_class=EventSourceResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "`status` events, then one `result`"}},
+)
 def get_events(request_id: str, request: Request, services: ServicesDep, caller: CallerDep) -> EventSourceResponse:
+    """Server-sent events: `status` (the status body) on every change a client would see, then `result`
+    (the body GET /v2/requests/{id} answers, also for FAILED), then the stream ends."""
     job = find(services, request_id, owner_of(caller))  # a 404 here comes before any stream starts
     base = public_base(request, services.settings)
     return EventSourceResponse(progress_events(services, job, request_id, base), ping=PING)
