@@ -25,7 +25,7 @@ from server.jobs.supervisor import Supervisor
 from server.metrics import Metrics
 from server.middleware import ServingMiddleware
 from server.ratelimit import RateLimiter
-from server.routes import health, styles, v1, v2
+from server.routes import events, health, playground, styles, v1, v2
 from server.schemas import SegBeyondRequest
 from server.settings import Settings, get_settings
 
@@ -138,4 +138,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1.router)
     app.include_router(v2.router)
     app.include_router(styles.router)
+    app.include_router(events.router)
+    app.include_router(playground.router)
     return app

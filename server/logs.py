@@ -41,6 +41,8 @@ def configure(level: str, fmt: str) -> None:
         logger.handlers.clear()
         logger.propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    # httpx logs every request's full URL at info: an input URL's query can carry a signature.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 class RateLimitedLog:

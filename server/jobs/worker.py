@@ -61,7 +61,9 @@ class Worker:
             torch.set_num_threads(self.config.cpu_threads)
         config = self.config
         speed = SpeedOptions.parse(config.channels_last, config.fuse_qkv, config.compile)
-        engine = OutpaintEngine.load(config.model, config.device, config.dtype, speed, tokenizer_dir=config.tokenizer_dir)
+        engine = OutpaintEngine.load(
+            config.model, config.device, config.dtype, speed, tokenizer_dir=config.tokenizer_dir
+        )
         engine.composer = build_composer(config.styles_dir, config.expansion_model, device=engine.device)
         self.engine = engine
 
