@@ -20,15 +20,17 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
+from pydantic import SecretStr
 from standardwebhooks import Webhook
 
 from server.images import ImageLimits, InputImageError, check_url, pinned_request
 
 log = logging.getLogger("beyond.webhooks")
+T = TypeVar("T")
 
 # Delay before each attempt, the first counted from enqueue and each next one from the attempt before it:
 # five attempts within about ten minutes.
@@ -93,7 +95,7 @@ class Delivery:
 class WebhookOutbox:
     """The `webhooks` table of a SQLite file; safe to call from any thread (one connection per thread).
 
-    Blocking: from async code call it through asyncio.to_thread.
+    Blocking: from async code call it through asyncio.to_thread. Close it only once nothing uses it any more.
     """
 
     def __init__(self, path: Path) -> None:
@@ -215,6 +217,19 @@ def describe(exc: httpx.HTTPError) -> str:
     return f"request failed ({type(exc).__name__})"
 
 
+async def in_thread(function: Callable[..., T], *args: Any) -> T:
+    """asyncio.to_thread, except that a cancelled caller still waits for the thread to finish: a thread cannot be
+    interrupted, and the outbox must not be closed under a query that is still running."""
+    future = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        if not future.cancelled():
+            future.exception()  # retrieved, so asyncio does not report it as lost
+        raise
+
+
 class WebhookDispatcher:
     """Delivers the outbox from an asyncio task: wakes on enqueue or when the next retry is due.
 
@@ -224,7 +239,7 @@ class WebhookDispatcher:
     def __init__(
         self,
         outbox: WebhookOutbox,
-        secret: str,
+        secret: str | SecretStr,
         limits: ImageLimits,
         schedule: Sequence[float] = DEFAULT_SCHEDULE,
         timeout: float = DEFAULT_TIMEOUT,
@@ -235,7 +250,8 @@ class WebhookDispatcher:
         if timeout <= 0 or concurrency < 1:
             raise ValueError("webhook timeout and concurrency must be positive")
         self.outbox = outbox
-        self._signer = load_secret(secret)  # only the signer is kept, so no repr or log line can show the secret
+        plain = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
+        self._signer = load_secret(plain)  # only the signer is kept, so no repr or log line can show the secret
         self.limits = limits
         self.schedule = tuple(schedule)
         self.timeout = timeout
@@ -244,9 +260,10 @@ class WebhookDispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: asyncio.Task[None] | None = None
         self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._client: httpx.AsyncClient | None = None
+        self._transport: httpx.AsyncHTTPTransport | None = None
 
-    def _notify(self) -> None:
+    def wake(self) -> None:
+        """Look at the outbox now; safe from any thread (for enqueues the outbox did not announce)."""
         loop, wake = self._loop, self._wake
         if loop is None or wake is None:
             return
@@ -260,27 +277,25 @@ class WebhookDispatcher:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         # No keep-alive: connections are pinned to checked addresses, and a pooled one must not serve another host.
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(self.timeout),
-            follow_redirects=False,
-            trust_env=False,
-            limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=0),
+        # The transport is used without a Client, whose INFO line would log each URL (and any token in its query).
+        self._transport = httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=0), retries=0
         )
-        self.outbox.add_listener(self._notify)
+        self.outbox.add_listener(self.wake)
         self._runner = asyncio.create_task(self._run(), name="webhook-dispatcher")
 
     async def stop(self) -> None:
         """Stop at once; an attempt cut off here is not recorded and is sent again after the next start."""
-        self.outbox.remove_listener(self._notify)
+        self.outbox.remove_listener(self.wake)
         tasks = [t for t in (self._runner, *self._inflight.values()) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._runner = None
         self._inflight.clear()
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._transport is not None:
+            await self._transport.aclose()
+            self._transport = None
         self._loop = self._wake = None
 
     async def _run(self) -> None:
@@ -299,12 +314,12 @@ class WebhookDispatcher:
         """Start the attempts that are due; how long to sleep before looking again (None: until woken)."""
         free = self.concurrency - len(self._inflight)
         busy = list(self._inflight)
-        for delivery in await asyncio.to_thread(self.outbox.due, time.time(), free, busy):
+        for delivery in await in_thread(self.outbox.due, time.time(), free, busy):
             task = asyncio.create_task(self._attempt(delivery), name=f"webhook-{delivery.job_id}")
             self._inflight[delivery.job_id] = task
         if len(self._inflight) >= self.concurrency:
             return None  # a finishing attempt wakes the loop
-        next_at = await asyncio.to_thread(self.outbox.next_due, list(self._inflight))
+        next_at = await in_thread(self.outbox.next_due, list(self._inflight))
         return None if next_at is None else max(0.0, next_at - time.time())
 
     async def _attempt(self, delivery: Delivery) -> None:
@@ -314,7 +329,7 @@ class WebhookDispatcher:
             attempt = delivery.attempts + 1
             retry = not ok and not final and attempt < len(self.schedule)
             next_at = time.time() + self.schedule[attempt] if retry else None
-            await asyncio.to_thread(self.outbox.record, delivery.job_id, ok, status, error, next_at)
+            await in_thread(self.outbox.record, delivery.job_id, ok, status, error, next_at)
             host = urlsplit(delivery.url).hostname  # never the whole URL: its query may hold the receiver's token
             if ok:
                 log.info("webhook for job %s delivered to %s (attempt %d)", delivery.job_id, host, attempt)
@@ -337,7 +352,7 @@ class WebhookDispatcher:
 
     async def _send(self, delivery: Delivery) -> tuple[int | None, str | None, bool]:
         """(HTTP status or None, error wording or None, whether this ends delivery regardless)."""
-        assert self._client is not None
+        assert self._transport is not None
         try:
             # Checked at each attempt: DNS may have changed since the request was accepted.
             addresses = await asyncio.to_thread(check_url, delivery.url, self.limits)
@@ -348,12 +363,11 @@ class WebhookDispatcher:
             return None, "webhook_url refused: not a valid URL", True
         headers.update(sign_headers(self._signer, delivery.msg_id, time.time(), delivery.body))
         headers.update({"Content-Type": "application/json", "User-Agent": USER_AGENT})
-        request = self._client.build_request(
-            "POST", target, content=delivery.body, headers=headers, extensions=extensions
-        )
+        extensions = {**extensions, "timeout": httpx.Timeout(self.timeout).as_dict()}
+        request = httpx.Request("POST", target, content=delivery.body, headers=headers, extensions=extensions)
         try:
             # httpx's timeout bounds each wait; this bounds the whole attempt, against a receiver dripping bytes.
-            response = await asyncio.wait_for(self._client.send(request, stream=True), timeout=self.timeout)
+            response = await asyncio.wait_for(self._transport.handle_async_request(request), timeout=self.timeout)
             await response.aclose()  # only the status matters: never read what the receiver sends back
         except asyncio.TimeoutError:
             return None, "timeout", False
