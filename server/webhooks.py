@@ -329,18 +329,15 @@ class WebhookDispatcher:
             attempt = delivery.attempts + 1
             retry = not ok and not final and attempt < len(self.schedule)
             next_at = time.time() + self.schedule[attempt] if retry else None
-            await in_thread(self.outbox.record, delivery.job_id, ok, status, error, next_at)
+            # Logged before the write, which a stop may cut short (the write itself still completes).
             host = urlsplit(delivery.url).hostname  # never the whole URL: its query may hold the receiver's token
             if ok:
                 log.info("webhook for job %s delivered to %s (attempt %d)", delivery.job_id, host, attempt)
-            elif retry:
-                log.warning(
-                    "webhook for job %s to %s failed (%s), attempt %d; retrying in %g s",
-                    delivery.job_id, host, error, attempt, self.schedule[attempt],
-                )
             else:
-                log.warning("webhook for job %s to %s failed (%s), attempt %d; giving up", delivery.job_id, host,
-                            error, attempt)
+                then = f"retrying in {self.schedule[attempt]:g} s" if retry else "giving up"
+                log.warning("webhook for job %s to %s failed (%s), attempt %d; %s", delivery.job_id, host, error,
+                            attempt, then)
+            await in_thread(self.outbox.record, delivery.job_id, ok, status, error, next_at)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -196,12 +196,12 @@ def test_delivery_survives_a_restart(tmp_path: Path, receiver_factory: Callable[
     path = tmp_path / "hooks.sqlite3"
 
     async def before() -> dict:
-        async with dispatching(path, schedule=(0.0, 0.5)) as (outbox, _):
+        async with dispatching(path, schedule=(0.0, 1.0)) as (outbox, _):
             await asyncio.to_thread(outbox.enqueue, "job-1", receiver.url, BODY)
             return await wait_for(outbox, "job-1", lambda s: s["attempts"] >= 1)
 
     async def after() -> dict:
-        async with dispatching(path, schedule=(0.0, 0.5)) as (outbox, _):
+        async with dispatching(path, schedule=(0.0, 1.0)) as (outbox, _):
             return await wait_for(outbox, "job-1", delivered)
 
     # Separate event loops, outboxes and connections: only the file is shared, as across a server restart.
@@ -334,18 +334,15 @@ def test_deliveries_run_concurrently_within_the_bound(
 ) -> None:
     receiver = receiver_factory([(200, 0.4)] * 6)
 
-    async def scenario() -> float:
+    async def scenario() -> None:
         async with dispatching(tmp_path / "hooks.sqlite3", concurrency=3) as (outbox, _):
-            start = time.monotonic()
             for index in range(6):
                 await asyncio.to_thread(outbox.enqueue, f"job-{index}", receiver.url, BODY)
             for index in range(6):
                 await wait_for(outbox, f"job-{index}", delivered)
-            return time.monotonic() - start
 
-    took = asyncio.run(scenario())
-    assert receiver.max_active == 3
-    assert took < 2.0  # one at a time would take 2.4 s
+    asyncio.run(scenario())
+    assert receiver.max_active == 3  # more than one at a time, and never more than the bound
     assert len(receiver.requests) == 6
 
 
