@@ -38,6 +38,7 @@ DEFAULT_SCHEDULE: tuple[float, ...] = (0.0, 10.0, 30.0, 120.0, 420.0)
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_CONCURRENCY = 8
 USER_AGENT = "beyond-webhooks/1"
+RECORD_FAILURE_HOLD = 30.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS webhooks (
@@ -260,6 +261,7 @@ class WebhookDispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: asyncio.Task[None] | None = None
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._held: dict[str, float] = {}  # job_id -> time: attempts whose outcome could not be written
         self._transport: httpx.AsyncHTTPTransport | None = None
 
     def wake(self) -> None:
@@ -312,19 +314,27 @@ class WebhookDispatcher:
 
     async def _dispatch_due(self) -> float | None:
         """Start the attempts that are due; how long to sleep before looking again (None: until woken)."""
+        now = time.time()
+        self._held = {job_id: until for job_id, until in self._held.items() if until > now}
         free = self.concurrency - len(self._inflight)
-        busy = list(self._inflight)
-        for delivery in await in_thread(self.outbox.due, time.time(), free, busy):
+        for delivery in await in_thread(self.outbox.due, now, free, [*self._inflight, *self._held]):
             task = asyncio.create_task(self._attempt(delivery), name=f"webhook-{delivery.job_id}")
             self._inflight[delivery.job_id] = task
         if len(self._inflight) >= self.concurrency:
             return None  # a finishing attempt wakes the loop
-        next_at = await in_thread(self.outbox.next_due, list(self._inflight))
+        next_at = await in_thread(self.outbox.next_due, [*self._inflight, *self._held])
+        next_at = min([*self._held.values(), *([] if next_at is None else [next_at])], default=None)
         return None if next_at is None else max(0.0, next_at - time.time())
 
     async def _attempt(self, delivery: Delivery) -> None:
         try:
-            status, error, final = await self._send(delivery)
+            try:
+                status, error, final = await self._send(delivery)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("webhook attempt for job %s broke", delivery.job_id)
+                status, error, final = None, "internal error", False
             ok = status is not None and 200 <= status < 300
             attempt = delivery.attempts + 1
             retry = not ok and not final and attempt < len(self.schedule)
@@ -341,6 +351,8 @@ class WebhookDispatcher:
         except asyncio.CancelledError:
             raise
         except Exception:
+            # Left due in the outbox: without this hold it would be sent again at once, and again.
+            self._held[delivery.job_id] = time.time() + RECORD_FAILURE_HOLD
             log.exception("webhook attempt for job %s could not be recorded", delivery.job_id)
         finally:
             self._inflight.pop(delivery.job_id, None)

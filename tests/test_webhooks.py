@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -407,3 +408,29 @@ def test_secret_never_reaches_the_logs(
     assert "receiver-private-token" not in caplog.text
     for _, body in receiver.requests:
         assert key.encode() not in body
+
+
+def test_unrecordable_attempt_is_not_resent_in_a_loop(
+    tmp_path: Path, receiver_factory: Callable[..., Receiver], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write that fails (a full disk) leaves the delivery due: it must be held back, not flood the receiver."""
+    receiver = receiver_factory()
+
+    class FullDisk(WebhookOutbox):
+        def record(self, *args: Any) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+    async def scenario() -> None:
+        outbox = FullDisk(tmp_path / "hooks.sqlite3")
+        dispatcher = WebhookDispatcher(outbox, SECRET, LOOPBACK, schedule=FAST)
+        await dispatcher.start()
+        try:
+            await asyncio.to_thread(outbox.enqueue, "job-1", receiver.url, BODY)
+            await asyncio.sleep(0.8)
+        finally:
+            await dispatcher.stop()
+            outbox.close()
+
+    asyncio.run(scenario())
+    assert len(receiver.requests) == 1
+    assert "could not be recorded" in caplog.text
