@@ -171,8 +171,8 @@ def check_model(spec: str) -> None:
         # one that matters here fits on the same line.
         first = str(exc).strip().splitlines()[0]
         raise UsageError(
-            f"--model {spec}: {first} (fetch a hub model first with `beyond download {spec}`, or pass a"
-            " diffusers folder or a .safetensors file)"
+            f"--model {spec}: {first} Fetch it first with `beyond download {spec}`, or pass a diffusers"
+            " folder or a .safetensors file."
             if "Hugging Face cache" in first
             else f"--model {spec}: {first}"
         ) from None
