@@ -169,3 +169,57 @@ def test_download_of_a_local_or_random_model_has_nothing_to_do(tmp_path: Path) -
     assert result.returncode == 0 and "nothing to download" in result.stdout
     missing = beyond("download", str(tmp_path / "absent.safetensors"))
     assert missing.returncode == 2 and "No such file" in missing.stderr and "Traceback" not in missing.stderr
+
+
+TOKENIZER_FILES = ("merges.txt", "vocab.json", "tokenizer_config.json")
+WEIGHT_STEMS = (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model"))
+
+
+def sdxl_listing(fp16: bool = True) -> list[str]:
+    """The file list of an SDXL inpainting repo on the Hub, in the shape the diffusers ones have."""
+    files = ["model_index.json", "README.md", ".gitattributes", "scheduler/scheduler_config.json"]
+    for tokenizer in ("tokenizer", "tokenizer_2"):
+        files += [f"{tokenizer}/{n}" for n in TOKENIZER_FILES]
+    for part, stem in WEIGHT_STEMS:
+        files += [f"{part}/config.json", f"{part}/{stem}.safetensors", f"{part}/{stem}.bin"]
+        files += [f"{part}/{stem}.fp16.safetensors", f"{part}/{stem}.fp16.bin"] if fp16 else []
+    files += ["text_encoder_2/config.json", "text_encoder_2/model.safetensors"]
+    files += ["unet/diffusion_pytorch_model.non_ema.bin", "vae_1_0/diffusion_pytorch_model.safetensors"]
+    if fp16:
+        files += [
+            "text_encoder_2/model.safetensors.index.fp16.json",
+            "text_encoder_2/model.fp16-00001-of-00002.safetensors",
+            "text_encoder_2/model.fp16-00002-of-00002.safetensors",
+        ]
+    return files
+
+
+def test_download_fetches_only_what_the_engine_loads() -> None:
+    from server.hubcache import DownloadError, wanted_files
+
+    wanted = set(wanted_files("owner/sdxl", sdxl_listing()))
+    shared = {"model_index.json", "scheduler/scheduler_config.json"}
+    shared |= {f"{t}/{n}" for t in ("tokenizer", "tokenizer_2") for n in TOKENIZER_FILES}
+    configs = {f"{p}/config.json" for p in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    fp16 = {
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+        "text_encoder/model.fp16.safetensors",
+        "text_encoder_2/model.safetensors.index.fp16.json",
+        "text_encoder_2/model.fp16-00001-of-00002.safetensors",
+        "text_encoder_2/model.fp16-00002-of-00002.safetensors",
+    }
+    # One weight set per part, fp16 where there is one: no full-precision copy, no pickles, no README.
+    assert wanted == shared | configs | fp16
+    full = set(wanted_files("owner/sdxl", sdxl_listing(fp16=False)))
+    assert full - shared - configs == {
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "text_encoder_2/model.safetensors",
+    }
+    with pytest.raises(DownloadError, match="publishes no .safetensors weights for vae"):
+        listing = sdxl_listing(fp16=False)
+        wanted_files("owner/old", [f for f in listing if f != "vae/diffusion_pytorch_model.safetensors"])
+    with pytest.raises(DownloadError, match="no model_index.json"):
+        wanted_files("owner/flat", ["model.safetensors", "config.json"])
