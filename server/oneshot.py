@@ -161,21 +161,29 @@ def read_input(path: Path, limits: Any) -> Any:
         raise UsageError(f"{path}: {_one_line(str(exc).removeprefix('input_image: '))}") from None
 
 
+def model_problem(message: str) -> str:
+    """A ModelSpecError's message on one line: what is wrong, without the list of accepted forms
+    or of remedies that follows it (for a hub model not in the cache, `check_model` names the one)."""
+    lines = []
+    for line in message.strip().splitlines():
+        if line.startswith(("Accepted model specs", "To fix this")):
+            break
+        lines.append(line.strip().removeprefix("- "))
+    return " ".join([lines[0], "; ".join(lines[1:])]).strip()
+
+
 def check_model(spec: str) -> None:
     from models.loading import ModelSpecError, check_spec
 
     try:
         check_spec(spec)
     except ModelSpecError as exc:
-        # The first line says what is wrong; the rest of the message lists remedies, of which the
-        # one that matters here fits on the same line.
-        first = str(exc).strip().splitlines()[0]
-        raise UsageError(
-            f"--model {spec}: {first} Fetch it first with `beyond download {spec}`, or pass a diffusers"
-            " folder or a .safetensors file."
-            if "Hugging Face cache" in first
-            else f"--model {spec}: {first}"
-        ) from None
+        problem = model_problem(str(exc))
+        if "Hugging Face cache" in problem:
+            problem += (
+                f" Fetch it first with `beyond download {spec}`, or pass a diffusers folder or a .safetensors file."
+            )
+        raise UsageError(f"--model {spec}: {problem}") from None
 
 
 def progress_callback() -> tuple[Callable[[int, int], None], Callable[[], None]]:
@@ -281,7 +289,7 @@ def load_engine(settings: Any) -> Any:
     try:
         engine = OutpaintEngine.load(settings.model, settings.device, settings.dtype, speed)
     except ModelSpecError as exc:
-        raise UsageError(f"--model {settings.model}: {str(exc).strip().splitlines()[0]}") from None
+        raise UsageError(f"--model {settings.model}: {model_problem(str(exc))}") from None
     try:
         engine.composer = build_composer(settings.styles_dir, settings.expansion_model, device=engine.device)
     except (OSError, ValueError) as exc:

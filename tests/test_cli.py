@@ -116,6 +116,10 @@ def bad_input_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "unknown scheduler": ([str(good), *base, "--scheduler", "lunar"], "unknown scheduler 'lunar'"),
         "unknown style": ([str(good), *base, "--styles", "V2,Nonexistent Style"], "--styles"),
         "missing model file": ([good.name, "--prompt", "p", "--model", "./no/such.safetensors"], "No such file"),
+        "incomplete model folder": (
+            [str(good), "--prompt", "p", "--model", str(tmp_path / "half-model")],
+            "unet/config.json is missing",
+        ),
         "pickle model": ([str(good), "--prompt", "p", "--model", str(tmp_path / "m.ckpt")], "pickle"),
         "uncached hub model": ([str(good), "--prompt", "p", "--model", "someone/some-sdxl"], "beyond download"),
         "bad output name": ([str(good), *base, "-o", str(tmp_path / "out.gif")], ".png"),
@@ -126,6 +130,8 @@ def bad_input_cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
 
 def test_each_kind_of_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
     (tmp_path / "m.ckpt").write_bytes(b"\x80\x04not really")
+    (tmp_path / "half-model").mkdir()
+    (tmp_path / "half-model" / "model_index.json").write_text("{}")
     outcomes = {}
     for name, (args, needle) in bad_input_cases(tmp_path).items():
         result = beyond("outpaint", *args, cwd=tmp_path)
