@@ -7,10 +7,13 @@ import os
 import sys
 
 from models.names import DEFAULT_MODEL
+from server import hubcache, oneshot
+from server.version import package_version
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="beyond", description="Self-hosted seg-beyond outpainting server.")
+    parser.add_argument("--version", action="version", version=f"beyond {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="start the HTTP server")
     # Each option defaults to its BEYOND_* variable; Settings reads both, the option wins.
@@ -24,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", help="where jobs and images are kept (BEYOND_DATA_DIR, default ./data)")
     serve.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (BEYOND_DEVICE, default auto)")
     serve.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="compute precision (BEYOND_DTYPE)")
+    oneshot.add_parser(commands)
+    hubcache.add_parser(commands)
     return parser
 
 
@@ -137,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "outpaint":
+        return oneshot.outpaint(args)
+    if args.command == "download":
+        return hubcache.run(args)
     return 2
 
 

@@ -1,0 +1,297 @@
+"""`beyond outpaint`: one image through the engine in this process, no server, no HTTP.
+
+The values are checked by the API's own request model (server.schemas.SegBeyondRequest), so the
+defaults and ranges are the contract's. Torch is imported only once the command runs: `import
+server.cli` stays light for the API process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from models.names import DEFAULT_MODEL
+
+PROG = "beyond outpaint"
+# Output format by extension; the options are those the server uses for its JPEGs.
+FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
+    ".jpg": ("JPEG", {"quality": 95}),
+    ".jpeg": ("JPEG", {"quality": 95}),
+    ".png": ("PNG", {}),
+    ".webp": ("WEBP", {"quality": 95}),
+}
+# Option name -> the request field it fills, and how the text becomes a value.
+NUMBERS: dict[str, type] = {
+    "left": int,
+    "right": int,
+    "top": int,
+    "bottom": int,
+    "steps": int,
+    "seed": int,
+    "samples": int,
+    "guidance_scale": float,
+}
+TEXTS = ("prompt", "negative_prompt", "sampler", "scheduler", "styles")
+
+
+class UsageError(Exception):
+    """Bad input from the command line: one line for the user, exit status 2."""
+
+
+def _field_help(name: str) -> str:
+    """'default X, A..B' read from the request model, so the help text cannot drift from the rules."""
+    from annotated_types import Ge, Le
+
+    from server.schemas import SegBeyondRequest
+
+    info = SegBeyondRequest.model_fields[name]
+    low = next((m.ge for m in info.metadata if isinstance(m, Ge)), None)
+    high = next((m.le for m in info.metadata if isinstance(m, Le)), None)
+    text = f"default {info.default}"
+    if low is not None and high is not None:
+        text += f", {low}..{high}"
+    return text
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "outpaint",
+        help="outpaint one image here, without a server",
+        description="Pad INPUT by --left/--right/--top/--bottom pixels and fill the new area with the engine.",
+    )
+    # argparse's own errors (a missing option, say) as one line too, like every other bad input.
+    parser.error = _usage_exit  # type: ignore[method-assign]
+    parser.add_argument("input", metavar="INPUT", help="the image to extend (PNG, JPEG or WebP)")
+    for side in ("left", "right", "top", "bottom"):
+        parser.add_argument(f"--{side}", metavar="N", help=f"pixels to add on the {side} ({_field_help(side)})")
+    parser.add_argument("--prompt", required=True, metavar="TEXT", help="what the new area shows")
+    parser.add_argument("--negative-prompt", metavar="TEXT", help="what it should not show")
+    parser.add_argument("--steps", metavar="N", help=f"denoising steps ({_field_help('steps')})")
+    parser.add_argument("--seed", metavar="N", help=f"first seed, -1 for a random one ({_field_help('seed')})")
+    parser.add_argument("--samples", metavar="N", help=f"how many images ({_field_help('samples')})")
+    parser.add_argument("--sampler", metavar="NAME", help=f"ComfyUI sampler name ({_field_help('sampler')})")
+    parser.add_argument("--scheduler", metavar="NAME", help=f"ComfyUI schedule name ({_field_help('scheduler')})")
+    parser.add_argument("--styles", metavar="LIST", help=f"comma-separated styles ({_field_help('styles')})")
+    parser.add_argument("--guidance-scale", metavar="G", help=f"guidance scale ({_field_help('guidance_scale')})")
+    parser.add_argument(
+        "--model", metavar="SPEC", help=f"model spec, as for serve (BEYOND_MODEL, default {DEFAULT_MODEL})"
+    )
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (BEYOND_DEVICE, default auto)")
+    parser.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT",
+        help="where to write; .png, .jpg/.jpeg or .webp sets the format; several samples add -1, -2, ..."
+        " (default: <INPUT stem>-outpainted.png beside INPUT)",
+    )
+
+
+def _usage_exit(message: str) -> NoReturn:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def request_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The command line as request fields; only the options given, so the model's defaults apply."""
+    fields: dict[str, Any] = {}
+    for name, kind in NUMBERS.items():
+        text = getattr(args, name)
+        if text is None:
+            continue
+        try:
+            fields[name] = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise UsageError(f"--{name.replace('_', '-')}: expected {what}, got {text!r}") from None
+    for name in TEXTS:
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    return fields
+
+
+def validate(fields: dict[str, Any], registry: Any) -> dict[str, Any]:
+    """The engine's parameters, checked by the API's request model (same defaults, same ranges)."""
+    from pydantic import ValidationError
+
+    from server.errors import describe_validation_error
+    from server.schemas import SegBeyondRequest
+
+    try:
+        # input_image is the file here; the model wants some non-empty text for it.
+        request = SegBeyondRequest.model_validate({"input_image": "-", **fields}, context={"registry": registry})
+    except ValidationError as exc:
+        field, _, reason = describe_validation_error(list(exc.errors())).partition(": ")
+        raise UsageError(f"--{field.replace('_', '-')}: {_one_line(reason)}") from None
+    return request.engine_params(registry)
+
+
+def output_paths(input_path: Path, output: str | None, samples: int) -> list[Path]:
+    out = Path(output) if output else input_path.with_name(f"{input_path.stem}-outpainted.png")
+    if out.suffix.lower() not in FORMATS:
+        raise UsageError(f"-o {out}: the name must end in one of {', '.join(FORMATS)} (it sets the format)")
+    if not out.parent.is_dir():
+        raise UsageError(f"-o {out}: no such folder {out.parent}")
+    if samples == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, samples + 1)]
+
+
+def read_input(path: Path, limits: Any) -> Any:
+    from server.images import InputImageError, decode_image
+
+    if not path.exists():
+        raise UsageError(f"{path}: no such file")
+    if not path.is_file():
+        raise UsageError(f"{path}: not a file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        return decode_image(data, limits)
+    except InputImageError as exc:
+        raise UsageError(f"{path}: {_one_line(str(exc).removeprefix('input_image: '))}") from None
+
+
+def model_problem(message: str) -> str:
+    """A ModelSpecError's message on one line: what is wrong, without the list of accepted forms
+    or of remedies that follows it (for a hub model not in the cache, `check_model` names the one)."""
+    lines = []
+    for line in message.strip().splitlines():
+        if line.startswith(("Accepted model specs", "To fix this")):
+            break
+        lines.append(line.strip().removeprefix("- "))
+    return " ".join([lines[0], "; ".join(lines[1:])]).strip()
+
+
+def check_model(spec: str) -> None:
+    from models.loading import ModelSpecError, check_spec
+
+    try:
+        check_spec(spec)
+    except ModelSpecError as exc:
+        problem = model_problem(str(exc))
+        if "Hugging Face cache" in problem:
+            problem += (
+                f" Fetch it first with `beyond download {spec}`, or pass a diffusers folder or a .safetensors file."
+            )
+        raise UsageError(f"--model {spec}: {problem}") from None
+
+
+def progress_callback() -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    """The engine's per-step callback drawing a tqdm bar on stderr, and a function to close it."""
+    from tqdm import tqdm
+
+    bar: list[tqdm] = []
+
+    def on_step(step: int, total: int) -> None:
+        if not bar:
+            bar.append(tqdm(total=total, desc="outpainting", unit="step", file=sys.stderr, dynamic_ncols=True))
+        bar[0].update(step - bar[0].n)
+
+    def close() -> None:
+        if bar:
+            bar[0].close()
+
+    return on_step, close
+
+
+def outpaint(args: argparse.Namespace) -> int:
+    try:
+        return _outpaint(args)
+    except UsageError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a failure of the engine itself: one line, not a traceback
+        print(f"{PROG}: failed: {type(exc).__name__}: {_one_line(str(exc))}", file=sys.stderr)
+        return 1
+
+
+def _outpaint(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from models.styles import StyleFileError, default_registry
+    from server.images import ImageLimits, InputImageError, check_canvas
+    from server.settings import Settings
+
+    # The server's settings (BEYOND_* variables) for what the command line does not say.
+    try:
+        settings = Settings(**{k: v for k, v in (("model", args.model), ("device", args.device)) if v})
+    except ValidationError as exc:
+        raise UsageError(f"invalid BEYOND_* setting: {_one_line(str(exc.errors()[0].get('msg')))}") from None
+    try:
+        registry = default_registry(settings.styles_dir)
+    except StyleFileError as exc:
+        raise UsageError(f"cannot load the styles: {_one_line(str(exc))}") from None
+    params = validate(request_fields(args), registry)
+    limits = ImageLimits(
+        max_bytes=settings.max_input_bytes,
+        max_pixels=settings.max_input_pixels,
+        max_canvas_pixels=settings.max_canvas_pixels,
+    )
+    input_path = Path(args.input)
+    paths = output_paths(input_path, args.output, params["samples"])
+    image = read_input(input_path, limits)
+    try:
+        check_canvas(image.size, params, limits)
+    except InputImageError as exc:
+        raise UsageError(_one_line(str(exc))) from None
+    check_model(settings.model)
+
+    engine = load_engine(settings)
+    on_step, close_bar = progress_callback()
+    from models.engine import OutpaintRequest
+
+    try:
+        result = engine.run(OutpaintRequest(image=image, **params), on_step)
+    finally:
+        close_bar()
+    for path, picture, seed in zip(paths, result.images, result.seeds, strict=True):
+        fmt, options = FORMATS[path.suffix.lower()]
+        picture.save(path, format=fmt, **options)
+        print(f"{path}\tseed {seed}")
+    return 0
+
+
+def load_engine(settings: Any) -> Any:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import diffusers
+    import torch
+    import transformers
+
+    from models.devices import resolve_device
+    from models.engine import OutpaintEngine
+    from models.loading import ModelSpecError
+    from models.speed import SpeedOptions
+    from models.styles import build_composer
+
+    try:
+        resolve_device(settings.device)
+    except (ValueError, RuntimeError) as exc:  # torch.device("bogus") is a RuntimeError
+        raise UsageError(f"--device {settings.device}: {_one_line(str(exc))}") from None
+    # Their load-time notices are for developers; the progress bar and the result are for this user.
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    if settings.cpu_threads:
+        torch.set_num_threads(settings.cpu_threads)
+    speed = SpeedOptions.parse(settings.channels_last, settings.fuse_qkv, settings.compile)
+    try:
+        engine = OutpaintEngine.load(settings.model, settings.device, settings.dtype, speed)
+    except ModelSpecError as exc:
+        raise UsageError(f"--model {settings.model}: {model_problem(str(exc))}") from None
+    try:
+        engine.composer = build_composer(settings.styles_dir, settings.expansion_model, device=engine.device)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot load the prompt expansion model: {_one_line(str(exc))}") from None
+    return engine
