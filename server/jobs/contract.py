@@ -22,8 +22,8 @@ def from_units(units: int) -> float:
     return units / CREDIT_UNITS
 
 
-def output_name(index: int) -> str:
-    return f"output-{index}.jpg"
+def output_name(index: int, extension: str = "jpg") -> str:
+    return f"output-{index}.{extension}"
 
 
 class JobStatus(str, Enum):
@@ -89,6 +89,36 @@ class ImageSource:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ImageSource:
         return cls(url=data.get("url") if data.get("kind") == "url" else None)
+
+
+OUTPUT_FORMATS = {"jpeg": ("jpg", "image/jpeg"), "png": ("png", "image/png"), "webp": ("webp", "image/webp")}
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """How results reach the client: extensions of the hosted API, none of them in `parameters`, so a
+    request that sends none of them reads exactly as on the hosted API."""
+
+    output_format: str = "jpeg"  # a key of OUTPUT_FORMATS
+    output_quality: int = 95  # for the lossy formats
+    webhook_url: str | None = None
+    base_url: str | None = None  # the absolute base the client reached this server at (for webhook bodies)
+
+    @property
+    def extension(self) -> str:
+        return OUTPUT_FORMATS[self.output_format][0]
+
+    @property
+    def media_type(self) -> str:
+        return OUTPUT_FORMATS[self.output_format][1]
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v != getattr(Delivery, k, None)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Delivery:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass(frozen=True)
@@ -168,6 +198,7 @@ class Job:
     expires_at: float | None = None
     input_ready: bool = True
     cost: int = 0  # credit units charged at submission
+    delivery: Delivery = field(default_factory=Delivery)
     result: JobResult | None = None
 
     @property

@@ -19,7 +19,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from server.jobs.contract import CREDIT_UNITS, FailureKind, ImageSource, Job, JobParams, JobResult, JobState, JobStatus
+from server.jobs.contract import (
+    CREDIT_UNITS,
+    Delivery,
+    FailureKind,
+    ImageSource,
+    Job,
+    JobParams,
+    JobResult,
+    JobState,
+    JobStatus,
+)
 from server.jobs.events import JobEvents
 from server.jobs.store import (
     MAX_ATTEMPTS,
@@ -51,18 +61,21 @@ CREATE TABLE IF NOT EXISTS jobs (
     expires_at REAL,
     result TEXT NOT NULL DEFAULT '{}',
     input_ready INTEGER NOT NULL DEFAULT 1,
-    cost_units INTEGER NOT NULL DEFAULT 0
+    cost_units INTEGER NOT NULL DEFAULT 0,
+    delivery TEXT NOT NULL DEFAULT '{}'
 );
 -- The credit ledger, in integer units (contract.CREDIT_UNITS a credit): `granted_units` is the key's
 -- credits as last configured, so raising it tops the balance up.
 CREATE TABLE IF NOT EXISTS credits (owner TEXT PRIMARY KEY, granted_units INTEGER, balance_units INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq);
 """
 # Columns added since the first release, and the older column (credits as REAL) each is filled from.
 ADDED_COLUMNS = (
     ("jobs", "input_ready", "INTEGER NOT NULL DEFAULT 1", None),
     ("jobs", "cost_units", "INTEGER NOT NULL DEFAULT 0", "cost"),
+    ("jobs", "delivery", "TEXT NOT NULL DEFAULT '{}'", None),
 )
 STATE_COLUMNS = "id, seq, status, owner, progress, error, error_kind, expires_at"
 LIVE = (JobStatus.QUEUED.value, JobStatus.PROCESSING.value)
@@ -198,6 +211,7 @@ class SqliteJobStore:
             expires_at=row["expires_at"],
             input_ready=bool(row["input_ready"]),
             cost=row["cost_units"],
+            delivery=Delivery.from_json(json.loads(row["delivery"])),
             result=JobResult.from_json(result) if result else None,
         )
 
@@ -222,6 +236,7 @@ class SqliteJobStore:
         owner: str | None,
         cost: int = 0,
         max_queued: int | None = None,
+        delivery: Delivery | None = None,
     ) -> Job:
         """Queue a job. With a cost, the owner's balance (if it has an account) is charged; with
         max_queued, a full queue raises QueueFull. Both in the one transaction that queues the job,
@@ -246,8 +261,9 @@ class SqliteJobStore:
                     db.execute("UPDATE credits SET balance_units = balance_units - ? WHERE owner = ?", (cost, owner))
                 row = db.execute(
                     # created_at is taken inside the write lock, so it grows in the order jobs are accepted.
-                    "INSERT INTO jobs (id, status, params, source, base64, owner, cost_units, input_ready, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, (julianday('now') - 2440587.5) * 86400.0) RETURNING *",
+                    "INSERT INTO jobs (id, status, params, source, base64, owner, cost_units, input_ready, delivery,"
+                    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, (julianday('now') - 2440587.5) * 86400.0)"
+                    " RETURNING *",
                     (
                         job_id,
                         JobStatus.QUEUED.value,
@@ -257,6 +273,7 @@ class SqliteJobStore:
                         owner,
                         cost,
                         int(image is not None),
+                        json.dumps((delivery or Delivery()).to_json()),
                     ),
                 ).fetchone()
         except BaseException:
@@ -315,6 +332,22 @@ class SqliteJobStore:
             "SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?", (JobStatus.QUEUED.value, seq)
         ).fetchone()
         return int(row[0])
+
+    def list_jobs(
+        self, owner: str | None, *, status: JobStatus | None = None, limit: int = 20, before: int | None = None
+    ) -> list[Job]:
+        """The owner's jobs (None: those submitted without a key), newest first, below seq `before`."""
+        where, args = ["owner IS ?", "(expires_at IS NULL OR expires_at > ?)"], [owner, time.time()]
+        if status is not None:
+            where.append("status = ?")
+            args.append(status.value)
+        if before is not None:
+            where.append("seq < ?")
+            args.append(before)
+        rows = self._execute(
+            f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?", (*args, limit)
+        ).fetchall()
+        return [job for job in map(self._job, rows) if job is not None]
 
     @staticmethod
     def _queued(db: sqlite3.Connection) -> int:
