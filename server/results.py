@@ -40,7 +40,7 @@ def iso(ts: float | None) -> str | None:
 
 
 def output_url(base: str, job: Job, index: int) -> str:
-    return f"{base}/v2/requests/{job.id}/outputs/{index}.jpg"
+    return f"{base}/v2/requests/{job.id}/outputs/{index}.{job.delivery.extension}"
 
 
 def read_output(services: Services, job: Job, index: int) -> bytes:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from server.images import ImageLimits
-from server.jobs.contract import JobParams, JobResult
+from server.jobs.contract import Delivery, JobParams, JobResult
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class RunJob:
     attempt: int
     params: JobParams
     image: bytes
+    delivery: Delivery = field(default_factory=Delivery)  # how to encode the images
 
 
 @dataclass(frozen=True)

@@ -363,6 +363,16 @@ class SqliteJobStore:
         except FileNotFoundError:
             raise FileGone(name) from None
 
+    def put_file(self, job_id: str, name: str, data: bytes) -> None:
+        """A file beside a live job (its preview): written whole, then moved into place."""
+        folder = self.job_dir(job_id)
+        if not folder.is_dir():
+            return
+        temporary = folder / f".{name}.part"
+        with self._errors():
+            temporary.write_bytes(data)
+            os.replace(temporary, folder / name)
+
     def health(self) -> str | None:
         """None when the store works; else what is wrong, in words for /health."""
         try:

@@ -238,5 +238,5 @@ class Supervisor:
             return
         assert self._conn is not None
         self.status.current_job, self.status.attempt = job.id, job.attempts
-        self._conn.send(RunJob(job.id, job.attempts, job.params, image))
+        self._conn.send(RunJob(job.id, job.attempts, job.params, image, job.delivery))
         # More may be ready: the next pass through the loop looks again once this one is done.

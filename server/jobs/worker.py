@@ -12,7 +12,9 @@ import queue
 import threading
 from multiprocessing.connection import Connection
 
-from server.jobs.contract import FailureKind, JobResult, output_name
+from PIL import Image
+
+from server.jobs.contract import Delivery, FailureKind, JobResult, output_name
 from server.jobs.messages import (
     Cancel,
     JobDone,
@@ -27,8 +29,19 @@ from server.jobs.messages import (
 )
 
 log = logging.getLogger("beyond.worker")
-JPEG_QUALITY = 95
 UNKNOWN_FAILURE = "the engine failed on this request (an internal error); the server log has the details"
+
+
+def encode(picture: Image.Image, delivery: Delivery) -> bytes:
+    """An output image in the asked-for format; PNG is lossless, so kept pixels stay bit-exact."""
+    buffer = io.BytesIO()
+    if delivery.output_format == "png":
+        picture.save(buffer, format="PNG")
+    elif delivery.output_format == "webp":
+        picture.save(buffer, format="WEBP", quality=delivery.output_quality)
+    else:
+        picture.save(buffer, format="JPEG", quality=delivery.output_quality)
+    return buffer.getvalue()
 
 
 class Worker:
@@ -114,11 +127,8 @@ class Worker:
             check_canvas(image.size, params, self.config.limits)
             self.send(Started(job.job_id, job.attempt))
             result = self.engine.run(OutpaintRequest(image=image, **params), on_step)
-            files = {}
-            for i, picture in enumerate(result.images):
-                buffer = io.BytesIO()
-                picture.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-                files[output_name(i)] = buffer.getvalue()
+            extension = job.delivery.extension
+            files = {output_name(i, extension): encode(p, job.delivery) for i, p in enumerate(result.images)}
             return JobDone(
                 job.job_id,
                 job.attempt,

@@ -65,7 +65,7 @@ async def run_sync(caller: SubmitterDep, body: BodyDep, request: Request, servic
         "x-inference-time": f"{job.result.inference_time:.4f}",
     }
     if not job.base64:
-        return Response(read_output(services, job, 0), media_type="image/jpeg", headers=headers)
+        return Response(read_output(services, job, 0), media_type=job.delivery.media_type, headers=headers)
     # The v2 result body (its outputs inline), with the images also under "image"/"images".
     result = result_body(services, job, public_base(request, services.settings))
     return JSONResponse({**result, "image": result["output"], "images": result["outputs"]}, headers=headers)

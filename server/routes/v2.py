@@ -70,12 +70,18 @@ def cancel(request_id: str, services: ServicesDep, caller: CallerDep) -> dict:
 
 
 @router.get(
-    "/requests/{request_id}/outputs/{index}.jpg",
+    "/requests/{request_id}/outputs/{index}.{extension}",
     response_class=Response,
-    responses={200: {"content": {"image/jpeg": {}}, "description": "an output image"}, **errors(404, 503)},
+    responses={
+        200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}}, "description": "an output image"},
+        **errors(404, 503),
+    },
     summary="An output image",
 )
-def get_output(request_id: str, index: int, services: ServicesDep) -> Response:
+def get_output(request_id: str, index: int, extension: str, services: ServicesDep) -> Response:
     # Output URLs are handed to browsers and downloaders that hold no key: the 128-bit random
     # request id in the path is what guards them, as signed URLs do on the hosted service.
-    return Response(read_output(services, find(services, request_id), index), media_type="image/jpeg")
+    job = find(services, request_id)
+    if extension != job.delivery.extension:
+        raise NotFound(f"request {request_id!r} has no output {index}.{extension}")
+    return Response(read_output(services, job, index), media_type=job.delivery.media_type)
