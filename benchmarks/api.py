@@ -1,10 +1,16 @@
-"""What the HTTP layer costs around the engine: status-poll latency and rate, and v1 overhead.
+"""What the HTTP layer costs around the engine: status-poll rate against a trivial FastAPI endpoint
+(wrk, side by side), status-poll latency, and v1 overhead.
 
     python -m benchmarks.api --quick      # under a minute
     python -m benchmarks.api              # more samples
 
 It starts a real `beyond serve --model random:tiny --device cpu` (one engine thread) on a loopback
-port, as the API tests do, and talks to it over HTTP from this process:
+port, as the API tests do, and the smallest FastAPI app (benchmarks/trivial_app.py) under the same
+uvicorn (uvloop, httptools) from the same Python environment, and measures:
+
+- status throughput: `wrk` (Debian's package) at 8 connections on GET /v2/requests/{id}/status of a
+  COMPLETED request and on the trivial endpoint, alternating rounds; the ratio is the goal's figure
+  (>= 0.8). Skipped with a message when wrk is not installed.
 
 - status polls: sequential GET /v2/requests/{id}/status of a finished request, with the worker idle
   and again while it runs jobs; p50/p99 latency.
@@ -21,14 +27,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
+import shutil
+import statistics
+import subprocess
+import sys
 import time
 
 import httpx
 
 from benchmarks.common import machine_line, percentile, request_json, running_server, table
-
-SEED_SIZE = (1024, 1024)
-SEED_PADDING = {"left": 300, "right": 100}
+from tests.helpers import ROOT, free_port
 
 
 def wait_done(client: httpx.Client, request_id: str, timeout: float = 300) -> dict:
@@ -95,21 +104,69 @@ async def concurrent_polls(
     return len(latencies) / elapsed, latencies
 
 
+def wrk_rate(url: str, seconds: float, connections: int = 8) -> float:
+    """Requests per second that wrk measured (two threads, `connections` connections)."""
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds:g}s", url], capture_output=True, text=True, check=True
+    ).stdout
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if match is None:
+        raise RuntimeError(f"no rate in wrk's output:\n{out}")
+    return float(match.group(1))
+
+
+class TrivialApp:
+    """benchmarks/trivial_app.py under uvicorn, as `beyond serve` runs it (no access log)."""
+
+    def __enter__(self) -> str:
+        port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "benchmarks.trivial_app:app", "--port", str(port), "--no-access-log"]
+            + ["--log-level", "warning"],
+            cwd=ROOT,
+        )
+        url = f"http://127.0.0.1:{port}/status"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise TimeoutError("the trivial app did not start")
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def status_throughput(status_url: str, rounds: int, seconds: float) -> list[list[object]]:
+    """Alternating wrk rounds on the trivial endpoint and on ours; the median of each and the ratio."""
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (apt-get install wrk): status throughput skipped", flush=True)
+        return []
+    trivial_rates, our_rates = [], []
+    with TrivialApp() as trivial_url:
+        for _ in range(rounds):
+            trivial_rates.append(wrk_rate(trivial_url, seconds))
+            our_rates.append(wrk_rate(status_url, seconds))
+    trivial, ours = statistics.median(trivial_rates), statistics.median(our_rates)
+    return [
+        ["trivial FastAPI endpoint", rounds, trivial, None],
+        ["GET /v2/requests/{id}/status (COMPLETED)", rounds, ours, ours / trivial],
+    ]
+
+
 def ms(values: list[float], q: float) -> float:
     return percentile(values, q) * 1000
 
 
 def run(args: argparse.Namespace) -> None:
-    scale = 0.5 if args.quick else 1.0
-    width, height = (round(v * scale) for v in SEED_SIZE)
-    padding = {side: round(v * scale) for side, v in SEED_PADDING.items()}
-    body = request_json(width, height, steps=20, **padding)
+    # A small image: the v1 overhead is about the HTTP and queue path, not about pixels.
+    body = request_json(64, 64, steps=20, left=32, right=0)
     print("# API benchmark: beyond serve --model random:tiny --device cpu (BEYOND_CPU_THREADS=1), loopback")
     print(machine_line())
-    print(
-        f"request: {width}x{height} PNG, left {padding['left']}, right {padding['right']}, "
-        "steps 20 (the minimum), default styles\n"
-    )
+    print("request: 64x64 PNG, left 32, steps 20 (the minimum), default styles\n")
     started = time.perf_counter()
     with running_server() as server, httpx.Client(base_url=server.url, timeout=300) as client:
         print(f"server ready in {time.perf_counter() - started:.1f} s", flush=True)
@@ -125,6 +182,7 @@ def run(args: argparse.Namespace) -> None:
             wait_done(client, request_id)
 
         overheads, engine = v1_overheads(client, body, args.v1)
+        throughput = status_throughput(f"{server.url}/v2/requests/{done}/status", args.rounds, args.wrk_seconds)
 
         rates = []
         for concurrency in args.concurrency:
@@ -151,6 +209,10 @@ def run(args: argparse.Namespace) -> None:
     )
     print()
     print(table(["concurrency", "polls", "polls/s", "p50 ms", "p99 ms"], rates))
+    if throughput:
+        print()
+        print("wrk, 2 threads, 8 connections, median of the rounds:")
+        print(table(["endpoint", "rounds", "req/s", "vs trivial"], throughput))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -160,11 +222,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", default=None, help="comma-separated, for polls/s (1,8,32; quick 1,8)")
     parser.add_argument("--seconds", type=float, default=None, help="seconds per concurrency (5; quick 1.5)")
     parser.add_argument("--max-polls", type=int, default=20000, help="upper bound on polls per concurrency")
-    parser.add_argument("--quick", action="store_true", help="fewer samples and a half-size image")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating wrk rounds per endpoint (3; quick 1)")
+    parser.add_argument("--wrk-seconds", type=float, default=None, help="seconds per wrk round (5; quick 3)")
+    parser.add_argument("--quick", action="store_true", help="fewer samples")
     args = parser.parse_args(argv)
     args.polls = args.polls or (200 if args.quick else 1000)
     args.v1 = args.v1 or (3 if args.quick else 20)
     args.seconds = args.seconds or (1.5 if args.quick else 5.0)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.wrk_seconds = args.wrk_seconds or (3.0 if args.quick else 5.0)
     concurrency = args.concurrency or ("1,8" if args.quick else "1,8,32")
     args.concurrency = [int(c) for c in concurrency.split(",") if c.strip()]
     return args

@@ -33,6 +33,8 @@ class Metrics:
         self.worker_deaths = Counter(
             "beyond_worker_deaths", "times the worker process died", registry=self.registry
         )
+        self._counters: dict[tuple[str, str, int], Counter] = {}
+        self._histograms: dict[str, Histogram] = {}
         self.gpu_memory = Gauge(
             "beyond_gpu_peak_memory_bytes", "peak GPU memory of the last job (0 on CPU)", registry=self.registry
         )
@@ -48,8 +50,16 @@ class Metrics:
         self.worker_deaths.inc()
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(method, route, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        # Children looked up once per label set: `labels()` costs more than the count itself.
+        key = (method, route, status)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = self.requests.labels(method, route, str(status))
+        histogram = self._histograms.get(route)
+        if histogram is None:
+            histogram = self._histograms[route] = self.latency.labels(route)
+        counter.inc()
+        histogram.observe(seconds)
 
     def render(self, queued: int) -> Response:
         self.queue_depth.set(queued)

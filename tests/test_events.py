@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from server.app import create_app
+from server.jobs.contract import ImageSource, JobParams
 from server.routes import events as events_route
 from server.settings import Settings
 from tests.helpers import ImageServer, ServerProcess, request_body
@@ -151,7 +152,11 @@ def test_keep_alive_comments_flow_while_nothing_changes_and_a_disconnect_ends_it
     monkeypatch.setattr(events_route, "PING", 0.3)
     app = create_app(Settings(data_dir=tmp_path, model="random:tiny"))
     job = app.state.services.store.create(
-        {"steps": 20}, {"kind": "url", "url": "http://127.0.0.1:9/x.png"}, image=None, base64=False, owner=None
+        JobParams(prompt="x", steps=20),
+        ImageSource(url="http://127.0.0.1:9/x.png"),
+        image=None,
+        base64=False,
+        owner=None,
     )
     path = f"/v2/requests/{job.id}/events"
     scope = {
