@@ -326,6 +326,7 @@ def test_sigterm_while_the_model_loads_stops_within_2_s(tmp_path: Path) -> None:
 
 
 def test_worker_failures_reach_clients_in_our_words() -> None:
+    from models.errors import NonFiniteOutput, OutOfMemory
     from server.images import ImageLimits
     from server.jobs.contract import JobParams
     from server.jobs.messages import JobFailed, RunJob, WorkerConfig
@@ -347,8 +348,8 @@ def test_worker_failures_reach_clients_in_our_words() -> None:
     job = RunJob("j", 1, JobParams(prompt="p", left=8), encode(smooth_image(16, 16)))
     cases = {
         RuntimeError("/srv/secret/path <object at 0x7f>"): ("engine", UNKNOWN_FAILURE),
-        MemoryError(): ("out_of_memory", "out of memory; try fewer samples or a smaller canvas"),
-        FloatingPointError("nan"): ("non_finite", "the model produced NaN"),
+        OutOfMemory("cuda:0", 4, (2048, 2048), "tried to allocate 8 GiB"): ("out_of_memory", "out of memory; try"),
+        NonFiniteOutput("float16"): ("non_finite", "the model produced NaN or infinite values in float16"),
     }
     for exc, (kind, words) in cases.items():
         worker.engine = Broken(exc)
