@@ -130,7 +130,8 @@ def validate(fields: dict[str, Any], registry: Any) -> dict[str, Any]:
     except ValidationError as exc:
         field, _, reason = describe_validation_error(list(exc.errors())).partition(": ")
         raise UsageError(f"--{field.replace('_', '-')}: {_one_line(reason)}") from None
-    return request.engine_params(registry)
+    # A seed of -1 stays -1: the engine draws it and prints it with the result.
+    return request.job_params(registry, request.seed).to_json()
 
 
 def output_paths(input_path: Path, output: str | None, samples: int) -> list[Path]:
@@ -172,11 +173,11 @@ def model_problem(message: str) -> str:
     return " ".join([lines[0], "; ".join(lines[1:])]).strip()
 
 
-def check_model(spec: str) -> None:
+def check_model(spec: str, tokenizer_dir: Path | None = None) -> None:
     from models.loading import ModelSpecError, check_spec
 
     try:
-        check_spec(spec)
+        check_spec(spec, tokenizer_dir=tokenizer_dir)
     except ModelSpecError as exc:
         problem = model_problem(str(exc))
         if "Hugging Face cache" in problem:
@@ -247,7 +248,7 @@ def _outpaint(args: argparse.Namespace) -> int:
         check_canvas(image.size, params, limits)
     except InputImageError as exc:
         raise UsageError(_one_line(str(exc))) from None
-    check_model(settings.model)
+    check_model(settings.model, settings.tokenizer_dir)
 
     engine = load_engine(settings)
     on_step, close_bar = progress_callback()
@@ -270,11 +271,11 @@ def load_engine(settings: Any) -> Any:
     import torch
     import transformers
 
+    from models.composer import build_composer
     from models.devices import resolve_device
     from models.engine import OutpaintEngine
     from models.loading import ModelSpecError
     from models.speed import SpeedOptions
-    from models.styles import build_composer
 
     try:
         resolve_device(settings.device)
@@ -287,7 +288,9 @@ def load_engine(settings: Any) -> Any:
         torch.set_num_threads(settings.cpu_threads)
     speed = SpeedOptions.parse(settings.channels_last, settings.fuse_qkv, settings.compile)
     try:
-        engine = OutpaintEngine.load(settings.model, settings.device, settings.dtype, speed)
+        engine = OutpaintEngine.load(
+            settings.model, settings.device, settings.dtype, speed, tokenizer_dir=settings.tokenizer_dir
+        )
     except ModelSpecError as exc:
         raise UsageError(f"--model {settings.model}: {model_problem(str(exc))}") from None
     try:
