@@ -12,13 +12,16 @@ loop inside a section stops early the same way):
    channels_last + fused QKV on CUDA), on the seed example (1024x1024, left 300, right 100) and
    the 1024x1024 canvas, 30 steps, CFG 4, ours dpmpp_2m_sde_gpu + karras; `benchmarks/engine.py`'s
    code, runs interleaved; plus one FLOP count of ours on the seed example.
-3. compile: ours with torch.compile on the seed example; first run (compile) and timed runs.
-4. samplers: all 18 samplers on the 1024x1024 canvas, 20 steps (karras): finite output, model
+3. samplers: all 18 samplers on the 1024x1024 canvas, 20 steps (karras): finite output, model
    calls/s, UNet and non-UNet ms per call (`benchmarks/noise.py`'s UNet timer).
-5. throughput: images/min at queue depth 1, 4, 8 through `OutpaintEngine` (sequential: the
+4. throughput: images/min at queue depth 1, 4, 8 through `OutpaintEngine` (sequential: the
    engine has no batching yet; see `BATCHING HOOK`).
+5. compile: ours with torch.compile (mode `default` unless `--compile-mode`: max-autotune takes
+   far longer) on the seed example; first run (compile) and timed runs. Last, because its first
+   run cannot be interrupted: only the guard before it bounds the whole run.
 
-Writes `<out>/<gpu-name>-<date>.json` and prints the markdown rows for RESULTS.md.
+Writes `<out>/<gpu-name>-<date>.json` (after every section, so a run stopped from outside keeps
+what it measured) and prints the markdown rows for RESULTS.md.
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ import torch
 from benchmarks import engine as eb
 from benchmarks.common import machine_line, table
 from benchmarks.noise import split_run
-from models.canvas import working_size
 from models.devices import resolve_dtype
 from models.engine import OutpaintEngine, OutpaintRequest
 from models.names import SAMPLERS
@@ -69,9 +71,15 @@ class Clock:
 
 
 class Report:
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, path: Path) -> None:
         self.clock = clock
+        self.path = path
         self.data: dict[str, Any] = {"sections": {}, "notes": []}
+
+    def save(self) -> None:
+        # After every section, so a run stopped from outside (a timeout) keeps what it measured.
+        self.data["total_s"] = self.clock.elapsed()
+        self.path.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
 
     def note(self, text: str) -> None:
         print(f"NOTE: {text}", flush=True)
@@ -83,6 +91,7 @@ class Report:
         if left < estimate_s:
             self.note(f"section {name} skipped: {left:.0f} s left of the budget, it needs ~{estimate_s:.0f} s")
             self.data["sections"][name] = {"skipped": True}
+            self.save()
             yield None
             return
         print(f"\n## {name} (t = {self.clock.elapsed():.0f} s, {left:.0f} s left)", flush=True)
@@ -96,6 +105,7 @@ class Report:
             self.note(f"section {name} failed: {record['error']}")
             traceback.print_exc()
         record["seconds"] = time.perf_counter() - started
+        self.save()
 
 
 def sync(device: torch.device) -> None:
@@ -151,8 +161,8 @@ def build_timed(name: str, args: argparse.Namespace, device: torch.device, dtype
     return runner, seconds
 
 
-def free(device: torch.device, *objects: Any) -> None:
-    del objects
+def release(device: torch.device) -> None:
+    """Return the memory of models the caller has dropped its references to."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -254,8 +264,8 @@ def section_engines(opts: argparse.Namespace, report: Report, device: torch.devi
             rec["rows"] = measurement_rows(results, labels)
             print(table(MEASUREMENT_HEADERS, rec["rows"]), flush=True)
     ours = runners.pop("ours")
-    free(device, runners)
     runners.clear()
+    release(device)
     return ours
 
 
@@ -284,7 +294,8 @@ def section_compile(opts: argparse.Namespace, report: Report, device: torch.devi
             rec["compile_s"] = rec["first_run_s"] - m.median_s
             rec["rows"] = measurement_rows([m], {"ours-compile": f"ours + torch.compile ({opts.compile_mode})"})
             print(table(MEASUREMENT_HEADERS, rec["rows"]), flush=True)
-        free(device, runner)
+        del runner
+    release(device)
 
 
 def section_samplers(opts: argparse.Namespace, report: Report, ours: Any) -> None:
@@ -302,11 +313,15 @@ def section_samplers(opts: argparse.Namespace, report: Report, ours: Any) -> Non
                 break
             peak_reset(device)
             started = time.perf_counter()
+            split, finite, error = None, None, None
             try:
                 split = split_run(engine, request(case, sampler, opts.sampler_steps), device)
-                finite, error = True, None
+                finite = True
             except FloatingPointError as exc:  # the pipeline's own check of the decoded images
-                split, finite, error = None, False, str(exc)
+                finite, error = False, str(exc)
+            except Exception as exc:  # one sampler's failure must not cost the others' figures
+                error = f"{type(exc).__name__}: {exc}"
+                report.note(f"samplers: {sampler} failed: {error}")
             wall = time.perf_counter() - started
             entry = {
                 "finite": finite,
@@ -327,7 +342,7 @@ def section_samplers(opts: argparse.Namespace, report: Report, ours: Any) -> Non
             rows.append(
                 [
                     sampler,
-                    "yes" if finite else "NO",
+                    {True: "yes", False: "NO"}.get(finite, "error"),
                     entry["model_calls"],
                     wall,
                     entry["calls_per_s"],
@@ -420,14 +435,14 @@ def main(argv: list[str] | None = None) -> int:
     opts.per_request_s = 2.0 if opts.cpu else 2.5
     if opts.cpu:
         torch.set_num_threads(1)  # a shared 2-core machine: more threads only spin against each other
-        if not opts.with_compile:
-            opts.estimates["compile"] = math.inf
     dtype = resolve_dtype("auto", device)
 
     clock = Clock(opts.budget_s)
-    report = Report(clock)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     today = datetime.date.today().isoformat()
+    out_dir = Path(opts.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = Report(clock, out_dir / f"{slug(gpu)}-{today}.json")
     report.data.update(
         {
             "machine": machine_line(),
@@ -445,25 +460,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"# device check: {opts.model} on {device} ({gpu}), {report.data['dtype']}, budget {opts.budget_s:.0f} s")
     print(report.data["machine"], flush=True)
-    if opts.cpu and not opts.with_compile:
-        report.note("--cpu: compile section left out (inductor on a CPU takes minutes; --with-compile runs it)")
-
     ours = section_engines(opts, report, device, dtype)
     if ours is not None:
-        # The compile section builds its own copy; ours (auto knobs) stays for the later sections.
-        section_compile(opts, report, device, dtype)
         section_samplers(opts, report, ours)
         section_throughput(opts, report, ours)
     else:
         report.note("no engine was built: the later sections need one")
-    report.data["total_s"] = clock.elapsed()
-
-    out_dir = Path(opts.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{slug(gpu)}-{today}.json"
-    path.write_text(json.dumps(report.data, indent=2, default=str) + "\n")
+    del ours
+    release(device)
+    # Last: its first run compiles for minutes, and only the guard before it bounds it.
+    if opts.cpu and not opts.with_compile:
+        report.note("--cpu: compile section left out (inductor on a CPU takes minutes; --with-compile runs it)")
+        report.data["sections"]["compile"] = {"skipped": True}
+    else:
+        section_compile(opts, report, device, dtype)
+    report.save()
     print_markdown(report.data)
-    print(f"\nwrote {path} after {clock.elapsed():.0f} s")
+    print(f"\nwrote {report.path} after {clock.elapsed():.0f} s")
     return 0
 
 

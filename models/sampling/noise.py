@@ -62,8 +62,9 @@ class BrownianNoise:
     query overlapping intervals: dpmpp_sde asks for (sigma_i, sigma_mid) and then (sigma_i,
     sigma_i+1), and those two increments must be the increments of one Brownian path, not two
     independent draws. A tree gets that by bisecting [sigma_min, sigma_max] down to a tolerance
-    (1e-6: about 24 levels, each a bridge draw of the latents' size), on every query: about 8 ms a
-    step for SDXL-sized latents on a CPU, and dozens of small kernels on a GPU.
+    (1e-6: about 24 levels, each a bridge draw of the latents' size), on every query: on a 2-core
+    CPU ~9 ms a step at random:tiny's latent size and 40-140 ms at SDXL's, and on a GPU dozens of
+    small kernels a step.
 
     This class gets the same property exactly and without the bisection, from the Markov property
     of Brownian motion: given its values at finitely many known times, the path at a new time t
@@ -77,12 +78,14 @@ class BrownianNoise:
     order, for any real times: no interval, clamping or tolerance. The path is pinned at
     W(anchor) = 0, the smallest sigma, so its values are small where the increments are small
     (float32 keeps their digits). What it draws depends on the order of the queries, which is a
-    fixed function of the request (sampler, schedule, steps), so a request is reproducible.
+    fixed function of the request (sampler, schedule, steps), so a request is reproducible. The
+    generators live on `state_device` too: a CUDA generator draws other numbers than a CPU one, so
+    on a GPU the `_gpu` samplers and their plain twins give different (each reproducible) images.
 
     Cost: one `normal_` per item and two or three elementwise ops per new time (the plain 2M/3M SDE
     samplers name one new time per step, dpmpp_sde two per step), against a tree walk per query.
-    Memory: one latent-sized float32 tensor per distinct time queried (about two per step), on
-    `state_device`; for SDXL at 1024x1024 that is ~0.25 MiB per item per time. A tree with a
+    Memory: one latent-sized float32 tensor per distinct time queried (one per step, two for
+    dpmpp_sde), on `state_device`; for SDXL at 1024x1024 that is ~0.25 MiB per item per time. A tree with a
     coarser tolerance would be cheaper than 1e-6 but still approximate the query times and still
     walk its levels; the bridge is both exact and cheaper (benchmarks/noise.py measures both).
     """
