@@ -9,8 +9,10 @@ import platform
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tests.helpers import ServerProcess, request_body, smooth_image
+if TYPE_CHECKING:  # imported where used: the engine benchmarks run without the server's test helpers
+    from tests.helpers import ServerProcess
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -71,6 +73,8 @@ def machine_line() -> str:
 @contextlib.contextmanager
 def running_server(model: str = "random:tiny", env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
     """A real `beyond serve` on a free loopback port with a throw-away data folder (CPU, one thread)."""
+    from tests.helpers import ServerProcess
+
     with tempfile.TemporaryDirectory(prefix="beyond-bench-") as folder:
         server = ServerProcess(Path(folder), model=model, env=env).start()
         try:
@@ -81,4 +85,6 @@ def running_server(model: str = "random:tiny", env: dict[str, str] | None = None
 
 def request_json(width: int, height: int, **fields: object) -> dict:
     """A request body with a smooth PNG of the given size; fields override the defaults."""
+    from tests.helpers import request_body, smooth_image
+
     return request_body(smooth_image(width, height), **fields)

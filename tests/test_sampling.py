@@ -33,6 +33,7 @@ from diffusers import (
 from models.architectures import SCHEDULER
 from models.names import SAMPLERS, SCHEDULERS
 from models.sampling import build_scheduler, compute_sigmas, model_calls, sampler_sigmas
+from models.sampling.noise import BrownianNoise
 from tests import sampling_reference as R
 
 TABLE = R.sdxl_table()
@@ -526,14 +527,69 @@ def test_gpu_variants_equal_their_plain_twins_on_cpu(plain: str) -> None:
     torch.testing.assert_close(_seeded_run(f"{plain}_gpu", [5, 6]), _seeded_run(plain, [5, 6]), rtol=0, atol=0)
 
 
-def test_brownian_noise_uses_torchsde_and_lms_uses_scipy() -> None:
-    assert importlib.util.find_spec("torchsde") is not None and importlib.util.find_spec("scipy") is not None
+def test_sde_samplers_take_exact_brownian_noise_and_lms_uses_scipy() -> None:
+    assert importlib.util.find_spec("scipy") is not None
     sched = build_scheduler("dpmpp_2m_sde", "karras", SCHEDULER, 4, seeds=[1, 2])
     pipeline_loop(sched, from_timestep)
-    assert type(sched.noise_sampler.trees[0]).__module__.startswith("torchsde")
+    noise = sched.noise_sampler
+    assert isinstance(noise, BrownianNoise) and noise.state_device == torch.device("cpu")
+    # One known time per sigma of the schedule as the stock class holds it (float32); 0 is never
+    # queried, and the anchor is the smallest sigma.
+    sigmas = [float(x) for x in sched.schedule_sigmas.float() if x > 0]
+    assert sorted(noise.times) == sorted(set(sigmas))
     import diffusers.schedulers.scheduling_lms_discrete as lms_module
 
     assert lms_module.integrate.__name__ == "scipy.integrate"
+
+
+BROWNIAN_SHAPE = (2, 4, 64, 64)  # 16k values per item: sample moments to about 1%
+
+
+def test_brownian_increments_are_additive_over_overlapping_queries() -> None:
+    # dpmpp_sde's pattern: (s, mid) then (s, next). Both must be increments of one path.
+    noise = BrownianNoise(torch.zeros(BROWNIAN_SHAPE), 0.03, [3, 4], "cpu")
+    s, mid, nxt = 5.0, 3.7, 2.9
+    to_mid = noise(s, mid) * math.sqrt(s - mid)
+    to_next = noise(s, nxt) * math.sqrt(s - nxt)
+    mid_to_next = noise(mid, nxt) * math.sqrt(mid - nxt)
+    torch.testing.assert_close(to_mid + mid_to_next, to_next, rtol=0, atol=1e-5)
+    # The correlation of the two overlapping normalised increments is sqrt((s - mid) / (s - next)).
+    a, b = noise(s, mid).flatten(), noise(s, nxt).flatten()
+    assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1]) - math.sqrt((s - mid) / (s - nxt))) < 0.02
+    torch.testing.assert_close(noise(nxt, s), -noise(s, nxt), rtol=0, atol=0)  # same path both ways
+    assert not noise(s, s).any()
+
+
+@pytest.mark.parametrize("order", ["decreasing", "shuffled"])
+def test_brownian_noise_has_the_law_of_brownian_motion_in_any_query_order(order: str) -> None:
+    times = [float(t) for t in torch.logspace(math.log10(0.03), math.log10(14.6), 12, dtype=torch.float64)]
+    queried = sorted(times, reverse=True)
+    if order == "shuffled":
+        queried = [queried[i] for i in torch.randperm(len(queried), generator=torch.Generator().manual_seed(0))]
+    noise = BrownianNoise(torch.zeros(BROWNIAN_SHAPE), 0.01, [7, 8], "cpu")
+    for t in queried:
+        noise.value(t)
+    # Increments between consecutive times, normalised: independent standard normals if the path is
+    # Brownian, whatever the order in which its points were drawn.
+    ordered = sorted(times)
+    z = torch.stack([noise(a, b).flatten() for a, b in zip(ordered, ordered[1:], strict=False)])
+    assert z.mean(dim=1).abs().max() < 0.03
+    assert (z.std(dim=1) - 1).abs().max() < 0.03
+    corr = torch.corrcoef(z)
+    assert (corr - torch.eye(len(z))).abs().max() < 0.03
+    # The items are independent paths.
+    items = torch.stack([noise(times[-1], times[0])[i].flatten() for i in range(2)])
+    assert abs(float(torch.corrcoef(items)[0, 1])) < 0.03
+
+
+def test_brownian_noise_state_lives_on_the_chosen_device() -> None:
+    noise = BrownianNoise(torch.zeros(BROWNIAN_SHAPE, dtype=torch.float16), 0.03, [1, 2], "cpu")
+    out = noise(2.0, 1.0)
+    assert out.dtype == torch.float32 and out.shape == BROWNIAN_SHAPE
+    assert all(v.device == torch.device("cpu") for v in noise.values.values())
+    assert all(g.device == torch.device("cpu") for g in noise.generators)
+    with pytest.raises(ValueError):
+        BrownianNoise(torch.zeros(BROWNIAN_SHAPE), 0.03, [1], "cpu")
 
 
 # --- one scheduler per job ------------------------------------------------------------------------

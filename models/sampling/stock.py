@@ -317,11 +317,10 @@ class ComfyDPMSolverSDE(ComfySchedule, DPMSolverSDEScheduler):
 
 def _default_brownian(sched: ComfySchedule, sample: torch.Tensor) -> BrownianNoise:
     s = sched.schedule_sigmas
-    positive = s[s > 0]
-    # The tree's interval and the sigmas it is queried at are rounded the same way (float32).
-    lo, hi = float(positive.min().float()), float(positive.max().float())
-    tree_device = sample.device if getattr(sched, "brownian_on_device", False) else torch.device("cpu")
-    return BrownianNoise(sample, lo, hi, sched.seeds, tree_device)
+    # Pinned at the smallest sigma (float32, as the sigmas it is queried at): see BrownianNoise.
+    anchor = float(s[s > 0].min().float())
+    state_device = sample.device if getattr(sched, "brownian_on_device", False) else torch.device("cpu")
+    return BrownianNoise(sample, anchor, sched.seeds, state_device)
 
 
 class ComfyDPMSolverMultistep(ComfySchedule, DPMSolverMultistepScheduler):
@@ -330,7 +329,7 @@ class ComfyDPMSolverMultistep(ComfySchedule, DPMSolverMultistepScheduler):
     Runs in diffusers' variance-preserving parameterisation (latents divided by sqrt(1 + sigma^2)),
     which is the same update written in other variables; `scale_model_input` and
     `init_noise_sigma` are the stock VP ones and `add_noise` returns VP latents too. The SDE
-    variants take their noise from the Brownian tree (`variance_noise`; a generator or noise passed
+    variants take their noise from `BrownianNoise` (`variance_noise`; a generator or noise passed
     by the caller is ignored). For solver_order 3 the third-order SDE update is replaced (below).
     """
 
