@@ -25,9 +25,11 @@ from server.jobs.supervisor import Supervisor
 from server.metrics import Metrics
 from server.middleware import ServingMiddleware
 from server.ratelimit import RateLimiter
+from server.results import webhook_body
 from server.routes import events, health, playground, styles, v1, v2
 from server.schemas import SegBeyondRequest
 from server.settings import Settings, get_settings
+from server.webhooks import KEEP_AFTER_EXPIRY, WebhookDispatcher, WebhookOutbox, Webhooks, load_secret
 
 log = logging.getLogger("beyond")
 VERSION = "0.1.0"
@@ -69,7 +71,7 @@ def build_services(settings: Settings) -> Services:
     keys = KeyRing.load(settings.api_keys.get_secret_value() if settings.api_keys else None, settings.api_keys_file)
     for caller in keys.metered():
         store.open_account(caller.owner, to_units(caller.credits or 0.0))
-    return Services(
+    services = Services(
         settings=settings,
         store=store,
         supervisor=supervisor,
@@ -80,6 +82,25 @@ def build_services(settings: Settings) -> Services:
         keys=keys,
         limiter=RateLimiter(settings.rate_limit),
         metrics=metrics,
+    )
+    services.webhooks = build_webhooks(settings, services)
+    return services
+
+
+def build_webhooks(settings: Settings, services: Services) -> Webhooks | None:
+    """Webhook delivery, with BEYOND_WEBHOOK_SECRET only; its outbox is a file beside the job store's."""
+    if settings.webhook_secret is None:
+        return None
+    secret = settings.webhook_secret.get_secret_value()
+    load_secret(secret)  # a malformed secret stops the start (ValueError, worded without the secret)
+    outbox = WebhookOutbox(settings.data_dir / "webhooks.sqlite3")
+    dispatcher = WebhookDispatcher(outbox, secret, services.limits, timeout=settings.webhook_timeout)
+    return Webhooks(
+        services.store,
+        outbox,
+        dispatcher,
+        lambda job: webhook_body(services, job),
+        keep=settings.result_ttl + KEEP_AFTER_EXPIRY,
     )
 
 
@@ -114,6 +135,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services.supervisor.start()
         services.inputs.start()
+        if services.webhooks is not None:
+            await services.webhooks.start()
         if services.keys.open:
             log.warning("NO API KEYS CONFIGURED: anyone who reaches this port can use it (set BEYOND_API_KEYS)")
         log.info("beyond serving %s from %s", settings.model, settings.data_dir)
@@ -122,6 +145,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await services.inputs.stop()
             services.supervisor.stop()
+            if services.webhooks is not None:
+                # After the supervisor: jobs it ends while stopping are still queued (or found at the next start).
+                await services.webhooks.stop()
 
     # The docs pages' scripts and styles are served from the fastapi-offline package: no CDN.
     app = FastAPIOffline(

@@ -22,6 +22,7 @@ from server.metrics import Metrics
 from server.ratelimit import RateLimiter
 from server.schemas import SegBeyondRequest
 from server.settings import Settings
+from server.webhooks import Webhooks
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Services:
     keys: KeyRing
     limiter: RateLimiter
     metrics: Metrics
+    webhooks: Webhooks | None = None  # with BEYOND_WEBHOOK_SECRET only
 
 
 async def get_services(request: Request) -> Services:

@@ -6,6 +6,8 @@ import base64
 from datetime import datetime, timezone
 from typing import Any
 
+from fastapi.responses import JSONResponse
+
 from server.deps import Services
 from server.errors import FailedRequest, NotFound
 from server.jobs.contract import Job, JobState, JobStatus
@@ -53,8 +55,28 @@ def read_output(services: Services, job: Job, index: int) -> bytes:
         raise NotFound(f"output {index} of request {job.id!r} is no longer stored") from None
 
 
-def failed(job: JobState | Job) -> FailedRequest:
-    return FailedRequest(job.error or "failed", request_id=job.id)
+def failed(job: JobState | Job, webhook: dict[str, Any] | None = None) -> FailedRequest:
+    extra = {} if webhook is None else {"webhook": webhook}
+    return FailedRequest(job.error or "failed", request_id=job.id, **extra)
+
+
+def webhook_status(services: Services, job: Job) -> dict[str, Any] | None:
+    """How the job's webhook delivery went; None for a job without a webhook_url. Blocking (the outbox)."""
+    if job.delivery.webhook_url is None:
+        return None
+    if services.webhooks is None:  # started since without a secret: nothing is delivered
+        return {"delivered": False, "attempts": 0, "last_status": None, "error": "webhooks are not enabled"}
+    return services.webhooks.status(job.id)
+
+
+def webhook_body(services: Services, job: Job) -> bytes:
+    """What a finished job's webhook carries: the body GET /v2/requests/{id} answers (the 422 body for a FAILED
+    one), less the `webhook` member, which is about this delivery itself. Blocking (base64 reads the images)."""
+    if job.status == JobStatus.FAILED:
+        body = failed(job).body()
+    else:
+        body = result_body(services, job, job.delivery.base_url or "")
+    return bytes(JSONResponse(body).body)  # rendered exactly as the HTTP answer is
 
 
 def status_body(services: Services, job: JobState | Job) -> dict[str, Any]:
@@ -68,9 +90,12 @@ def status_body(services: Services, job: JobState | Job) -> dict[str, Any]:
     return body
 
 
-def result_body(services: Services, job: Job, base: str) -> dict[str, Any]:
+def result_body(
+    services: Services, job: Job, base: str, webhook: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The result body; `webhook` (a webhook_status) is added for a job with a webhook_url."""
     if job.status == JobStatus.FAILED:
-        raise failed(job)
+        raise failed(job, webhook)
     body: dict[str, Any] = {
         "status": job.status.value,
         "request_id": job.id,
@@ -80,7 +105,7 @@ def result_body(services: Services, job: Job, base: str) -> dict[str, Any]:
     }
     result = job.result
     if job.status != JobStatus.COMPLETED or result is None:
-        return body
+        return body if webhook is None else {**body, "webhook": webhook}
     count = len(result.outputs)
     if job.base64:
         outputs = [base64.b64encode(read_output(services, job, i)).decode() for i in range(count)]
@@ -105,4 +130,18 @@ def result_body(services: Services, job: Job, base: str) -> dict[str, Any]:
         notes=result.notes,
         working_size=list(result.working_size),
     )
+    if webhook is not None:
+        body["webhook"] = webhook
     return body
+
+
+def list_item(job: Job, base: str) -> dict[str, Any]:
+    """One request in GET /v2/requests: what it is and where its images are, without reading them."""
+    item: dict[str, Any] = {"request_id": job.id, "status": job.status.value, "created_at": iso(job.created_at)}
+    if job.finished:
+        item["completed_at"] = iso(job.finished_at)
+    if job.status == JobStatus.COMPLETED and job.result is not None:
+        item["outputs"] = [output_url(base, job, i) for i in range(len(job.result.outputs))]
+    elif job.status == JobStatus.FAILED:
+        item["error"] = job.error or "failed"
+    return item

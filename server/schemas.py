@@ -20,12 +20,16 @@ from pydantic import (
 from models.names import DEFAULT_SAMPLER, DEFAULT_SCHEDULER, DEFAULT_STYLES, SAMPLERS, SCHEDULERS
 from models.seeds import MAX_SEED
 from models.styles import StyleRegistry, UnknownStyle, default_registry
-from server.jobs.contract import JobParams
+from server.jobs.contract import OUTPUT_FORMATS, Delivery, JobParams
 
 # The one place the API checks sampler, scheduler and style names (styles: against the registry).
 Sampler = enum.Enum("Sampler", {name: name for name in SAMPLERS}, type=str)  # type: ignore[misc]
 Scheduler = enum.Enum("Scheduler", {name: name for name in SCHEDULERS}, type=str)  # type: ignore[misc]
 Side = Annotated[StrictInt, Field(ge=0, le=1024, description="pixels to add on this side")]
+# Field descriptions of what the hosted API does not have start with this (docs/extensions.md).
+EXTENSION = "Extension of the hosted API: "
+OutputFormat = Literal["jpeg", "png", "webp"]
+assert set(OutputFormat.__args__) == set(OUTPUT_FORMATS)  # type: ignore[attr-defined]
 
 
 def _known(value: Any, names: tuple[str, ...], what: str) -> Any:
@@ -59,7 +63,24 @@ class SegBeyondRequest(BaseModel):
     bottom: Side = 0
     base64: StrictBool = Field(False, description="true: images inline as base64 instead of bytes (v1) or URLs (v2)")
 
-    @field_validator("input_image", "prompt", "negative_prompt", "styles")
+    # Extensions (docs/extensions.md): a request that sends none of them is served exactly as before.
+    output_format: OutputFormat = Field(
+        "jpeg",
+        description=EXTENSION + "the images' format: jpeg (the hosted API's), png (lossless: the input's pixels are"
+        " kept bit for bit outside the seam band) or webp",
+    )
+    output_quality: Annotated[
+        StrictInt, Field(ge=1, le=100, description=EXTENSION + "encoder quality of jpeg and webp (png ignores it)")
+    ] = 95
+    webhook_url: StrictStr | None = Field(
+        None,
+        min_length=1,
+        max_length=2048,
+        description=EXTENSION + "an http(s) URL the server POSTs the final result to (the body GET /v2/requests/{id}"
+        " answers), signed per Standard Webhooks; needs BEYOND_WEBHOOK_SECRET on the server",
+    )
+
+    @field_validator("input_image", "prompt", "negative_prompt", "styles", "webhook_url")
     @classmethod
     def _valid_text(cls, value: str | None) -> str | None:
         if value is not None:
@@ -90,6 +111,17 @@ class SegBeyondRequest(BaseModel):
         except UnknownStyle as exc:
             raise ValueError(f"unknown style '{exc.name}'; GET /v1/styles lists the known ones") from None
         return value
+
+    def delivery(self, base_url: str | None) -> Delivery:
+        """How the results reach the client; `base_url` (the public base the client used) is kept only for a
+        webhook, whose body carries absolute output URLs."""
+        webhook = self.webhook_url.strip() if self.webhook_url else None
+        return Delivery(
+            output_format=self.output_format,
+            output_quality=self.output_quality,
+            webhook_url=webhook,
+            base_url=base_url if webhook else None,
+        )
 
     def job_params(self, registry: StyleRegistry, seed: int) -> JobParams:
         """The job's parameters, built once: stored with the job and echoed in results."""
@@ -148,6 +180,13 @@ class Prompts(BaseModel):
     negative: list[str]
 
 
+class WebhookStatus(BaseModel):
+    delivered: bool = Field(description="the receiver answered 2xx")
+    attempts: int = Field(description="attempts made so far (up to 5, within about ten minutes)")
+    last_status: int | None = Field(None, description="the HTTP status of the last attempt (none: no answer)")
+    error: str | None = Field(None, description="why the last attempt failed")
+
+
 class ResultResponse(BaseModel):
     status: Status
     request_id: str
@@ -166,6 +205,23 @@ class ResultResponse(BaseModel):
     styles: list[str] | None = Field(None, description="the styles applied")
     notes: dict[str, Any] | None = None
     working_size: list[int] | None = Field(None, description="the size the model worked at")
+    webhook: WebhookStatus | None = Field(
+        None, description=EXTENSION + "only for a request with a webhook_url: how its delivery went"
+    )
+
+
+class ListedRequest(BaseModel):
+    request_id: str
+    status: Status
+    created_at: str
+    completed_at: str | None = Field(None, description="COMPLETED or FAILED: when it ended")
+    outputs: list[str] | None = Field(None, description="COMPLETED: the output URLs")
+    error: str | None = Field(None, description="FAILED: why")
+
+
+class RequestList(BaseModel):
+    requests: list[ListedRequest] = Field(description="the caller's requests, newest first")
+    next_cursor: str | None = Field(None, description="pass as cursor for the next page; none: this is the last")
 
 
 class CancelResponse(BaseModel):

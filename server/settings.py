@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(10_000, gt=0)
     fetch_timeout: float = Field(15.0, gt=0)
 
+    # Webhooks (docs/extensions.md): the `whsec_<base64>` signing secret; without it, webhook_url is refused.
+    # Checked when the app is built, not here: a pydantic error would print the value it refused.
+    webhook_secret: SecretStr | None = None
+    # Seconds one delivery attempt may take, connection to the receiver's answer.
+    webhook_timeout: float = Field(10.0, gt=0)
+
     # Threads torch may use on a CPU (None: torch's default, one per core).
     cpu_threads: int | None = Field(None, gt=0)
 

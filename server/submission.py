@@ -21,7 +21,7 @@ from server.errors import (
     RateLimited,
 )
 from server.images import InputImageError, check_canvas, check_url, decode_base64, decode_image, is_url
-from server.jobs.contract import ImageSource, Job, JobParams, from_units, to_units
+from server.jobs.contract import Delivery, ImageSource, Job, JobParams, from_units, to_units
 from server.jobs.store import InsufficientBalance, QueueFull
 from server.schemas import SegBeyondRequest
 
@@ -47,7 +47,22 @@ def _prepare_input(
         raise BadRequest(str(exc)) from None
 
 
-async def submit(body: SegBeyondRequest, services: Services, caller: Caller | None = None) -> Job:
+def _check_webhook(delivery: Delivery, services: Services) -> None:
+    """The webhook URL passes the same guard as input_image URLs (and again at each delivery attempt)."""
+    if delivery.webhook_url is None:
+        return
+    if services.webhooks is None:
+        raise BadRequest("webhook_url: webhooks are not enabled on this server (it has no BEYOND_WEBHOOK_SECRET)")
+    try:
+        check_url(delivery.webhook_url, services.limits)
+    except InputImageError as exc:
+        raise BadRequest("webhook_url: " + str(exc).split(": ", 1)[-1]) from None
+
+
+async def submit(
+    body: SegBeyondRequest, services: Services, caller: Caller | None = None, base_url: str | None = None
+) -> Job:
+    """Queue a request; `base_url` is the public base the client reached us at (for webhook bodies)."""
     max_queue = services.settings.max_queue
     queue_full = RateLimited(
         f"the queue is full ({max_queue} requests waiting); try again shortly", headers={"Retry-After": "5"}
@@ -59,6 +74,8 @@ async def submit(body: SegBeyondRequest, services: Services, caller: Caller | No
         raise InsufficientStorage("the server's disk is full; try again later")
     # A seed of -1 is drawn now, so a retried job and the stored record use the same seed.
     params = body.job_params(services.styles, body.seed if body.seed != -1 else draw_seed())
+    delivery = body.delivery(base_url)
+    await run_in_threadpool(_check_webhook, delivery, services)
     source, image, image_size = await run_in_threadpool(_prepare_input, body, params, services)
     metered = caller is not None and caller.credits is not None
     try:
@@ -71,6 +88,7 @@ async def submit(body: SegBeyondRequest, services: Services, caller: Caller | No
             owner=caller.owner if caller else None,
             cost=request_cost(params, image_size) if metered else 0,
             max_queued=max_queue,
+            delivery=delivery,
         )
     except QueueFull:
         raise queue_full from None
@@ -79,6 +97,8 @@ async def submit(body: SegBeyondRequest, services: Services, caller: Caller | No
             f"insufficient credits: this request costs {from_units(exc.cost):g},"
             f" the balance is {from_units(exc.balance):g}"
         ) from None
+    if delivery.webhook_url is not None and services.webhooks is not None:
+        services.webhooks.track(job)
     if not job.input_ready:
         services.inputs.submit(job)
     log.info(

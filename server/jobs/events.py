@@ -37,6 +37,7 @@ class JobEvents:
         self._lock = threading.Lock()
         self._watches: dict[str, set[Watch]] = {}
         self._work: list[Callable[[], None]] = []
+        self._changes: list[Callable[[str], None]] = []
 
     @contextlib.contextmanager
     def watch(self, job_id: str) -> Iterator[Watch]:
@@ -56,9 +57,22 @@ class JobEvents:
     def job_changed(self, job_id: str) -> None:
         with self._lock:
             watchers = list(self._watches.get(job_id, ()))
+            changes = list(self._changes)
         for watch in watchers:
             with contextlib.suppress(RuntimeError):  # its loop has closed: nobody waits any more
                 watch.loop.call_soon_threadsafe(watch.event.set)
+        for callback in changes:
+            callback(job_id)
+
+    def on_change(self, callback: Callable[[str], None]) -> None:
+        """`callback(job_id)` runs (in the writer's thread) after every change of any job; it must be quick."""
+        with self._lock:
+            self._changes.append(callback)
+
+    def remove_on_change(self, callback: Callable[[str], None]) -> None:
+        with self._lock:
+            if callback in self._changes:
+                self._changes.remove(callback)
 
     def on_work(self, callback: Callable[[], None]) -> None:
         """`callback` runs (in the writer's thread) whenever a job becomes ready to run."""

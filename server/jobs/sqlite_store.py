@@ -349,6 +349,15 @@ class SqliteJobStore:
         ).fetchall()
         return [job for job in map(self._job, rows) if job is not None]
 
+    def webhook_jobs(self) -> list[Job]:
+        """Unexpired jobs with a webhook_url in their delivery, oldest first."""
+        rows = self._execute(
+            "SELECT * FROM jobs WHERE json_extract(delivery, '$.webhook_url') IS NOT NULL"
+            " AND (expires_at IS NULL OR expires_at > ?) ORDER BY seq",
+            (time.time(),),
+        ).fetchall()
+        return [job for job in map(self._job, rows) if job is not None]
+
     @staticmethod
     def _queued(db: sqlite3.Connection) -> int:
         return int(db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (JobStatus.QUEUED.value,)).fetchone()[0])

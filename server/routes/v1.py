@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from server.auth import SubmitterDep
 from server.deps import BodyDep, ServicesDep, public_base
 from server.errors import BadGateway, BadRequest, Conflict, InternalError, NotFound
 from server.jobs.contract import FailureKind, JobStatus
-from server.results import read_output, result_body
+from server.results import read_output, result_body, webhook_status
 from server.routes.responses import errors
 from server.schemas import ResultResponse, SegBeyondRequest
 from server.submission import submit, wait_finished
@@ -35,9 +36,12 @@ REQUEST_SCHEMA = {
         200: {
             "content": {
                 "image/jpeg": {},
+                "image/png": {},
+                "image/webp": {},
                 "application/json": {"schema": {"$ref": f"#/components/schemas/{ResultResponse.__name__}"}},
             },
-            "description": "the outpainted image (JSON with the images inline when base64 is true)",
+            "description": "the outpainted image (JSON with the images inline when base64 is true); its type follows"
+            " output_format (an extension of the hosted API; jpeg by default)",
         },
         **errors(400, 401, 403, 406, 409, 413, 429, 500, 502, 503, 504, 507),
     },
@@ -49,7 +53,8 @@ async def run_sync(caller: SubmitterDep, body: BodyDep, request: Request, servic
     if not services.supervisor.ready:
         reason = status.error if status.state == "failed" and status.error else f"the worker is {status.state.value}"
         raise BadGateway(f"the engine is not available: {reason}")
-    job = await submit(body, services, caller)
+    base = public_base(request, services.settings)
+    job = await submit(body, services, caller, base)
     job = await wait_finished(services, job.id, request)
     if job.status == JobStatus.FAILED:
         headers = {"x-request-id": job.id}
@@ -67,7 +72,8 @@ async def run_sync(caller: SubmitterDep, body: BodyDep, request: Request, servic
     if not job.base64:
         return Response(read_output(services, job, 0), media_type=job.delivery.media_type, headers=headers)
     # The v2 result body (its outputs inline), with the images also under "image"/"images".
-    result = result_body(services, job, public_base(request, services.settings))
+    webhook = await run_in_threadpool(webhook_status, services, job) if job.delivery.webhook_url else None
+    result = await run_in_threadpool(result_body, services, job, base, webhook)
     return JSONResponse({**result, "image": result["output"], "images": result["outputs"]}, headers=headers)
 
 

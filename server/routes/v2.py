@@ -2,28 +2,37 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+import base64
+import binascii
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from server.auth import CallerDep, SubmitterDep, owner_of
 from server.deps import BodyDep, ServicesDep, public_base
-from server.errors import Conflict, NotFound
-from server.results import find, find_state, read_output, result_body, status_body
+from server.errors import BadRequest, Conflict, NotFound
+from server.jobs.contract import JobStatus
+from server.results import find, find_state, list_item, read_output, result_body, status_body, webhook_status
 from server.routes.responses import READ, SUBMIT, errors
 from server.routes.v1 import REQUEST_SCHEMA, SLUG
-from server.schemas import CancelResponse, ResultResponse, StatusResponse, SubmitResponse
+from server.schemas import EXTENSION, CancelResponse, RequestList, ResultResponse, StatusResponse, SubmitResponse
 from server.submission import submit
 
 router = APIRouter(prefix="/v2")
+MAX_LIST = 100
+CURSOR = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 
 @router.post(
     f"/{SLUG}", openapi_extra=REQUEST_SCHEMA, response_model=SubmitResponse, responses=SUBMIT, summary="Queue a request"
 )
 async def submit_async(caller: SubmitterDep, body: BodyDep, request: Request, services: ServicesDep) -> JSONResponse:
-    job = await submit(body, services, caller)
-    base = f"{public_base(request, services.settings)}/v2/requests/{job.id}"
+    root = public_base(request, services.settings)
+    job = await submit(body, services, caller, root)
+    base = f"{root}/v2/requests/{job.id}"
     return JSONResponse(
         {
             "request_id": job.id,
@@ -50,9 +59,78 @@ async def get_status(request_id: str, services: ServicesDep, caller: CallerDep) 
 async def get_result(request_id: str, request: Request, services: ServicesDep, caller: CallerDep) -> JSONResponse:
     job = find(services, request_id, owner_of(caller))
     base = public_base(request, services.settings)
+    # Only a request with a webhook_url reads the outbox (off the event loop); the others answer as before.
+    webhook = await run_in_threadpool(webhook_status, services, job) if job.delivery.webhook_url else None
     if job.base64:  # reads every image: off the event loop
-        return JSONResponse(await run_in_threadpool(result_body, services, job, base))
-    return JSONResponse(result_body(services, job, base))
+        return JSONResponse(await run_in_threadpool(result_body, services, job, base, webhook))
+    return JSONResponse(result_body(services, job, base, webhook))
+
+
+def encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """The seq a cursor continues below; BadRequest for anything this server did not hand out."""
+    problem = BadRequest("cursor: not a cursor this server handed out (pass next_cursor as it came)")
+    if not CURSOR.fullmatch(cursor):
+        raise problem
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, ValueError):
+        raise problem from None
+    kind, _, number = text.partition(":")
+    if kind != "seq" or not number.isdigit() or not 0 < int(number) < 2**63:
+        raise problem
+    return int(number)
+
+
+def parse_limit(limit: str | None) -> int:
+    if limit is None:
+        return 20
+    if not limit.strip().isdigit() or not 1 <= int(limit) <= MAX_LIST:
+        raise BadRequest(f"limit: must be an integer from 1 to {MAX_LIST}")
+    return int(limit)
+
+
+def parse_status(status: str | None) -> JobStatus | None:
+    if status is None:
+        return None
+    try:
+        return JobStatus(status.strip().upper())
+    except ValueError:
+        raise BadRequest(f"status: must be one of {', '.join(s.value for s in JobStatus)}") from None
+
+
+@router.get(
+    "/requests",
+    response_model=RequestList,
+    responses=errors(400, 401, 403, 503),
+    summary="List your requests",
+    description=EXTENSION + "the caller's own requests (those made with its key; without keys configured, those"
+    " made without one), newest first, a page at a time. Expired requests are not listed.",
+)
+def list_requests(
+    request: Request,
+    services: ServicesDep,
+    caller: CallerDep,
+    limit: Annotated[str | None, Query(description=f"requests per page, 1 to {MAX_LIST} (default 20)")] = None,
+    status: Annotated[str | None, Query(description="only requests in this state")] = None,
+    cursor: Annotated[str | None, Query(description="next_cursor of the page before")] = None,
+) -> JSONResponse:
+    count, wanted = parse_limit(limit), parse_status(status)
+    before = decode_cursor(cursor) if cursor is not None else None
+    # One more than the page, to know whether another page follows.
+    jobs = services.store.list_jobs(owner_of(caller), status=wanted, limit=count + 1, before=before)
+    page = jobs[:count]
+    base = public_base(request, services.settings)
+    more = len(jobs) > count
+    return JSONResponse(
+        {
+            "requests": [list_item(job, base) for job in page],
+            "next_cursor": encode_cursor(page[-1].seq) if more else None,
+        }
+    )
 
 
 @router.post(
