@@ -230,7 +230,13 @@ def _outpaint(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**{k: v for k, v in (("model", args.model), ("device", args.device)) if v})
     except ValidationError as exc:
-        raise UsageError(f"invalid BEYOND_* setting: {_one_line(str(exc.errors()[0].get('msg')))}") from None
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error.get("loc") else ""
+        reason = _one_line(str(error.get("msg")).removeprefix("Value error, "))
+        given = {"model": args.model, "device": args.device}.get(field)
+        if given:  # the command line's own value: name the option
+            raise UsageError(f"--{field} {given}: {reason}") from None
+        raise UsageError(f"invalid BEYOND_{field.upper()} setting: {reason}") from None
     try:
         registry = default_registry(settings.styles_dir)
     except StyleFileError as exc:
