@@ -81,10 +81,6 @@ class BadGateway(ApiError):
     status_code = 502
 
 
-class ServiceUnavailable(ApiError):
-    status_code = 503
-
-
 class InsufficientStorage(ApiError):
     status_code = 507
 
