@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -34,7 +35,15 @@ VERSION = "0.1.0"
 
 
 def build_store(settings: Settings) -> JobStore:
-    """The one place the job store is chosen."""
+    """The one place the job store is chosen: Redis shared by several nodes, or SQLite embedded."""
+    if settings.redis_url:
+        from server.jobs.redis_store import RedisJobStore
+
+        # A name stable across restarts of this node, so a restarted node releases its own jobs at once.
+        consumer = f"{socket.gethostname()}:{settings.data_dir.resolve()}"
+        return RedisJobStore(
+            settings.redis_url, ttl=settings.result_ttl, reclaim_after=settings.reclaim_after, consumer=consumer
+        )
     return SqliteJobStore(settings.data_dir, ttl=settings.result_ttl)
 
 
