@@ -32,6 +32,7 @@ from server.settings import Settings, get_settings
 
 log = logging.getLogger("beyond")
 VERSION = "0.1.0"
+REDIS_START_WAIT = 30.0  # seconds
 
 
 def build_store(settings: Settings) -> JobStore:
@@ -41,8 +42,13 @@ def build_store(settings: Settings) -> JobStore:
 
         # A name stable across restarts of this node, so a restarted node releases its own jobs at once.
         consumer = f"{socket.gethostname()}:{settings.data_dir.resolve()}"
+        # A node started with its Redis waits a while for it, then stops with StoreUnavailable.
         return RedisJobStore(
-            settings.redis_url, ttl=settings.result_ttl, reclaim_after=settings.reclaim_after, consumer=consumer
+            settings.redis_url,
+            ttl=settings.result_ttl,
+            reclaim_after=settings.reclaim_after,
+            consumer=consumer,
+            wait=REDIS_START_WAIT,
         )
     return SqliteJobStore(settings.data_dir, ttl=settings.result_ttl)
 

@@ -379,10 +379,12 @@ class RedisJobStore:
         prefix: str = "beyond:",
         events: JobEvents | None = None,
         listen: bool = True,
+        wait: float = 0.0,
     ) -> None:
         """`consumer` names this node in the consumer group. A stable name (the default of build_store:
         host and data dir) lets a restarted node release the jobs its previous life was running at once,
-        instead of after `reclaim_after`; two live nodes must never share one."""
+        instead of after `reclaim_after`; two live nodes must never share one. With `wait`, a Redis that
+        is not up yet is waited for that many seconds (a node started with it), then StoreUnavailable."""
         self.url = url
         self.where = _where(url)
         self.ttl = ttl
@@ -418,13 +420,21 @@ class RedisJobStore:
         self._stop = threading.Event()
         self._listening = threading.Event()
         self._listener: threading.Thread | None = None
-        up = True
-        try:
-            self._ensure_group()
-            self._check_config()
-        except StoreUnavailable as exc:  # not up yet: /health says so, and the first claim creates the group
-            log.warning("%s", exc)
-            up = False
+        up, deadline, delay = False, time.monotonic() + wait, 0.2
+        while not up:
+            try:
+                self._ensure_group()
+                self._check_config()
+                up = True
+            except StoreUnavailable as exc:  # not up (yet): /health says so; the first claim creates the group
+                if time.monotonic() + delay > deadline:
+                    if wait > 0:
+                        raise
+                    log.warning("%s", exc)
+                    break
+                log.info("waiting for %s", self.where)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
         if listen:
             self._listener = threading.Thread(target=self._listen, name="redis-events", daemon=True)
             self._listener.start()
@@ -619,6 +629,10 @@ class RedisJobStore:
             "base64", int(base64),
             "delivery", json.dumps((delivery or Delivery()).to_json()),
         )  # fmt: skip
+        if answer[0] == b"exists":  # a retry of a create whose answer was lost: the job is there once
+            existing = self.get(job_id)
+            assert existing is not None
+            return existing
         if answer[0] == b"full":
             raise QueueFull()
         if answer[0] == b"balance":
