@@ -281,11 +281,14 @@ redis.call('HDEL', k, 'started_at', 'consumer')
 redis.call('ZREM', P .. 'processing', id)
 redis.call('ZADD', P .. 'queued', redis.call('HGET', k, 'seq'), id)
 local entry = redis.call('HGET', k, 'entry')
-if entry then
-  -- Pending still, and idle for long: the next claim on any node takes it first, at its old place.
-  local owner = redis.call('XPENDING', STREAM, GROUP, entry, entry, 1)
-  local consumer = owner[1] and owner[1][2] or 'released'
-  redis.call('XCLAIM', STREAM, GROUP, consumer, 0, entry, 'IDLE', '""" + str(RELEASED_IDLE_MS) + """', 'JUSTID')
+local pending = entry and redis.call('XPENDING', STREAM, GROUP, entry, entry, 1)[1]
+if pending then
+  -- Pending still, and idle for long from now on: the next claim on any node takes it first, at its old place.
+  redis.call('XCLAIM', STREAM, GROUP, pending[2], 0, entry, 'IDLE', '""" + str(RELEASED_IDLE_MS) + """', 'JUSTID')
+else
+  -- Its entry was lost (a Redis that lost data): it queues again as a new entry.
+  if entry then redis.call('XDEL', STREAM, entry) end
+  redis.call('HSET', k, 'entry', redis.call('XADD', STREAM, '*', 'job', id))
 end
 notify(id)
 notify_work()
@@ -731,7 +734,9 @@ class RedisJobStore:
         """None when the store works; else what is wrong, in words for /health. Never raises."""
         try:
             with self._errors():
-                self.redis.ping()
+                memory = self.redis.info("memory")
+            if 0 < int(memory.get("maxmemory", 0)) <= int(memory.get("used_memory", 0)):
+                return f"the job store (Redis at {self.where}) is out of memory"
         except (StoreUnavailable, DiskFull) as exc:
             return str(exc)
         except Exception as exc:  # health must answer whatever happens
