@@ -69,6 +69,9 @@ def test_kill_minus_nine_of_the_server_loses_no_queued_job(backend: Backend) -> 
         second.stop()
 
 
+# On SQLite only, to keep the suite's time: on Redis the same store.release (retry once, then FAILED) is
+# tested in-process in tests/test_store_contract.py, and through a server by the kill -9 test above.
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 def test_worker_killed_mid_job_is_restarted_and_the_job_retried_once(backend: Backend) -> None:
     server = backend.server().start().wait_ready()
     try:

@@ -350,6 +350,22 @@ def test_a_restarted_node_releases_its_own_jobs_at_once(nodes) -> None:
     assert after.claim_next().attempts == 2
 
 
+def test_a_released_job_whose_stream_entry_was_lost_queues_again(nodes, redis_server: RedisServer) -> None:
+    store = nodes()
+    job = queue(store)
+    store.claim_next()
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        entry = client.hget(f"{store.prefix}job:{job.id}", "entry")
+        client.xack(f"{store.prefix}stream", "workers", entry)
+        client.xdel(f"{store.prefix}stream", entry)
+    finally:
+        client.close()
+    assert store.release(job.id, "the server stopped") == JobStatus.QUEUED
+    again = store.claim_next()
+    assert again.id == job.id and again.attempts == 2
+
+
 def test_a_redis_restart_loses_no_accepted_job_and_while_down_the_store_says_so(tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "redis").start()
     store = RedisJobStore(server.url, prefix="r:")
