@@ -410,3 +410,29 @@ def test_a_full_redis_is_disk_full_and_a_result_that_does_not_fit_fails_its_job(
         client.close()
         store.close()
         server.stop()
+
+
+def test_the_event_listener_comes_back_after_a_redis_restart(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis").start()
+    store = RedisJobStore(server.url, prefix="e:")
+    client = redis.Redis.from_url(server.url)
+    try:
+        server.kill()
+        time.sleep(1.0)
+        server.restart()
+
+        async def heard() -> bool:
+            # Another node's message, sent until the listener has reconnected (its backoff is at most 5 s).
+            with store.events.watch("probe") as watch:
+                for _ in range(40):
+                    watch.clear()
+                    client.publish("e:events", "another-node j probe")
+                    if await watch.wait(0.5):
+                        return True
+            return False
+
+        assert asyncio.run(heard())
+    finally:
+        client.close()
+        store.close()
+        server.stop()
