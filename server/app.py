@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -33,10 +34,24 @@ from server.webhooks import KEEP_AFTER_EXPIRY, WebhookDispatcher, WebhookOutbox,
 
 log = logging.getLogger("beyond")
 VERSION = "0.1.0"
+REDIS_START_WAIT = 30.0  # seconds
 
 
 def build_store(settings: Settings) -> JobStore:
-    """The one place the job store is chosen."""
+    """The one place the job store is chosen: Redis shared by several nodes, or SQLite embedded."""
+    if settings.redis_url:
+        from server.jobs.redis_store import RedisJobStore
+
+        # A name stable across restarts of this node, so a restarted node releases its own jobs at once.
+        consumer = f"{socket.gethostname()}:{settings.data_dir.resolve()}"
+        # A node started with its Redis waits a while for it, then stops with StoreUnavailable.
+        return RedisJobStore(
+            settings.redis_url,
+            ttl=settings.result_ttl,
+            reclaim_after=settings.reclaim_after,
+            consumer=consumer,
+            wait=REDIS_START_WAIT,
+        )
     return SqliteJobStore(settings.data_dir, ttl=settings.result_ttl)
 
 

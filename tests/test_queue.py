@@ -1,9 +1,12 @@
-"""The /v2 queue through a real server: the SDK's run / submit_async / wait, states, outputs, cancel."""
+"""The /v2 queue through a real server: the SDK's run / submit_async / wait, states, outputs, cancel.
+
+Every test runs on the shared SQLite server and on a server whose job store is Redis."""
 
 from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -12,6 +15,26 @@ import segmind
 from segmind.v2 import InferenceFailed
 
 from tests.helpers import ServerProcess, jpeg, request_body, smooth_image
+from tests.redis_helpers import RedisServer
+
+
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def server(request: pytest.FixtureRequest, server: ServerProcess, tmp_path_factory: pytest.TempPathFactory):
+    """The session's SQLite server, then one on its own redis-server."""
+    if request.param == "sqlite":
+        yield server
+        return
+    yield from redis_backed_server(tmp_path_factory)
+
+
+def redis_backed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    redis_server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    proc = ServerProcess(tmp_path_factory.mktemp("server-redis"), env={"BEYOND_REDIS_URL": redis_server.url})
+    try:
+        yield proc.start().wait_ready()
+    finally:
+        proc.stop()
+        redis_server.stop()
 
 
 def sdk(server: ServerProcess) -> segmind.SegmindClient:

@@ -1,27 +1,64 @@
-"""Nothing accepted is lost: kill -9 of the server or the worker, expiry, a model that fails to load."""
+"""Nothing accepted is lost: kill -9 of the server, the worker or Redis, expiry, a model that fails to load.
+
+The store's tests run on both stores: `backend` gives a server's environment (SQLite in its data dir, or
+a redis-server of the test's own) and says whether a job's files are still kept."""
 
 from __future__ import annotations
 
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
+import redis
 
 from models.random_models import build_random
 from tests.helpers import ServerProcess, request_body, smooth_image
+from tests.redis_helpers import RedisServer
 from tests.test_queue import finished, result, status, submit, wait_for
 
 
-def test_kill_minus_nine_of_the_server_loses_no_queued_job(tmp_path: Path) -> None:
-    first = ServerProcess(tmp_path).start().wait_ready()
+class Backend:
+    def __init__(self, data_dir: Path, redis_server: RedisServer | None = None) -> None:
+        self.data_dir, self.redis = data_dir, redis_server
+        self.env = {"BEYOND_REDIS_URL": redis_server.url} if redis_server else {}
+
+    def server(self, **env: str) -> ServerProcess:
+        return ServerProcess(self.data_dir, env={**self.env, **env})
+
+    def has_output(self, job_id: str) -> bool:
+        if self.redis is None:
+            return (self.data_dir / "jobs" / job_id / "output-0.jpg").exists()
+        client = redis.Redis.from_url(self.redis.url)
+        try:
+            return client.hexists(f"beyond:files:{job_id}", "output-0.jpg")
+        finally:
+            client.close()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "sqlite":
+        yield Backend(tmp_path)
+        return
+    redis_server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield Backend(tmp_path / "data", redis_server)
+    finally:
+        redis_server.stop()
+
+
+def test_kill_minus_nine_of_the_server_loses_no_queued_job(backend: Backend) -> None:
+    first = backend.server().start().wait_ready()
     try:
         jobs = [submit(first, seed=i, steps=40) for i in range(5)]
         wait_for(first, jobs[0]["request_id"], lambda b: b.get("progress", 0) > 0)
     finally:
         first.kill()
-    second = ServerProcess(tmp_path).start().wait_ready()
+    second = backend.server().start().wait_ready()
     try:
         for job in jobs:
             body = wait_for(second, job["request_id"], finished, timeout=300)
@@ -32,8 +69,11 @@ def test_kill_minus_nine_of_the_server_loses_no_queued_job(tmp_path: Path) -> No
         second.stop()
 
 
-def test_worker_killed_mid_job_is_restarted_and_the_job_retried_once(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path).start().wait_ready()
+# On SQLite only, to keep the suite's time: on Redis the same store.release (retry once, then FAILED) is
+# tested in-process in tests/test_store_contract.py, and through a server by the kill -9 test above.
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_worker_killed_mid_job_is_restarted_and_the_job_retried_once(backend: Backend) -> None:
+    server = backend.server().start().wait_ready()
     try:
         job = submit(server, steps=100, seed=12)
         wait_for(server, job["request_id"], lambda b: b.get("progress", 0) > 0.05)
@@ -60,8 +100,11 @@ def test_worker_killed_mid_job_is_restarted_and_the_job_retried_once(tmp_path: P
         server.stop()
 
 
-def test_results_expire_and_their_files_go(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path, env={"BEYOND_RESULT_TTL": "2", "BEYOND_PURGE_INTERVAL": "0.5"}).start()
+# On SQLite only, to keep the suite's time: the Redis store's expiry (TTLs, purge) is tested in-process
+# in tests/test_store_contract.py, and the server's purge loop is the same for both.
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_results_expire_and_their_files_go(backend: Backend) -> None:
+    server = backend.server(BEYOND_RESULT_TTL="2", BEYOND_PURGE_INTERVAL="0.5").start()
     try:
         server.wait_ready()
         job = submit(server, image=smooth_image(48, 48), seed=2)
@@ -69,13 +112,12 @@ def test_results_expire_and_their_files_go(tmp_path: Path) -> None:
         assert body["status"] == "COMPLETED"
         output = result(server, job["request_id"]).json()["output"]
         assert httpx.get(output, timeout=10).status_code == 200
-        folder = tmp_path / "jobs" / job["request_id"]
-        assert (folder / "output-0.jpg").exists()
+        assert backend.has_output(job["request_id"])
         time.sleep(3.5)
         assert status(server, job["request_id"]).status_code == 404
         assert result(server, job["request_id"]).status_code == 404
         assert httpx.get(output, timeout=10).status_code == 404
-        assert not folder.exists()
+        assert not backend.has_output(job["request_id"])
     finally:
         server.stop()
 
@@ -109,3 +151,29 @@ def test_a_model_that_cannot_load_leaves_the_api_up_and_health_503(tmp_path: Pat
         assert status(server, job["request_id"]).json()["status"] == "QUEUED"
     finally:
         server.stop()
+
+
+def test_kill_minus_nine_of_redis_loses_no_queued_job(tmp_path: Path) -> None:
+    redis_server = RedisServer(tmp_path / "redis").start()
+    # A job whose result could not be stored while Redis was down is taken again after this long.
+    server = ServerProcess(tmp_path / "data", env={"BEYOND_REDIS_URL": redis_server.url, "BEYOND_RECLAIM_AFTER": "3"})
+    try:
+        server.start().wait_ready()
+        jobs = [submit(server, seed=i, steps=40) for i in range(4)]
+        wait_for(server, jobs[0]["request_id"], lambda b: b.get("progress", 0) > 0)
+        redis_server.kill()
+        health = httpx.get(f"{server.url}/health", timeout=30)
+        assert health.status_code == 503 and "unreachable" in health.json()["store"]
+        refused = httpx.post(f"{server.url}/v2/seg-beyond", json=request_body(), timeout=30)
+        assert refused.status_code == 503 and set(refused.json()) == {"error"}
+        time.sleep(1)
+        redis_server.restart()
+        for job in jobs:
+            body = wait_for(server, job["request_id"], finished, timeout=300)
+            assert body["status"] == "COMPLETED", body
+        seeds = [result(server, job["request_id"]).json()["seeds"][0] for job in jobs]
+        assert seeds == list(range(4))
+        assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+    finally:
+        server.stop()
+        redis_server.stop()
