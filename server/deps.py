@@ -15,6 +15,7 @@ from server.auth import KeyRing
 from server.errors import BadRequest, PayloadTooLarge, describe_validation_error
 from server.images import ImageLimits
 from server.jobs.inputs import InputStage
+from server.jobs.registry import WorkerRegistry
 from server.jobs.results_cache import FinishedJobs
 from server.jobs.store import JobStore
 from server.jobs.supervisor import Supervisor
@@ -28,7 +29,7 @@ from server.settings import Settings
 class Services:
     settings: Settings
     store: JobStore
-    supervisor: Supervisor
+    supervisor: Supervisor | None  # None on an API node (`beyond serve --no-worker`)
     inputs: InputStage
     finished: FinishedJobs
     limits: ImageLimits
@@ -36,6 +37,7 @@ class Services:
     keys: KeyRing
     limiter: RateLimiter
     metrics: Metrics
+    workers: WorkerRegistry  # the live workers /health and v1 see: the local one, or all of them (Redis)
 
 
 async def get_services(request: Request) -> Services:
