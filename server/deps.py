@@ -15,7 +15,7 @@ from server.auth import KeyRing
 from server.errors import BadRequest, PayloadTooLarge, describe_validation_error
 from server.images import ImageLimits
 from server.jobs.inputs import InputStage
-from server.jobs.registry import WorkerRegistry
+from server.jobs.registry import Heartbeat, WorkerRegistry
 from server.jobs.results_cache import FinishedJobs
 from server.jobs.store import JobStore
 from server.jobs.supervisor import Supervisor
@@ -38,6 +38,7 @@ class Services:
     limiter: RateLimiter
     metrics: Metrics
     workers: WorkerRegistry  # the live workers /health and v1 see: the local one, or all of them (Redis)
+    heartbeat: Heartbeat | None = None  # publishes the local worker's card (Redis only)
 
 
 async def get_services(request: Request) -> Services:
