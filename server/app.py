@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -36,7 +37,16 @@ VERSION = "0.1.0"
 
 
 def build_store(settings: Settings) -> JobStore:
-    """The one place the job store is chosen."""
+    """The one place the job store is chosen: Redis shared by several nodes, or SQLite embedded."""
+    if settings.redis_url:
+        from server.jobs.redis_store import RedisJobStore
+
+        # A name stable across restarts of this node, so a restarted node releases its own jobs at once; the
+        # worker's name or device keeps apart the workers of one host that share a data folder (one per GPU).
+        consumer = f"{socket.gethostname()}:{settings.data_dir.resolve()}:{settings.worker_name or settings.device}"
+        return RedisJobStore(
+            settings.redis_url, ttl=settings.result_ttl, reclaim_after=settings.reclaim_after, consumer=consumer
+        )
     return SqliteJobStore(settings.data_dir, ttl=settings.result_ttl)
 
 
@@ -73,7 +83,6 @@ def build_supervisor(settings: Settings, store: JobStore, metrics: Metrics | Non
         purge_interval=settings.purge_interval,
         backoff=settings.worker_restart_backoff,
         metrics=metrics,
-        release_orphans=settings.redis_url is None,
     )
 
 

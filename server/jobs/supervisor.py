@@ -73,7 +73,6 @@ class Supervisor:
         purge_interval: float = 30.0,
         backoff: float = 2.0,
         metrics: Metrics | None = None,
-        release_orphans: bool = True,
     ) -> None:
         self.store = store
         self.config = config
@@ -81,9 +80,6 @@ class Supervisor:
         self.backoff = backoff
         self.status = WorkerState()
         self.metrics = metrics
-        # Only a store this supervisor alone works from may have its PROCESSING jobs released at start; a
-        # shared one (Redis) holds other workers' running jobs, which its own reclaim takes over when stale.
-        self.release_orphans = release_orphans
         self._ctx = multiprocessing.get_context("spawn")
         self._proc: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
@@ -107,9 +103,8 @@ class Supervisor:
 
     def start(self) -> None:
         # Jobs left PROCESSING by a previous server that died: their worker is gone too.
-        if self.release_orphans:
-            for job in self.store.processing():
-                self.store.release(job.id, "the server stopped")
+        for job in self.store.processing():
+            self.store.release(job.id, "the server stopped")
         self._thread.start()
 
     def stop(self, timeout: float = 1.0) -> None:

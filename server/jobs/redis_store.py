@@ -1,0 +1,816 @@
+"""The job store shared by several nodes: Redis, with delivery on a Redis stream.
+
+Every node (API, worker, or both) keeps its state here and nowhere else: job rows, inputs, outputs and
+previews, credit balances. Runnable jobs are entries of one stream read by one consumer group; each
+node reads it under its own consumer name, so the stream hands every job to exactly one worker, in the
+order jobs became runnable. An entry stays pending until its job's result is stored; a running job's
+progress keeps its entry fresh, and an entry left idle for `reclaim_after` seconds (its worker died or
+hung) is taken over by the next `claim_next` as a new attempt, at most MAX_ATTEMPTS in all.
+
+Each write is one Lua script, so a job is never half-written and every guarantee of the SQLite store
+(queue bound, charge and refund, fencing by attempt) holds across nodes. A script publishes what it
+changed on one pub/sub channel; each store instance runs one listener thread that turns those messages
+into the local `JobEvents`, so waiters and supervisors on every node are woken.
+
+Key layout (prefix `beyond:` by default):
+    seq                 counter of job seqs (INCR)
+    job:<id>            hash: the job's fields (JSON for params, source, delivery, result)
+    files:<id>          hash: file name -> bytes (input, outputs, previews)
+    stream              the stream of runnable jobs, entries {job: <id>}; group "workers"
+    queued              zset of QUEUED job ids by seq (queue bound, queue position)
+    awaiting            zset of QUEUED URL jobs without their input yet, by seq
+    processing          zset of PROCESSING job ids by seq
+    owner:=<owner>      zset of an owner's job ids by seq (`owner:-` for jobs without a key)
+    expiry              zset of "<id> <owner key>" by expires_at: what purge_expired cleans up
+    credits, granted    hashes owner -> balance units, owner -> granted units
+    events              pub/sub channel: "<origin> w" (work available), "<origin> j <id>" (job changed)
+Finished jobs and their files carry a Redis TTL (the result TTL); live jobs never expire.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from server.jobs.contract import (
+    Delivery,
+    FailureKind,
+    ImageSource,
+    Job,
+    JobParams,
+    JobResult,
+    JobState,
+    JobStatus,
+)
+from server.jobs.events import JobEvents
+from server.jobs.store import MAX_ATTEMPTS, DiskFull, FileGone, InsufficientBalance, QueueFull, StoreUnavailable
+
+log = logging.getLogger("beyond.redis")
+
+GROUP = "workers"
+DIED = "the worker process died or stopped answering"
+# A released entry is given this idle time, so the next claim reclaims it at once, ahead of new jobs.
+RELEASED_IDLE_MS = 10**11
+LISTENER_BACKOFF = (0.1, 5.0)  # first and longest wait between reconnections of the pub/sub listener
+
+# Every script starts with this: its first three ARGV are the key prefix, the caller's origin id and the
+# time ("" = Redis's own clock, the one clock all nodes share).
+PRELUDE = """
+local P, ORIGIN = ARGV[1], ARGV[2]
+local NOW = tonumber(ARGV[3])
+if NOW == nil then
+  local t = redis.call('TIME')
+  NOW = tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local STREAM, GROUP = P .. 'stream', '""" + GROUP + """'
+local function jobkey(id) return P .. 'job:' .. id end
+local function fileskey(id) return P .. 'files:' .. id end
+local function ownerkey(owner) if owner then return P .. 'owner:=' .. owner end return P .. 'owner:-' end
+local function stamp(x) return string.format('%.6f', x) end
+local function notify(id) redis.call('PUBLISH', P .. 'events', ORIGIN .. ' j ' .. id) end
+local function notify_work() redis.call('PUBLISH', P .. 'events', ORIGIN .. ' w') end
+local function drop_entry(id)
+  local entry = redis.call('HGET', jobkey(id), 'entry')
+  if entry then
+    redis.call('XACK', STREAM, GROUP, entry)
+    redis.call('XDEL', STREAM, entry)
+    redis.call('HDEL', jobkey(id), 'entry')
+  end
+end
+-- A live job ends: its entry leaves the stream, it leaves the live indexes, it expires after ttl and,
+-- when it FAILED, its charge goes back to its owner. Every way a job ends passes here, once.
+local function finish(id, status, ttl, fields)
+  local k = jobkey(id)
+  local expires = NOW + ttl
+  redis.call('HSET', k, 'status', status, 'finished_at', stamp(NOW), 'expires_at', stamp(expires), unpack(fields))
+  drop_entry(id)
+  redis.call('ZREM', P .. 'queued', id)
+  redis.call('ZREM', P .. 'awaiting', id)
+  redis.call('ZREM', P .. 'processing', id)
+  local owner = redis.call('HGET', k, 'owner')
+  redis.call('ZADD', P .. 'expiry', expires, id .. ' ' .. ownerkey(owner))
+  local at = string.format('%d', math.floor(expires * 1000))
+  redis.call('PEXPIREAT', k, at)
+  redis.call('PEXPIREAT', fileskey(id), at)
+  if status == 'FAILED' then
+    local cost = tonumber(redis.call('HGET', k, 'cost') or '0')
+    if cost > 0 and owner and redis.call('HEXISTS', P .. 'credits', owner) == 1 then
+      redis.call('HINCRBY', P .. 'credits', owner, cost)
+    end
+  end
+  notify(id)
+end
+local function live(status) return status == 'QUEUED' or status == 'PROCESSING' end
+"""
+
+# ARGV[4..]: id, max_queued ("" = none), owner ("" with has_owner 0), has_owner, cost, has_image, image,
+# then the job's static fields as name/value pairs.
+CREATE = PRELUDE + """
+local id, max_queued, owner, has_owner = ARGV[4], ARGV[5], ARGV[6], ARGV[7] == '1'
+local cost, has_image, image = tonumber(ARGV[8]), ARGV[9] == '1', ARGV[10]
+local k = jobkey(id)
+if redis.call('EXISTS', k) == 1 then return {'exists'} end
+if max_queued ~= '' and redis.call('ZCARD', P .. 'queued') >= tonumber(max_queued) then return {'full'} end
+if not has_owner then owner = false end
+if owner and cost > 0 then
+  local balance = redis.call('HGET', P .. 'credits', owner)
+  if not balance then
+    cost = 0
+  elseif tonumber(balance) < cost then
+    return {'balance', balance}
+  else
+    redis.call('HINCRBY', P .. 'credits', owner, -cost)
+  end
+else
+  cost = 0
+end
+local seq = redis.call('INCR', P .. 'seq')
+redis.call('HSET', k, 'id', id, 'seq', seq, 'status', 'QUEUED', 'created_at', stamp(NOW), 'attempts', 0,
+  'progress', 0, 'cancel_requested', 0, 'cost', cost, 'input_ready', has_image and 1 or 0)
+for i = 11, #ARGV, 2 do redis.call('HSET', k, ARGV[i], ARGV[i + 1]) end
+if owner then redis.call('HSET', k, 'owner', owner) end
+redis.call('ZADD', P .. 'queued', seq, id)
+redis.call('ZADD', ownerkey(owner), seq, id)
+if has_image then
+  redis.call('HSET', fileskey(id), 'input', image)
+  redis.call('HSET', k, 'entry', redis.call('XADD', STREAM, '*', 'job', id))
+  notify_work()
+else
+  redis.call('ZADD', P .. 'awaiting', seq, id)
+end
+notify(id)
+return {'ok', redis.call('HGETALL', k)}
+"""
+
+# ARGV[4..]: id, image. 1 when the job is (now) ready to run, 0 when it ended meanwhile.
+ATTACH = PRELUDE + """
+local id, image = ARGV[4], ARGV[5]
+local k = jobkey(id)
+if redis.call('HGET', k, 'status') ~= 'QUEUED' then return 0 end
+if redis.call('HGET', k, 'input_ready') == '1' then return 1 end
+redis.call('HSET', fileskey(id), 'input', image)
+redis.call('HSET', k, 'input_ready', 1)
+redis.call('ZREM', P .. 'awaiting', id)
+redis.call('HSET', k, 'entry', redis.call('XADD', STREAM, '*', 'job', id))
+notify(id)
+notify_work()
+return 1
+"""
+
+# ARGV[4..]: consumer, min idle ms, max attempts, ttl. Takes one job: first an entry idle that long (its
+# worker died, or the job was released), else the next new entry. Returns the job's fields, or nil.
+CLAIM = PRELUDE + """
+local consumer, min_idle, max_attempts, ttl = ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
+local function take(entry, id, reclaimed)
+  local k = jobkey(id)
+  local status = redis.call('HGET', k, 'status')
+  if not live(status) or (status == 'PROCESSING' and not reclaimed) then
+    -- Ended (or gone) while its entry waited: the entry has nothing left to deliver.
+    redis.call('XACK', STREAM, GROUP, entry)
+    redis.call('XDEL', STREAM, entry)
+    return nil
+  end
+  local attempts = tonumber(redis.call('HGET', k, 'attempts'))
+  if status == 'PROCESSING' then
+    -- Its worker stopped answering while running it.
+    if redis.call('HGET', k, 'cancel_requested') == '1' then
+      finish(id, 'FAILED', ttl, {'error', 'cancelled', 'error_kind', 'cancelled'})
+      return nil
+    end
+    if attempts >= max_attempts then
+      local reason = '""" + DIED + """ while running this job, ' .. attempts .. ' times; giving up'
+      finish(id, 'FAILED', ttl, {'error', reason, 'error_kind', 'worker_died'})
+      return nil
+    end
+  end
+  redis.call('HSET', k, 'status', 'PROCESSING', 'attempts', attempts + 1, 'progress', 0, 'consumer', consumer,
+    'entry', entry)
+  redis.call('HDEL', k, 'started_at')
+  redis.call('ZREM', P .. 'queued', id)
+  redis.call('ZADD', P .. 'processing', redis.call('HGET', k, 'seq'), id)
+  notify(id)
+  return redis.call('HGETALL', k)
+end
+local cursor = '0-0'
+repeat
+  local found = redis.call('XAUTOCLAIM', STREAM, GROUP, consumer, min_idle, cursor, 'COUNT', 1)
+  cursor = found[1]
+  for _, item in ipairs(found[2]) do
+    if item[2] then
+      local job = take(item[1], item[2][2], true)
+      if job then return job end
+    end
+  end
+until cursor == '0-0'
+while true do
+  local read = redis.call('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', 1, 'STREAMS', STREAM, '>')
+  if not read then return nil end
+  local item = read[1][2][1]
+  local job = take(item[1], item[2][2], false)
+  if job then return job end
+end
+"""
+
+# ARGV[4..]: id, attempt, consumer, progress ("" = leave it), started ("1" = record started_at).
+# Fenced by attempt; the job's stream entry is made fresh (its worker is alive). Returns the cancel flag,
+# 1 also when this attempt is no longer the job's (its worker should stop).
+TOUCH = "#!lua flags=allow-oom\n" + PRELUDE + """
+local id, attempt, consumer, progress, started = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8] == '1'
+local k = jobkey(id)
+if redis.call('HGET', k, 'status') ~= 'PROCESSING' or redis.call('HGET', k, 'attempts') ~= attempt then return 1 end
+if progress ~= '' then redis.call('HSET', k, 'progress', progress) end
+if started then redis.call('HSET', k, 'started_at', stamp(NOW)) end
+local entry = redis.call('HGET', k, 'entry')
+if entry then redis.call('XCLAIM', STREAM, GROUP, consumer, 0, entry, 'JUSTID') end
+notify(id)
+if redis.call('HGET', k, 'cancel_requested') == '1' then return 1 end
+return 0
+"""
+
+# ARGV[4..]: id, status, attempt ("" = any), ttl, has_files, then name/value pairs (fields, then files).
+# Allowed when memory is full, so a job can always be failed; COMPLETE (with files) is not.
+FINISH_BODY = """
+local id, status, attempt, ttl, nfields = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
+local k = jobkey(id)
+if not live(redis.call('HGET', k, 'status')) then return 0 end
+if attempt ~= '' and redis.call('HGET', k, 'attempts') ~= attempt then return 0 end
+local fields = {}
+for i = 9, 8 + 2 * nfields do fields[#fields + 1] = ARGV[i] end
+for i = 9 + 2 * nfields, #ARGV, 2 do redis.call('HSET', fileskey(id), ARGV[i], ARGV[i + 1]) end
+finish(id, status, ttl, fields)
+return 1
+"""
+FAIL = "#!lua flags=allow-oom\n" + PRELUDE + FINISH_BODY
+COMPLETE = PRELUDE + FINISH_BODY
+
+# ARGV[4..]: id, reason, max attempts, ttl. Returns the job's status afterwards.
+RELEASE = "#!lua flags=allow-oom\n" + PRELUDE + """
+local id, reason, max_attempts, ttl = ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
+local k = jobkey(id)
+local status = redis.call('HGET', k, 'status')
+if not status then return 'FAILED' end
+if status ~= 'PROCESSING' then return status end
+local attempts = tonumber(redis.call('HGET', k, 'attempts'))
+if redis.call('HGET', k, 'cancel_requested') == '1' then
+  finish(id, 'FAILED', ttl, {'error', 'cancelled', 'error_kind', 'cancelled'})
+  return 'FAILED'
+end
+if attempts >= max_attempts then
+  local error = reason .. ' while running this job, ' .. attempts .. ' times; giving up'
+  finish(id, 'FAILED', ttl, {'error', error, 'error_kind', 'worker_died'})
+  return 'FAILED'
+end
+redis.call('HSET', k, 'status', 'QUEUED', 'progress', 0)
+redis.call('HDEL', k, 'started_at', 'consumer')
+redis.call('ZREM', P .. 'processing', id)
+redis.call('ZADD', P .. 'queued', redis.call('HGET', k, 'seq'), id)
+local entry = redis.call('HGET', k, 'entry')
+if entry then
+  -- Pending still, and idle for long: the next claim on any node takes it first, at its old place.
+  local owner = redis.call('XPENDING', STREAM, GROUP, entry, entry, 1)
+  local consumer = owner[1] and owner[1][2] or 'released'
+  redis.call('XCLAIM', STREAM, GROUP, consumer, 0, entry, 'IDLE', '""" + str(RELEASED_IDLE_MS) + """', 'JUSTID')
+end
+notify(id)
+notify_work()
+return 'QUEUED'
+"""
+
+# ARGV[4..]: id, ttl. A queued job ends at once; a running one is flagged for its worker.
+CANCEL = "#!lua flags=allow-oom\n" + PRELUDE + """
+local id, ttl = ARGV[4], tonumber(ARGV[5])
+local k = jobkey(id)
+local status = redis.call('HGET', k, 'status')
+if live(status) then
+  redis.call('HSET', k, 'cancel_requested', 1)
+  if status == 'QUEUED' then
+    finish(id, 'FAILED', ttl, {'error', 'cancelled', 'error_kind', 'cancelled'})
+  else
+    notify(id)
+  end
+end
+return redis.call('HGETALL', k)
+"""
+
+# ARGV[4..]: id, name, data. Only beside a job that exists; expires with it.
+PUT_FILE = PRELUDE + """
+local id, name, data = ARGV[4], ARGV[5], ARGV[6]
+if redis.call('EXISTS', jobkey(id)) == 0 then return 0 end
+redis.call('HSET', fileskey(id), name, data)
+local left = redis.call('PTTL', jobkey(id))
+if left > 0 then redis.call('PEXPIRE', fileskey(id), left) end
+return 1
+"""
+
+# ARGV[4..]: owner, granted units.
+OPEN_ACCOUNT = PRELUDE + """
+local owner, granted = ARGV[4], tonumber(ARGV[5])
+local before = redis.call('HGET', P .. 'granted', owner)
+if redis.call('HEXISTS', P .. 'credits', owner) == 1 then
+  if before then redis.call('HINCRBY', P .. 'credits', owner, granted - tonumber(before)) end
+else
+  redis.call('HSET', P .. 'credits', owner, granted)
+end
+redis.call('HSET', P .. 'granted', owner, granted)
+return 1
+"""
+
+# ARGV[4..]: batch size. Removes jobs whose expiry passed (the TTL has mostly done it) and their index entries.
+PURGE = "#!lua flags=allow-oom\n" + PRELUDE + """
+local batch = tonumber(ARGV[4])
+local members = redis.call('ZRANGEBYSCORE', P .. 'expiry', '-inf', NOW, 'LIMIT', 0, batch)
+for _, member in ipairs(members) do
+  local space = string.find(member, ' ', 1, true)
+  local id, owner_key = string.sub(member, 1, space - 1), string.sub(member, space + 1)
+  redis.call('DEL', jobkey(id), fileskey(id))
+  redis.call('ZREM', owner_key, id)
+  redis.call('ZREM', P .. 'expiry', member)
+end
+return #members
+"""
+
+STATE_FIELDS = ("id", "seq", "status", "owner", "progress", "error", "error_kind", "expires_at")
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode()
+
+
+def _float(value: bytes | None) -> float | None:
+    return None if value is None or value == b"" else float(value)
+
+
+def _pairs(flat: list[Any]) -> dict[bytes, bytes]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _where(url: str) -> str:
+    """The server's address for messages: host and port only, never a password from the URL."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return parts.path or "a unix socket"
+    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+
+
+class RedisJobStore:
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl: float = 3600.0,
+        reclaim_after: float = 60.0,
+        consumer: str | None = None,
+        prefix: str = "beyond:",
+        events: JobEvents | None = None,
+        listen: bool = True,
+    ) -> None:
+        """`consumer` names this node in the consumer group. A stable name (the default of build_store:
+        host and data dir) lets a restarted node release the jobs its previous life was running at once,
+        instead of after `reclaim_after`; two live nodes must never share one."""
+        self.url = url
+        self.where = _where(url)
+        self.ttl = ttl
+        self.reclaim_after = reclaim_after
+        self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.prefix = prefix
+        self.events = events or JobEvents()
+        self._origin = uuid.uuid4().hex
+        self.redis = redis.Redis.from_url(
+            url,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            socket_connect_timeout=2.0,
+            socket_timeout=30.0,
+            health_check_interval=30,
+        )
+        self._scripts = {
+            name: self.redis.register_script(source)
+            for name, source in (
+                ("create", CREATE),
+                ("attach", ATTACH),
+                ("claim", CLAIM),
+                ("touch", TOUCH),
+                ("complete", COMPLETE),
+                ("fail", FAIL),
+                ("release", RELEASE),
+                ("cancel", CANCEL),
+                ("put_file", PUT_FILE),
+                ("open_account", OPEN_ACCOUNT),
+                ("purge", PURGE),
+            )
+        }
+        self._stop = threading.Event()
+        self._listener: threading.Thread | None = None
+        with contextlib.suppress(StoreUnavailable):  # not up yet: the first claim creates the group
+            self._ensure_group()
+            self._check_config()
+        if listen:
+            self._listener = threading.Thread(target=self._listen, name="redis-events", daemon=True)
+            self._listener.start()
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _key(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    def _owner_key(self, owner: str | None) -> str:
+        return self._key("owner:=" + owner) if owner is not None else self._key("owner:-")
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Redis's failures as the store's own (retries with backoff are done by then)."""
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            problem = type(exc).__name__
+            raise StoreUnavailable(f"the job store (Redis at {self.where}) is unreachable: {problem}") from None
+        except ResponseError as exc:
+            if str(exc).startswith("OOM"):
+                raise DiskFull(f"the job store (Redis at {self.where}) is out of memory") from None
+            raise StoreUnavailable(f"the job store (Redis at {self.where}) failed: {str(exc)[:200]}") from None
+        except RedisError as exc:
+            raise StoreUnavailable(f"the job store (Redis at {self.where}) failed: {type(exc).__name__}") from None
+
+    def _run(self, name: str, *args: Any, now: float | None = None) -> Any:
+        argv = [self.prefix, self._origin, "" if now is None else repr(now), *args]
+        with self._errors():
+            try:
+                return self._scripts[name](args=argv)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # The group is gone (a Redis that lost its data, or a first start while it was down).
+                self._ensure_group()
+                return self._scripts[name](args=argv)
+
+    def _ensure_group(self) -> None:
+        with self._errors():
+            try:
+                self.redis.xgroup_create(self._key("stream"), GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def _check_config(self) -> None:
+        """Warn about a Redis that can lose or evict accepted jobs (managed Redis may refuse CONFIG)."""
+        with contextlib.suppress(RedisError):
+            config = self.redis.config_get("appendonly")
+            if config.get(b"appendonly", config.get("appendonly")) in (b"no", "no"):
+                log.warning("Redis at %s runs without its append-only file: a restart loses jobs", self.where)
+            config = self.redis.config_get("maxmemory-policy")
+            policy = config.get(b"maxmemory-policy", config.get("maxmemory-policy"))
+            if policy not in (None, b"noeviction", "noeviction"):
+                log.warning("Redis at %s may evict jobs (maxmemory-policy %s; use noeviction)", self.where, policy)
+
+    @staticmethod
+    def _job(fields: dict[bytes, bytes]) -> Job | None:
+        if not fields or b"status" not in fields:
+            return None
+        result = json.loads(fields.get(b"result", b"{}"))
+        return Job(
+            id=fields[b"id"].decode(),
+            seq=int(fields[b"seq"]),
+            status=JobStatus(fields[b"status"].decode()),
+            params=JobParams.from_json(json.loads(fields[b"params"])),
+            source=ImageSource.from_json(json.loads(fields[b"source"])),
+            base64=fields.get(b"base64") == b"1",
+            owner=_text(fields.get(b"owner")),
+            created_at=float(fields[b"created_at"]),
+            started_at=_float(fields.get(b"started_at")),
+            finished_at=_float(fields.get(b"finished_at")),
+            attempts=int(fields[b"attempts"]),
+            progress=float(fields[b"progress"]),
+            error=_text(fields.get(b"error")),
+            error_kind=_text(fields.get(b"error_kind")),
+            cancel_requested=fields.get(b"cancel_requested") == b"1",
+            expires_at=_float(fields.get(b"expires_at")),
+            input_ready=fields.get(b"input_ready") == b"1",
+            cost=int(fields.get(b"cost", 0)),
+            delivery=Delivery.from_json(json.loads(fields.get(b"delivery", b"{}"))),
+            result=JobResult.from_json(result) if result else None,
+        )
+
+    @staticmethod
+    def _unexpired(job: Job | None) -> Job | None:
+        if job is not None and job.expires_at is not None and job.expires_at <= time.time():
+            return None
+        return job
+
+    def _jobs(self, ids: list[bytes]) -> list[Job | None]:
+        with self._errors():
+            pipe = self.redis.pipeline(transaction=False)
+            for job_id in ids:
+                pipe.hgetall(self._key("job", job_id.decode()))
+            return [self._job(fields) for fields in pipe.execute()]
+
+    # -- the pub/sub listener ---------------------------------------------------------------------
+
+    def _listen(self) -> None:
+        """One thread per store: Redis's messages become this node's JobEvents. Reconnects with backoff;
+        after a reconnection the supervisor is woken, since a message may have been missed meanwhile."""
+        channel = self._key("events")
+        client = redis.Redis.from_url(
+            self.url, socket_connect_timeout=2.0, health_check_interval=10, retry=Retry(ExponentialBackoff(), 0)
+        )
+        delay, lost = LISTENER_BACKOFF[0], False
+        nudge_every = max(1.0, self.reclaim_after / 2)
+        next_nudge = time.monotonic() + nudge_every
+        while not self._stop.is_set():
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(channel)
+                if lost:
+                    log.info("the job store's events are back (Redis at %s)", self.where)
+                    self.events.work_available()
+                lost, delay = False, LISTENER_BACKOFF[0]
+                while not self._stop.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        self._deliver(message["data"])
+                    if time.monotonic() >= next_nudge:
+                        # Entries whose worker died are reclaimed by a claim: wake the supervisors now and then.
+                        next_nudge = time.monotonic() + nudge_every
+                        self.events.work_available()
+            except RedisError as exc:
+                if not lost:
+                    log.warning("lost the job store's events (Redis at %s): %s", self.where, type(exc).__name__)
+                lost = True
+                self._stop.wait(delay)
+                delay = min(delay * 2, LISTENER_BACKOFF[1])
+            except Exception:  # a bug in a callback must not end the listener
+                log.exception("job store event listener error")
+                self._stop.wait(delay)
+            finally:
+                with contextlib.suppress(Exception):
+                    pubsub.close()
+        client.close()
+
+    def _deliver(self, data: bytes) -> None:
+        origin, _, rest = data.decode(errors="replace").partition(" ")
+        if origin == self._origin:
+            return  # this instance already told its own events
+        kind, _, job_id = rest.partition(" ")
+        if kind == "w":
+            self.events.work_available()
+        elif kind == "j" and job_id:
+            self.events.job_changed(job_id)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            self._listener.join(5)
+        self.redis.close()
+
+    # -- submission -------------------------------------------------------------------------------
+
+    def create(
+        self,
+        params: JobParams,
+        source: ImageSource,
+        *,
+        image: bytes | None,
+        base64: bool,
+        owner: str | None,
+        cost: int = 0,
+        max_queued: int | None = None,
+        delivery: Delivery | None = None,
+    ) -> Job:
+        """Queue a job, charge its owner's account and check the queue bound, in one script: concurrent
+        submissions on any number of nodes can neither overdraw an account nor overfill the queue."""
+        job_id = uuid.uuid4().hex
+        answer = self._run(
+            "create",
+            job_id,
+            "" if max_queued is None else max_queued,
+            owner or "",
+            int(owner is not None),
+            cost,
+            int(image is not None),
+            image or b"",
+            "params", json.dumps(params.to_json()),
+            "source", json.dumps(source.to_json()),
+            "base64", int(base64),
+            "delivery", json.dumps((delivery or Delivery()).to_json()),
+        )  # fmt: skip
+        if answer[0] == b"full":
+            raise QueueFull()
+        if answer[0] == b"balance":
+            raise InsufficientBalance(int(answer[1]), cost)
+        job = self._job(_pairs(answer[1]))
+        assert job is not None
+        self.events.job_changed(job.id)
+        if job.input_ready:
+            self.events.work_available()
+        return job
+
+    def open_account(self, owner: str, granted: int) -> None:
+        """A metered key's account. A new one starts at `granted`; an existing one keeps its balance
+        across restarts and moves by the change in the grant, so raising a key's credits tops it up."""
+        self._run("open_account", owner, granted)
+
+    def balance(self, owner: str) -> int | None:
+        with self._errors():
+            value = self.redis.hget(self._key("credits"), owner)
+        return None if value is None else int(value)
+
+    # -- the read side ----------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job | None:
+        with self._errors():
+            fields = self.redis.hgetall(self._key("job", job_id))
+        return self._unexpired(self._job(fields))
+
+    def state(self, job_id: str) -> JobState | None:
+        with self._errors():
+            values = self.redis.hmget(self._key("job", job_id), STATE_FIELDS)
+        row = dict(zip(STATE_FIELDS, values, strict=True))
+        if row["status"] is None:
+            return None
+        expires_at = _float(row["expires_at"])
+        if expires_at is not None and expires_at <= time.time():
+            return None
+        return JobState(
+            id=row["id"].decode(),
+            seq=int(row["seq"]),
+            status=JobStatus(row["status"].decode()),
+            owner=_text(row["owner"]),
+            progress=float(row["progress"]),
+            error=_text(row["error"]),
+            error_kind=_text(row["error_kind"]),
+            expires_at=expires_at,
+        )
+
+    def queue_position(self, seq: int) -> int:
+        with self._errors():
+            return int(self.redis.zcount(self._key("queued"), "-inf", f"({seq}"))
+
+    def list_jobs(
+        self, owner: str | None, *, status: JobStatus | None = None, limit: int = 20, before: int | None = None
+    ) -> list[Job]:
+        """The owner's jobs (None: those submitted without a key), newest first, below seq `before`."""
+        key = self._owner_key(owner)
+        found: list[Job] = []
+        top = "+inf" if before is None else f"({before}"
+        chunk = max(limit, 50)
+        while len(found) < limit:
+            with self._errors():
+                members = self.redis.zrevrangebyscore(key, top, "-inf", start=0, num=chunk, withscores=True)
+            if not members:
+                break
+            jobs = self._jobs([member for member, _ in members])
+            gone = [member for (member, _), job in zip(members, jobs, strict=True) if job is None]
+            if gone:  # expired by its TTL: its index entry goes too
+                with self._errors():
+                    self.redis.zrem(key, *gone)
+            for job in jobs:
+                job = self._unexpired(job)
+                if job is not None and job.owner == owner and (status is None or job.status == status):
+                    found.append(job)
+            if len(members) < chunk:
+                break
+            top = f"({int(members[-1][1])}"
+        return found[:limit]
+
+    def queued_count(self) -> int:
+        with self._errors():
+            return int(self.redis.zcard(self._key("queued")))
+
+    def read_file(self, job_id: str, name: str) -> bytes:
+        with self._errors():
+            data = self.redis.hget(self._key("files", job_id), name)
+        if data is None:
+            raise FileGone(name)
+        return data
+
+    def put_file(self, job_id: str, name: str, data: bytes) -> None:
+        """A file beside a live job (its preview); nothing when the job is gone."""
+        self._run("put_file", job_id, name, data)
+
+    def health(self) -> str | None:
+        """None when the store works; else what is wrong, in words for /health. Never raises."""
+        try:
+            with self._errors():
+                self.redis.ping()
+        except (StoreUnavailable, DiskFull) as exc:
+            return str(exc)
+        except Exception as exc:  # health must answer whatever happens
+            return f"the job store (Redis at {self.where}) failed: {type(exc).__name__}"
+        return None
+
+    # -- the input stage ---------------------------------------------------------------------------
+
+    def awaiting_input(self) -> list[Job]:
+        with self._errors():
+            ids = self.redis.zrange(self._key("awaiting"), 0, -1)
+        jobs = self._jobs(ids)
+        return [j for j in jobs if j is not None and j.status == JobStatus.QUEUED and not j.input_ready]
+
+    def attach_input(self, job_id: str, image: bytes) -> bool:
+        """The fetched input of a URL job: it enters the stream. False if the job ended meanwhile."""
+        ready = bool(self._run("attach", job_id, image))
+        if ready:
+            self.events.job_changed(job_id)
+            self.events.work_available()
+        return ready
+
+    # -- the worker side ---------------------------------------------------------------------------
+
+    def claim_next(self) -> Job | None:
+        fields = self._run(
+            "claim", self.consumer, int(self.reclaim_after * 1000), MAX_ATTEMPTS, self.ttl
+        )
+        if not fields:
+            return None
+        job = self._job(_pairs(fields))
+        if job is not None:
+            self.events.job_changed(job.id)
+        return job
+
+    def mark_started(self, job_id: str, attempt: int) -> None:
+        self._run("touch", job_id, attempt, self.consumer, "", 1)
+        self.events.job_changed(job_id)
+
+    def set_progress(self, job_id: str, attempt: int, progress: float) -> bool:
+        """Record progress and show the job's worker is alive; True when its cancellation was asked for
+        (on any node), or when this attempt is no longer the job's."""
+        cancel = self._run("touch", job_id, attempt, self.consumer, repr(float(progress)), 0)
+        self.events.job_changed(job_id)
+        return bool(cancel)
+
+    def _finish(
+        self, script: str, job_id: str, status: JobStatus, attempt: int | None, fields: dict[str, Any],
+        files: dict[str, bytes] | None = None,
+    ) -> bool:  # fmt: skip
+        args: list[Any] = [job_id, status.value, "" if attempt is None else attempt, self.ttl, len(fields)]
+        for name, value in fields.items():
+            args += [name, value]
+        for name, data in (files or {}).items():
+            args += [name, data]
+        done = bool(self._run(script, *args))
+        self.events.job_changed(job_id)
+        return done
+
+    def complete(self, job_id: str, attempt: int, result: JobResult, files: dict[str, bytes]) -> bool:
+        """The result and its files, stored together and only for the job's current attempt."""
+        try:
+            fields = {"result": json.dumps(result.to_json()), "progress": 1}
+            return self._finish("complete", job_id, JobStatus.COMPLETED, attempt, fields, files)
+        except DiskFull:
+            self.fail(
+                job_id, "the job store's memory is full; the images could not be kept", FailureKind.ENGINE, attempt
+            )
+            raise
+
+    def fail(self, job_id: str, error: str, kind: FailureKind, attempt: int | None = None) -> bool:
+        return self._finish("fail", job_id, JobStatus.FAILED, attempt, {"error": error, "error_kind": kind.value})
+
+    def release(self, job_id: str, reason: str) -> JobStatus:
+        """A job's worker died under it: queue it again at its old place, or fail it for good."""
+        status = JobStatus(self._run("release", job_id, reason, MAX_ATTEMPTS, self.ttl).decode())
+        self.events.job_changed(job_id)
+        if status == JobStatus.QUEUED:
+            self.events.work_available()
+        return status
+
+    def processing(self) -> list[Job]:
+        """The jobs this node (its consumer name) was running: each node releases its own at start;
+        another node's dead jobs are reclaimed after `reclaim_after`."""
+        with self._errors():
+            ids = self.redis.zrange(self._key("processing"), 0, -1)
+        jobs = self._jobs(ids)
+        return [j for j in jobs if j is not None and j.status == JobStatus.PROCESSING and self._runs_here(j.id)]
+
+    def _runs_here(self, job_id: str) -> bool:
+        with self._errors():
+            return self.redis.hget(self._key("job", job_id), "consumer") == self.consumer.encode()
+
+    # -- both sides --------------------------------------------------------------------------------
+
+    def request_cancel(self, job_id: str) -> Job | None:
+        fields = self._run("cancel", job_id, self.ttl)
+        self.events.job_changed(job_id)
+        return self._unexpired(self._job(_pairs(fields)))
+
+    def purge_expired(self, now: float | None = None) -> int:
+        removed = 0
+        while True:
+            count = int(self._run("purge", 500, now=now))
+            removed += count
+            if count < 500:
+                return removed
