@@ -102,7 +102,11 @@ def run(args: argparse.Namespace) -> int:
         LocalWorker(supervisor, name, os.getpid()),
         settings.heartbeat_interval,
     )
-    supervisor.start()
+    try:
+        supervisor.start()  # gives back the jobs this worker ran before a restart
+    except StoreError as exc:
+        print(f"beyond: the job store cannot be used: {exc}", file=sys.stderr)
+        return 1
     heartbeat.start()
     log.info("worker %s serving %s on %s", name, settings.model, settings.device)
     while not stopping.wait(1.0):
