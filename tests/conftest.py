@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.helpers import ImageServer, ServerProcess
+from tests.redis_helpers import RedisServer
+from tests.store_helpers import KINDS, Stores
 
 # The in-process engine tests run tiny models: one thread avoids oversubscribing a small CI machine,
 # where the test process shares its cores with the server processes it starts.
@@ -29,3 +32,24 @@ def images() -> Iterator[ImageServer]:
         yield srv
     finally:
         srv.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the in-process store tests; each test keeps to its own key prefix."""
+    srv = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(params=KINDS)
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stores]:
+    """Stores of each kind in turn (SQLite in tmp_path, Redis under a fresh key prefix)."""
+    server = request.getfixturevalue("redis_server") if request.param == "redis" else None
+    made = Stores(request.param, tmp_path, server)
+    try:
+        yield made
+    finally:
+        made.close()

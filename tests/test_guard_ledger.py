@@ -1,4 +1,6 @@
-"""The credit ledger and the queue bound in the job store: charged once, refunded on every way to FAILED."""
+"""The credit ledger and the queue bound in the job store: charged once, refunded on every way to FAILED.
+
+Each test runs on both stores (SQLite, Redis): the `stores` fixture of tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -10,31 +12,32 @@ import pytest
 
 from server.jobs.contract import FailureKind, ImageSource, JobParams, JobResult, JobStatus, from_units, to_units
 from server.jobs.sqlite_store import SqliteJobStore
-from server.jobs.store import MAX_ATTEMPTS, InsufficientBalance, QueueFull
+from server.jobs.store import MAX_ATTEMPTS, InsufficientBalance, JobStore, QueueFull
 from server.submission import request_cost
+from tests.store_helpers import Stores
 
 OWNER, OTHER = "a" * 64, "b" * 64
 PARAMS = JobParams(prompt="x")
 NOTHING = JobResult(outputs=(), seeds=(), width=1, height=1, working_size=(1, 1), inference_time=0.0)
 
 
-def queue(store: SqliteJobStore, cost: float = 2.0, owner: str = OWNER, **kw: object):
+def queue(store: JobStore, cost: float = 2.0, owner: str = OWNER, **kw: object):
     return store.create(PARAMS, ImageSource(), image=b"x", base64=False, owner=owner, cost=to_units(cost), **kw)
 
 
-def balance(store: SqliteJobStore, owner: str = OWNER) -> float | None:
+def balance(store: JobStore, owner: str = OWNER) -> float | None:
     units = store.balance(owner)
     return None if units is None else from_units(units)
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> SqliteJobStore:
-    store = SqliteJobStore(tmp_path)
+def store(stores: Stores) -> JobStore:
+    store = stores.open()
     store.open_account(OWNER, to_units(10.0))
     return store
 
 
-def test_a_job_is_charged_at_submission_and_kept_when_it_completes(store: SqliteJobStore) -> None:
+def test_a_job_is_charged_at_submission_and_kept_when_it_completes(store: JobStore) -> None:
     job = queue(store)
     assert balance(store) == 8.0
     store.claim_next()
@@ -42,7 +45,7 @@ def test_a_job_is_charged_at_submission_and_kept_when_it_completes(store: Sqlite
     assert balance(store) == 8.0
 
 
-def test_a_retried_job_is_charged_once(store: SqliteJobStore) -> None:
+def test_a_retried_job_is_charged_once(store: JobStore) -> None:
     job = queue(store)
     assert store.claim_next().id == job.id
     assert store.release(job.id, "the worker died") == JobStatus.QUEUED
@@ -52,7 +55,7 @@ def test_a_retried_job_is_charged_once(store: SqliteJobStore) -> None:
 
 
 @pytest.mark.parametrize("path", ["worker_failure", "cancel_queued", "cancel_running", "worker_death"])
-def test_every_way_to_failed_refunds_once(store: SqliteJobStore, path: str) -> None:
+def test_every_way_to_failed_refunds_once(store: JobStore, path: str) -> None:
     job = queue(store)
     assert balance(store) == 8.0
     if path == "worker_failure":
@@ -77,16 +80,16 @@ def test_every_way_to_failed_refunds_once(store: SqliteJobStore, path: str) -> N
     assert balance(store) == 10.0
 
 
-def test_not_enough_credits_queues_nothing(store: SqliteJobStore) -> None:
+def test_not_enough_credits_queues_nothing(stores: Stores, store: JobStore) -> None:
     queue(store, cost=6.0)
     with pytest.raises(InsufficientBalance) as caught:
         queue(store, cost=6.0)
     assert caught.value.balance == to_units(4.0) and caught.value.cost == to_units(6.0)
     assert store.queued_count() == 1 and balance(store) == 4.0
-    assert len(list(store.files.iterdir())) == 1  # the refused job's folder is gone too
+    assert stores.stored_inputs() == 1  # the refused job's input is gone too (never kept, on Redis)
 
 
-def test_keys_without_an_account_are_not_metered(store: SqliteJobStore) -> None:
+def test_keys_without_an_account_are_not_metered(store: JobStore) -> None:
     job = queue(store, owner=OTHER)
     assert balance(store, OTHER) is None
     store.claim_next()
@@ -94,11 +97,11 @@ def test_keys_without_an_account_are_not_metered(store: SqliteJobStore) -> None:
     assert balance(store) == 10.0 and balance(store, OTHER) is None
 
 
-def test_the_ledger_survives_a_restart_and_a_raised_grant_tops_it_up(tmp_path: Path) -> None:
-    first = SqliteJobStore(tmp_path)
+def test_the_ledger_survives_a_restart_and_a_raised_grant_tops_it_up(stores: Stores) -> None:
+    first = stores.open()
     first.open_account(OWNER, to_units(10.0))
     queue(first, cost=3.0)
-    again = SqliteJobStore(tmp_path)
+    again = stores.open()
     again.open_account(OWNER, to_units(10.0))  # the same grant: the balance is kept, not reset
     assert balance(again) == 7.0
     again.open_account(OWNER, to_units(15.0))  # 5 more granted
@@ -125,7 +128,7 @@ def test_a_store_from_before_credits_is_upgraded(tmp_path: Path) -> None:
     assert balance(store) == 3.0 and store.get(job.id).status == JobStatus.QUEUED
 
 
-def test_the_queue_bound_is_exact(store: SqliteJobStore) -> None:
+def test_the_queue_bound_is_exact(store: JobStore) -> None:
     for _ in range(3):
         queue(store, cost=0.0, max_queued=3)
     with pytest.raises(QueueFull):
@@ -153,8 +156,8 @@ def test_balances_never_drift() -> None:
     assert sum([to_units(0.1)] * 10) == to_units(1.0)
 
 
-def test_a_ledger_of_many_small_charges_adds_up(tmp_path: Path) -> None:
-    store = SqliteJobStore(tmp_path)
+def test_a_ledger_of_many_small_charges_adds_up(stores: Stores) -> None:
+    store = stores.open()
     store.open_account(OWNER, to_units(1.0))
     jobs = [queue(store, cost=0.1) for _ in range(10)]
     assert store.balance(OWNER) == 0  # exactly: ten tenths are one credit, with nothing left over

@@ -44,7 +44,7 @@ from urllib.parse import urlsplit
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -416,13 +416,20 @@ class RedisJobStore:
             )
         }
         self._stop = threading.Event()
+        self._listening = threading.Event()
         self._listener: threading.Thread | None = None
-        with contextlib.suppress(StoreUnavailable):  # not up yet: the first claim creates the group
+        up = True
+        try:
             self._ensure_group()
             self._check_config()
+        except StoreUnavailable as exc:  # not up yet: /health says so, and the first claim creates the group
+            log.warning("%s", exc)
+            up = False
         if listen:
             self._listener = threading.Thread(target=self._listen, name="redis-events", daemon=True)
             self._listener.start()
+            if up:  # from here on this node hears every other node's writes
+                self._listening.wait(5)
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -441,7 +448,7 @@ class RedisJobStore:
             problem = type(exc).__name__
             raise StoreUnavailable(f"the job store (Redis at {self.where}) is unreachable: {problem}") from None
         except ResponseError as exc:
-            if str(exc).startswith("OOM"):
+            if isinstance(exc, OutOfMemoryError) or "maxmemory" in str(exc):  # from a script: a plain error
                 raise DiskFull(f"the job store (Redis at {self.where}) is out of memory") from None
             raise StoreUnavailable(f"the job store (Redis at {self.where}) failed: {str(exc)[:200]}") from None
         except RedisError as exc:
@@ -535,6 +542,8 @@ class RedisJobStore:
             pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(channel)
+                pubsub.get_message(timeout=5.0)  # the subscription's confirmation: listening from here
+                self._listening.set()
                 if lost:
                     log.info("the job store's events are back (Redis at %s)", self.where)
                     self.events.work_available()
@@ -574,6 +583,8 @@ class RedisJobStore:
     def close(self) -> None:
         self._stop.set()
         if self._listener is not None:
+            with contextlib.suppress(RedisError):  # wakes the listener (its own origin: nothing delivered)
+                self.redis.publish(self._key("events"), f"{self._origin} stop")
             self._listener.join(5)
         self.redis.close()
 

@@ -1,0 +1,394 @@
+"""The JobStore contract, on both stores: every method of server/jobs/store.py, and the Redis store's
+own guarantees (delivery across nodes, reclaim of a dead worker's job, a Redis restart, Redis down)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import redis
+
+from server.jobs.contract import FailureKind, ImageSource, Job, JobParams, JobResult, JobStatus, to_units
+from server.jobs.redis_store import RedisJobStore
+from server.jobs.store import (
+    MAX_ATTEMPTS,
+    DiskFull,
+    FileGone,
+    InsufficientBalance,
+    JobStore,
+    QueueFull,
+    StoreUnavailable,
+)
+from tests.redis_helpers import RedisServer
+from tests.store_helpers import Stores
+
+OWNER, OTHER = "a" * 64, "b" * 64
+RESULT = JobResult(outputs=("output-0.jpg",), seeds=(7,), width=2, height=2, working_size=(2, 2), inference_time=0.5)
+
+
+def queue(store: JobStore, seed: int = 0, owner: str | None = OWNER, url: str | None = None, **kw: object) -> Job:
+    image = None if url else b"input-%d" % seed
+    return store.create(
+        JobParams(prompt="x", seed=seed), ImageSource(url=url), image=image, base64=True, owner=owner, **kw
+    )
+
+
+@pytest.fixture
+def store(stores: Stores) -> JobStore:
+    return stores.open()
+
+
+# -- submission and the read side ------------------------------------------------------------------
+
+
+def test_a_created_job_reads_back_whole(store: JobStore) -> None:
+    job = queue(store, seed=3)
+    assert job.status == JobStatus.QUEUED and job.input_ready and job.attempts == 0
+    again = store.get(job.id)
+    assert again == job
+    state = store.state(job.id)
+    assert (state.id, state.seq, state.status, state.owner) == (job.id, job.seq, JobStatus.QUEUED, OWNER)
+    assert store.read_file(job.id, "input") == b"input-3"
+    assert store.get("0" * 32) is None and store.state("0" * 32) is None
+
+
+def test_claims_are_first_in_first_out_and_each_job_is_claimed_once(store: JobStore) -> None:
+    jobs = [queue(store, seed=i) for i in range(4)]
+    assert [j.seq for j in jobs] == sorted(j.seq for j in jobs)
+    claimed = [store.claim_next() for _ in range(4)]
+    assert [j.id for j in claimed] == [j.id for j in jobs]
+    assert all(j.status == JobStatus.PROCESSING and j.attempts == 1 for j in claimed)
+    assert store.claim_next() is None
+    assert [j.id for j in store.processing()] == [j.id for j in jobs]
+
+
+def test_queue_position_counts_the_queued_jobs_ahead(store: JobStore) -> None:
+    jobs = [queue(store, seed=i) for i in range(3)]
+    assert [store.queue_position(j.seq) for j in jobs] == [0, 1, 2]
+    store.claim_next()
+    assert [store.queue_position(j.seq) for j in jobs[1:]] == [0, 1]
+    assert store.queued_count() == 2
+
+
+def test_the_queue_bound_is_exact_under_concurrency(store: JobStore) -> None:
+    def attempt(i: int) -> bool:
+        try:
+            queue(store, seed=i, max_queued=5)
+            return True
+        except QueueFull:
+            return False
+
+    with ThreadPoolExecutor(8) as pool:
+        accepted = list(pool.map(attempt, range(24)))
+    assert sum(accepted) == 5 and store.queued_count() == 5
+
+
+def test_concurrent_charges_never_overdraw(store: JobStore) -> None:
+    store.open_account(OWNER, to_units(10.0))
+
+    def attempt(i: int) -> bool:
+        try:
+            queue(store, seed=i, cost=to_units(1.0))
+            return True
+        except InsufficientBalance:
+            return False
+
+    with ThreadPoolExecutor(8) as pool:
+        accepted = list(pool.map(attempt, range(25)))
+    assert sum(accepted) == 10 and store.balance(OWNER) == 0
+
+
+def test_list_jobs_by_owner_newest_first_with_status_and_paging(store: JobStore) -> None:
+    mine = [queue(store, seed=i) for i in range(5)]
+    queue(store, owner=OTHER)
+    anonymous = queue(store, owner=None)
+    store.claim_next()  # mine[0] runs
+    assert [j.id for j in store.list_jobs(OWNER)] == [j.id for j in reversed(mine)]
+    assert [j.id for j in store.list_jobs(None)] == [anonymous.id]
+    assert [j.id for j in store.list_jobs(OWNER, limit=2)] == [mine[4].id, mine[3].id]
+    assert [j.id for j in store.list_jobs(OWNER, limit=2, before=mine[3].seq)] == [mine[2].id, mine[1].id]
+    assert [j.id for j in store.list_jobs(OWNER, status=JobStatus.PROCESSING)] == [mine[0].id]
+    assert store.list_jobs("c" * 64) == []
+
+
+# -- files ------------------------------------------------------------------------------------------
+
+
+def test_files_beside_a_job(store: JobStore) -> None:
+    job = queue(store)
+    store.put_file(job.id, "preview.jpg", b"\xff\xd8preview")
+    assert store.read_file(job.id, "preview.jpg") == b"\xff\xd8preview"
+    with pytest.raises(FileGone):
+        store.read_file(job.id, "output-0.jpg")
+    store.put_file("0" * 32, "preview.jpg", b"x")  # no such job: nothing kept, no error
+    with pytest.raises(FileGone):
+        store.read_file("0" * 32, "preview.jpg")
+    claimed = store.claim_next()
+    binary = bytes(range(256)) * 64
+    assert store.complete(job.id, claimed.attempts, RESULT, {"output-0.jpg": binary})
+    assert store.read_file(job.id, "output-0.jpg") == binary
+
+
+# -- the worker side: fencing, release and retry -------------------------------------------------------
+
+
+def test_writes_are_fenced_by_attempt(store: JobStore) -> None:
+    job = queue(store)
+    assert store.claim_next().attempts == 1
+    assert store.release(job.id, "the worker process died") == JobStatus.QUEUED
+    assert store.claim_next().attempts == 2
+    # The first attempt's worker, late: changes nothing, and is told to stop.
+    assert store.set_progress(job.id, 1, 0.9) is True
+    assert store.complete(job.id, 1, RESULT, {}) is False
+    assert store.fail(job.id, "late", FailureKind.ENGINE, 1) is False
+    assert store.get(job.id).status == JobStatus.PROCESSING
+    assert store.set_progress(job.id, 2, 0.5) is False
+    store.mark_started(job.id, 2)
+    running = store.get(job.id)
+    assert running.progress == 0.5 and running.started_at is not None
+    assert store.complete(job.id, 2, RESULT, {"output-0.jpg": b"jpg"}) is True
+    # Finished twice: stored once.
+    assert store.complete(job.id, 2, RESULT, {}) is False
+    assert store.fail(job.id, "too late", FailureKind.ENGINE) is False
+    done = store.get(job.id)
+    assert done.status == JobStatus.COMPLETED and done.result == RESULT and done.progress == 1.0
+    assert done.expires_at is not None and done.finished_at is not None
+    assert store.processing() == [] and store.claim_next() is None
+
+
+def test_a_released_job_keeps_its_place_and_the_second_death_fails_it(store: JobStore) -> None:
+    first, second = queue(store, seed=1), queue(store, seed=2)
+    store.open_account(OWNER, 0)
+    assert store.claim_next().id == first.id
+    assert store.release(first.id, "the worker process died (exit code -9)") == JobStatus.QUEUED
+    assert store.get(first.id).status == JobStatus.QUEUED and store.queue_position(second.seq) == 1
+    again = store.claim_next()
+    assert again.id == first.id and again.attempts == MAX_ATTEMPTS
+    assert store.release(first.id, "the worker process died (exit code -9)") == JobStatus.FAILED
+    failed = store.get(first.id)
+    assert failed.error == "the worker process died (exit code -9) while running this job, 2 times; giving up"
+    assert failed.error_kind == FailureKind.WORKER_DIED.value
+    # Releasing what is not running changes nothing.
+    assert store.release(first.id, "again") == JobStatus.FAILED
+    assert store.release(second.id, "not running") == JobStatus.QUEUED
+    assert store.release("0" * 32, "unknown") == JobStatus.FAILED
+    assert store.claim_next().id == second.id
+
+
+def test_cancel(store: JobStore) -> None:
+    store.open_account(OWNER, to_units(5.0))
+    waiting, running = queue(store, seed=1, cost=to_units(1.0)), queue(store, seed=2, cost=to_units(1.0))
+    store.claim_next()  # `waiting` runs first: cancel it while it runs
+    cancelled = store.request_cancel(running.id)  # queued: ends at once
+    assert cancelled.status == JobStatus.FAILED and cancelled.cancelled and cancelled.cancel_requested
+    assert store.balance(OWNER) == to_units(4.0)
+    flagged = store.request_cancel(waiting.id)
+    assert flagged.status == JobStatus.PROCESSING and flagged.cancel_requested
+    assert store.set_progress(waiting.id, 1, 0.3) is True  # the worker is told at its next step
+    # Its worker dies before it stops: the job ends cancelled, not retried.
+    assert store.release(waiting.id, "the worker process died") == JobStatus.FAILED
+    assert store.get(waiting.id).cancelled and store.balance(OWNER) == to_units(5.0)
+    assert store.request_cancel("0" * 32) is None
+    assert store.claim_next() is None
+
+
+def test_url_jobs_wait_for_their_input(store: JobStore) -> None:
+    url_job = queue(store, url="http://127.0.0.1:9/in.png")
+    assert not url_job.input_ready and store.claim_next() is None
+    assert [j.id for j in store.awaiting_input()] == [url_job.id]
+    assert store.queued_count() == 1
+    assert store.attach_input(url_job.id, b"fetched") is True
+    assert store.awaiting_input() == []
+    claimed = store.claim_next()
+    assert claimed.id == url_job.id and store.read_file(url_job.id, "input") == b"fetched"
+    gone = queue(store, url="http://127.0.0.1:9/other.png")
+    store.request_cancel(gone.id)
+    assert store.attach_input(gone.id, b"late") is False and store.claim_next() is None
+
+
+# -- expiry, events, health ---------------------------------------------------------------------------------
+
+
+def test_finished_jobs_expire_with_their_files(stores: Stores) -> None:
+    store = stores.open(ttl=0.6)
+    live, done = queue(store, seed=1, owner=OTHER), queue(store, seed=2, owner=OTHER)
+    store.claim_next()
+    store.claim_next()
+    store.complete(done.id, 1, RESULT, {"output-0.jpg": b"jpg"})
+    assert store.purge_expired() == 0 and store.get(done.id) is not None
+    time.sleep(0.8)
+    assert store.get(done.id) is None and store.state(done.id) is None
+    assert [j.id for j in store.list_jobs(OTHER)] == [live.id]  # the live job never expires
+    assert store.purge_expired() == 1 and store.purge_expired() == 0
+    with pytest.raises(FileGone):
+        store.read_file(done.id, "output-0.jpg")
+    assert store.get(live.id).status == JobStatus.PROCESSING
+    # purge_expired(now) with a time ahead: what will have expired by then goes now.
+    store.fail(live.id, "boom", FailureKind.ENGINE)
+    assert store.purge_expired(time.time() + 5) == 1 and store.get(live.id) is None
+
+
+def test_the_store_wakes_its_waiters(store: JobStore) -> None:
+    woken = threading.Event()
+    store.events.on_work(woken.set)
+    job = queue(store)
+    assert woken.wait(2)
+
+    async def wait_for_change() -> bool:
+        with store.events.watch(job.id) as watch:
+            watch.clear()
+            threading.Timer(0.1, store.request_cancel, (job.id,)).start()
+            return await watch.wait(5)
+
+    assert asyncio.run(wait_for_change())
+
+
+def test_health_says_none_when_the_store_works(store: JobStore) -> None:
+    assert store.health() is None
+
+
+def test_a_deleted_sqlite_store_is_unavailable(tmp_path: Path) -> None:
+    store = Stores("sqlite", tmp_path).open()
+    (tmp_path / "jobs.sqlite3").unlink()
+    assert "deleted" in store.health()
+    with pytest.raises(StoreUnavailable):
+        queue(store)
+
+
+# -- Redis only: several nodes on one Redis --------------------------------------------------------------------
+
+
+@pytest.fixture
+def nodes(redis_server: RedisServer, tmp_path: Path):
+    """Stores that stand for separate nodes: one Redis, one key prefix, each its own consumer name."""
+    made = Stores("redis", tmp_path, redis_server)
+
+    def node(**options: object) -> RedisJobStore:
+        return made.open(**options)  # type: ignore[return-value]
+
+    try:
+        yield node
+    finally:
+        made.close()
+
+
+def test_each_job_goes_to_one_node_in_order(nodes) -> None:
+    a, b = nodes(), nodes()
+    jobs = [queue(a, seed=i) for i in range(6)]
+    taken = [store.claim_next() for store in (a, b, b, a, b, a)]
+    assert [j.id for j in taken] == [j.id for j in jobs]
+    assert a.claim_next() is None and b.claim_next() is None
+    assert {j.id for j in a.processing()} == {jobs[0].id, jobs[3].id, jobs[5].id}
+
+
+def test_another_nodes_writes_wake_this_nodes_waiters(nodes) -> None:
+    api, worker = nodes(), nodes()
+    woken = threading.Event()
+    worker.events.on_work(woken.set)
+    job = queue(api)
+    assert woken.wait(5), "the worker's node was not told of the new job"
+
+    async def wait_for_end() -> JobStatus:
+        with api.events.watch(job.id) as watch:
+            watch.clear()
+            claimed = worker.claim_next()
+            worker.complete(job.id, claimed.attempts, RESULT, {"output-0.jpg": b"jpg"})
+            assert await watch.wait(5), "the API's node was not told the job finished"
+            return api.state(job.id).status
+
+    assert asyncio.run(wait_for_end()) == JobStatus.COMPLETED
+    assert api.read_file(job.id, "output-0.jpg") == b"jpg"  # any node serves any result
+
+
+def test_a_cancel_asked_on_one_node_reaches_the_worker_on_another(nodes) -> None:
+    api, worker = nodes(), nodes()
+    job = queue(api)
+    claimed = worker.claim_next()
+    assert worker.set_progress(job.id, claimed.attempts, 0.1) is False
+    api.request_cancel(job.id)
+    assert worker.set_progress(job.id, claimed.attempts, 0.2) is True
+
+
+def test_a_silent_workers_job_is_reclaimed_then_failed_after_the_second_death(nodes) -> None:
+    api, first, second, third = nodes(), nodes(reclaim_after=0.3), nodes(reclaim_after=0.3), nodes(reclaim_after=0.3)
+    api.open_account(OWNER, to_units(3.0))
+    job = queue(api, cost=to_units(1.0))
+    assert first.claim_next().attempts == 1
+    # While its worker reports progress, nobody else takes it.
+    for _ in range(4):
+        time.sleep(0.15)
+        assert first.set_progress(job.id, 1, 0.1) is False
+        assert second.claim_next() is None
+    time.sleep(0.45)  # first goes silent: it died
+    retried = second.claim_next()
+    assert retried.id == job.id and retried.attempts == 2 and retried.status == JobStatus.PROCESSING
+    assert first.complete(job.id, 1, RESULT, {}) is False  # the dead attempt, back from the grave: fenced
+    assert first.set_progress(job.id, 1, 0.5) is True
+    assert api.balance(OWNER) == to_units(2.0)
+    time.sleep(0.45)  # second dies too
+    assert third.claim_next() is None
+    failed = api.get(job.id)
+    assert failed.status == JobStatus.FAILED and failed.error_kind == FailureKind.WORKER_DIED.value
+    assert failed.error == (
+        "the worker process died or stopped answering while running this job, 2 times; giving up"
+    )
+    assert api.balance(OWNER) == to_units(3.0)  # refunded once
+
+
+def test_a_restarted_node_releases_its_own_jobs_at_once(nodes) -> None:
+    before = nodes(consumer="node-1")
+    job = queue(before)
+    before.claim_next()
+    after = nodes(consumer="node-1")  # the same node, started again (its worker died with it)
+    assert [j.id for j in after.processing()] == [job.id]
+    assert nodes(consumer="node-2").processing() == []
+    assert after.release(job.id, "the server stopped") == JobStatus.QUEUED
+    assert after.claim_next().attempts == 2
+
+
+def test_a_redis_restart_loses_no_accepted_job_and_while_down_the_store_says_so(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis").start()
+    store = RedisJobStore(server.url, prefix="r:")
+    try:
+        store.open_account(OWNER, to_units(4.0))
+        jobs = [queue(store, seed=i, cost=to_units(1.0)) for i in range(3)]
+        server.kill()
+        assert "unreachable" in store.health() and server.url.split("//")[1].split("/")[0] in store.health()
+        for call in (lambda: queue(store), lambda: store.get(jobs[0].id), store.claim_next, store.queued_count):
+            with pytest.raises(StoreUnavailable):
+                call()
+        server.restart()
+        assert store.health() is None
+        # Nothing was half-written while it was down: the refused submission left no job and no charge.
+        assert store.queued_count() == 3 and store.balance(OWNER) == to_units(1.0)
+        assert [store.claim_next().id for _ in jobs] == [j.id for j in jobs]
+        assert all(store.read_file(j.id, "input") == b"input-%d" % i for i, j in enumerate(jobs))
+    finally:
+        store.close()
+        server.stop()
+
+
+def test_a_full_redis_is_disk_full_and_a_result_that_does_not_fit_fails_its_job(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis").start()
+    store = RedisJobStore(server.url, prefix="m:")
+    client = redis.Redis.from_url(server.url)
+    try:
+        job = queue(store)
+        claimed = store.claim_next()
+        used = int(client.info("memory")["used_memory"])
+        client.config_set("maxmemory", used + 256 * 1024)
+        with pytest.raises(DiskFull):
+            store.create(JobParams(prompt="x"), ImageSource(), image=b"\0" * 2_000_000, base64=True, owner=None)
+        with pytest.raises(DiskFull):
+            store.complete(job.id, claimed.attempts, RESULT, {"output-0.jpg": b"\0" * 2_000_000})
+        failed = store.get(job.id)
+        assert failed.status == JobStatus.FAILED and "memory is full" in failed.error
+        assert store.queued_count() == 0
+    finally:
+        client.close()
+        store.close()
+        server.stop()
