@@ -259,6 +259,8 @@ def test_redis_killed_and_restarted_from_its_append_only_file_loses_no_queued_jo
 
 
 def test_results_expire_on_every_node(tmp_path: Path) -> None:
+    """Two API nodes with no worker, then a `beyond serve` with its local worker on the same Redis: its
+    worker is the one the others see and use."""
     redis = RedisServer(tmp_path / "redis").start()
     env = node_env(redis, BEYOND_RESULT_TTL="3", BEYOND_PURGE_INTERVAL="1")
     apis = [ServerProcess(tmp_path / f"api{i}", env=env, args=("--no-worker",)).start() for i in range(2)]
@@ -273,20 +275,23 @@ def test_results_expire_on_every_node(tmp_path: Path) -> None:
             assert response.json()["workers"] == [] and response.json()["state"] == "no_workers"
             v1 = httpx.post(f"{api.url}/v1/seg-beyond", json=request_body(**QUICK), timeout=30)
             assert v1.status_code == 502 and "no live worker" in v1.json()["error"]
-        worker = ServerProcess(tmp_path / "w", env=env, role="worker", args=("--name", "solo")).start()
+        worker = ServerProcess(tmp_path / "both", env={**env, "BEYOND_WORKER_NAME": "both"}).start().wait_ready()
         for api in apis:
             api.wait_ready()
+            (seen,) = worker_cards(api)
+            assert (seen["name"], seen["pid"], seen["state"]) == ("both", worker.proc.pid, "ready")
+        assert worker_cards(worker) == worker_cards(apis[0])
         a, b = apis
         request_id = submit(a, **QUICK)
         wait_status(b, request_id, lambda s: s.get("status") == "COMPLETED", timeout=120)
         paths = [f"/v2/requests/{request_id}/status", f"/v2/requests/{request_id}"]
         output = httpx.get(f"{b.url}/v2/requests/{request_id}", timeout=30).json()["output"]
         paths.append(output.removeprefix(b.url))
-        for api in apis:
+        for api in [*apis, worker]:
             for path in paths:
                 assert httpx.get(api.url + path, timeout=30).status_code == 200, path
         time.sleep(4.5)
-        for api in apis:
+        for api in [*apis, worker]:
             for path in paths:
                 assert httpx.get(api.url + path, timeout=30).status_code == 404, (api.url, path)
     finally:
