@@ -56,7 +56,7 @@ class ServerProcess:
             "BEYOND_CPU_THREADS": "1",
             **(env or {}),
         }
-        self.log_path = self.data_dir / f"{role}.log" if role != "serve" else self.data_dir / "server.log"
+        self.log_path = self.data_dir / ("server.log" if role == "serve" else f"{role}.log")
         self.proc: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
