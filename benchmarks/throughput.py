@@ -2,6 +2,7 @@
 
     python -m benchmarks.throughput --quick    # under a minute
     python -m benchmarks.throughput            # more completions per depth
+    python -m benchmarks.throughput --workers 1,2   # scale-out: Redis, one API node, N workers
 
 It starts `beyond serve --model random:tiny --device cpu` (one engine thread) on a loopback port.
 For each depth it keeps that many requests submitted and unfinished, submitting a new one as each
@@ -9,17 +10,27 @@ completes, and counts completions. The rate is taken between the first and the l
 so the ramp-up is left out; the engine ceiling is 60 / the median x-inference-time of the same
 requests, and the ratio of the two is the share of wall time the worker spends in the engine.
 The queued leftovers of a depth are cancelled before the next depth starts.
+
+With --workers, for each N it starts a redis-server, one `beyond serve --no-worker` and N
+`beyond worker` processes (one torch thread each), keeps 2 x N requests outstanding, and prints the
+images per minute for each N and its ratio to the first.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 
 from benchmarks.common import machine_line, request_json, running_server, table
+from tests.helpers import ServerProcess
+from tests.redis_helpers import RedisServer
 
 POLL = 0.05
 
@@ -70,11 +81,77 @@ def at_depth(client: httpx.Client, body: dict, depth: int, completions: int, max
     return [depth, len(finished), per_minute, statistics.median(engine), ceiling, per_minute / ceiling]
 
 
+@contextlib.contextmanager
+def running_cluster(workers: int) -> Iterator[ServerProcess]:
+    """redis-server, one API node and `workers` worker nodes, all on loopback; yields the API node."""
+    with tempfile.TemporaryDirectory(prefix="beyond-scale-") as folder:
+        root = Path(folder)
+        redis = RedisServer(root / "redis").start()
+        env = {"BEYOND_REDIS_URL": redis.url, "BEYOND_HEARTBEAT_INTERVAL": "1"}
+        procs = [ServerProcess(root / "api", env=env, args=("--no-worker",)).start()]
+        procs += [
+            ServerProcess(root / f"w{i}", env=env, role="worker", args=("--name", f"w{i}")).start()
+            for i in range(workers)
+        ]
+        try:
+            api = procs[0].wait_ready()
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                cards = httpx.get(f"{api.url}/health", timeout=10).json()["workers"]
+                if sum(card["state"] == "ready" for card in cards) == workers:
+                    break
+                time.sleep(0.5)
+            else:
+                raise TimeoutError(f"{workers} workers not ready: {cards}")
+            yield api
+        finally:
+            for proc in procs:
+                proc.stop()
+            redis.stop()
+
+
+def warm_up(client: httpx.Client, body: dict, count: int) -> None:
+    """One request per worker first: each engine's first request is slower than the rest."""
+    ids = [submit(client, body) for _ in range(count)]
+    while any(status(client, r) not in ("COMPLETED", "FAILED") for r in ids):
+        time.sleep(POLL)
+
+
+def run_scale_out(args: argparse.Namespace, body: dict) -> None:
+    rows = []
+    for workers in args.workers:
+        with running_cluster(workers) as api, httpx.Client(base_url=api.url, timeout=300) as client:
+            warm_up(client, body, workers)
+            depth, completed, per_minute, engine, ceiling, _ = at_depth(
+                client, body, 2 * workers, args.completions * workers, args.max_seconds
+            )
+        # The share of N engines' time spent in the engine: images/min against N x one engine's ceiling.
+        rows.append([workers, depth, completed, per_minute, engine, ceiling, per_minute / (workers * ceiling)])
+        print(f"{workers} worker(s) done", flush=True)
+    base = rows[0][3]
+    for row in rows:
+        row.append(row[3] / base)
+    print()
+    headers = ["workers", "queue depth", "completed", "images/min", "median engine s", "one engine's ceiling /min",
+               "share", "vs first"]  # fmt: skip
+    print(table(headers, rows))
+
+
 def run(args: argparse.Namespace) -> None:
     scale = 0.5 if args.quick else 1.0
     width, height = round(1024 * scale), round(1024 * scale)
     padding = {"left": round(300 * scale), "right": round(100 * scale)}
     body = request_json(width, height, steps=20, **padding)
+    if args.workers:
+        print("# scale-out benchmark: redis-server, 1 x beyond serve --no-worker, N x beyond worker")
+        print("# (random:tiny, --device cpu, BEYOND_CPU_THREADS=1 per worker)")
+        print(machine_line())
+        print(
+            f"request: {width}x{height} PNG, left {padding['left']}, right {padding['right']}, steps 20; "
+            f"queue depth 2 x N, {args.completions} x N completions or {args.max_seconds:.0f} s per N\n"
+        )
+        run_scale_out(args, body)
+        return
     print("# throughput benchmark: beyond serve --model random:tiny --device cpu (BEYOND_CPU_THREADS=1)")
     print(machine_line())
     print(
@@ -100,8 +177,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--completions", type=int, default=None, help="per depth (12; quick 3)")
     parser.add_argument("--max-seconds", type=float, default=None, help="per depth (180; quick 10)")
     parser.add_argument("--quick", action="store_true", help="fewer completions and a half-size image")
+    parser.add_argument("--workers", help="comma-separated worker counts, e.g. 1,2: the Redis scale-out mode")
     args = parser.parse_args(argv)
     args.depths = [int(d) for d in args.depths.split(",") if d.strip()]
+    args.workers = [int(w) for w in (args.workers or "").split(",") if w.strip()]
     args.completions = args.completions or (3 if args.quick else 12)
     args.max_seconds = args.max_seconds or (10.0 if args.quick else 180.0)
     return args

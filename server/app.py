@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from server.images import ImageLimits
 from server.jobs.contract import to_units
 from server.jobs.inputs import InputStage
 from server.jobs.messages import WorkerConfig
+from server.jobs.registry import EmbeddedRegistry, Heartbeat, LocalWorker, RedisRegistry, WorkerRegistry, worker_name
 from server.jobs.results_cache import FinishedJobs
 from server.jobs.sqlite_store import SqliteJobStore
 from server.jobs.store import JobStore
@@ -42,8 +44,9 @@ def build_store(settings: Settings) -> JobStore:
     if settings.redis_url:
         from server.jobs.redis_store import RedisJobStore
 
-        # A name stable across restarts of this node, so a restarted node releases its own jobs at once.
-        consumer = f"{socket.gethostname()}:{settings.data_dir.resolve()}"
+        # A name stable across restarts of this node, so a restarted node releases its own jobs at once; the
+        # worker's name or device keeps apart the workers of one host that share a data folder (one per GPU).
+        consumer = f"{socket.gethostname()}:{settings.data_dir.resolve()}:{settings.worker_name or settings.device}"
         # A node started with its Redis waits a while for it, then stops with StoreUnavailable.
         return RedisJobStore(
             settings.redis_url,
@@ -55,21 +58,23 @@ def build_store(settings: Settings) -> JobStore:
     return SqliteJobStore(settings.data_dir, ttl=settings.result_ttl)
 
 
-def build_services(settings: Settings) -> Services:
-    limits = ImageLimits(
+def image_limits(settings: Settings) -> ImageLimits:
+    return ImageLimits(
         max_bytes=settings.max_input_bytes,
         max_pixels=settings.max_input_pixels,
         max_canvas_pixels=settings.max_canvas_pixels,
         allow_private_urls=settings.allow_private_urls,
         timeout=settings.fetch_timeout,
     )
-    store = build_store(settings)
-    metrics = Metrics()
+
+
+def build_supervisor(settings: Settings, store: JobStore, metrics: Metrics | None) -> Supervisor:
+    """The supervisor of one engine process: `beyond serve`'s local worker, or a `beyond worker`."""
     config = WorkerConfig(
         model=settings.model,
         device=settings.device,
         dtype=settings.dtype,
-        limits=limits,
+        limits=image_limits(settings),
         styles_dir=settings.styles_dir,
         expansion_model=settings.expansion_model,
         tokenizer_dir=settings.tokenizer_dir,
@@ -80,9 +85,32 @@ def build_services(settings: Settings) -> Services:
         log_level=settings.log_level,
         log_format=settings.log_format,
     )
-    supervisor = Supervisor(
-        store, config, purge_interval=settings.purge_interval, backoff=settings.worker_restart_backoff, metrics=metrics
+    return Supervisor(
+        store,
+        config,
+        purge_interval=settings.purge_interval,
+        backoff=settings.worker_restart_backoff,
+        metrics=metrics,
     )
+
+
+def build_registry(settings: Settings, supervisor: Supervisor | None) -> tuple[WorkerRegistry, Heartbeat | None]:
+    """What /health and v1 see of the workers, and the heartbeat that publishes the local one (Redis)."""
+    local = LocalWorker(supervisor, worker_name(settings.worker_name), os.getpid()) if supervisor else None
+    if settings.redis_url is None:
+        if local is None:
+            raise ValueError("an API node without a worker (--no-worker) needs BEYOND_REDIS_URL")
+        return EmbeddedRegistry(local), None
+    registry = RedisRegistry(settings.redis_url, ttl=3 * settings.heartbeat_interval)
+    return registry, Heartbeat(registry, local, settings.heartbeat_interval) if local else None
+
+
+def build_services(settings: Settings) -> Services:
+    limits = image_limits(settings)
+    store = build_store(settings)
+    metrics = Metrics()
+    supervisor = build_supervisor(settings, store, metrics) if settings.local_worker else None
+    workers, heartbeat = build_registry(settings, supervisor)
     keys = KeyRing.load(settings.api_keys.get_secret_value() if settings.api_keys else None, settings.api_keys_file)
     for caller in keys.metered():
         store.open_account(caller.owner, to_units(caller.credits or 0.0))
@@ -97,6 +125,8 @@ def build_services(settings: Settings) -> Services:
         keys=keys,
         limiter=RateLimiter(settings.rate_limit),
         metrics=metrics,
+        workers=workers,
+        heartbeat=heartbeat,
     )
     services.webhooks = build_webhooks(settings, services)
     return services
@@ -148,7 +178,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services.supervisor.start()
+        if services.supervisor:
+            services.supervisor.start()
+        if services.heartbeat:
+            services.heartbeat.start()
         services.inputs.start()
         if services.webhooks is not None:
             await services.webhooks.start()
@@ -159,7 +192,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await services.inputs.stop()
-            services.supervisor.stop()
+            if services.supervisor:
+                services.supervisor.stop()
+            if services.heartbeat:
+                services.heartbeat.stop()
             if services.webhooks is not None:
                 # After the supervisor: jobs it ends while stopping are still queued (or found at the next start).
                 await services.webhooks.stop()

@@ -7,7 +7,7 @@ import os
 import sys
 
 from models.names import DEFAULT_MODEL
-from server import hubcache, oneshot
+from server import hubcache, oneshot, worker_node
 from server.version import package_version
 
 
@@ -27,7 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", help="where jobs and images are kept (BEYOND_DATA_DIR, default ./data)")
     serve.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (BEYOND_DEVICE, default auto)")
     serve.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="compute precision (BEYOND_DTYPE)")
+    serve.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="API only, no engine: jobs go to `beyond worker` nodes through BEYOND_REDIS_URL (docs/scaling.md)",
+    )
     oneshot.add_parser(commands)
+    worker_node.add_parser(commands)
     hubcache.add_parser(commands)
     return parser
 
@@ -51,6 +57,7 @@ def serve(args: argparse.Namespace) -> int:
             ("data_dir", args.data_dir),
             ("device", args.device),
             ("dtype", args.dtype),
+            ("local_worker", False if args.no_worker else None),
         )
         if value is not None
     }
@@ -59,9 +66,17 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"beyond: invalid settings: {exc}", file=sys.stderr)
         return 2
+    if not settings.local_worker and not settings.redis_url:
+        print(
+            "beyond: an API node without a worker (--no-worker) shares its jobs through Redis: set BEYOND_REDIS_URL",
+            file=sys.stderr,
+        )
+        return 2
     configure_logs(settings.log_level, settings.log_format)
     try:
-        check_spec(settings.model, tokenizer_dir=settings.tokenizer_dir)
+        # An API node loads no model: the workers check theirs.
+        if settings.local_worker:
+            check_spec(settings.model, tokenizer_dir=settings.tokenizer_dir)
     except ModelSpecError as exc:
         print(f"beyond: cannot use model {settings.model!r}:\n{word_model_error(exc)}", file=sys.stderr)
         return 2
@@ -70,7 +85,7 @@ def serve(args: argparse.Namespace) -> int:
     except StyleFileError as exc:
         print(f"beyond: cannot load the styles: {exc}", file=sys.stderr)
         return 2
-    problem = device_problem(settings.device)
+    problem = device_problem(settings.device) if settings.local_worker else None
     if problem:
         print(f"beyond: cannot use device {settings.device!r}: {problem}", file=sys.stderr)
         return 2
@@ -146,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         return oneshot.outpaint(args)
     if args.command == "download":
         return hubcache.run(args)
+    if args.command == "worker":
+        return worker_node.run(args)
     return 2
 
 

@@ -15,6 +15,7 @@ from server.auth import KeyRing
 from server.errors import BadRequest, PayloadTooLarge, describe_validation_error
 from server.images import ImageLimits
 from server.jobs.inputs import InputStage
+from server.jobs.registry import Heartbeat, WorkerRegistry
 from server.jobs.results_cache import FinishedJobs
 from server.jobs.store import JobStore
 from server.jobs.supervisor import Supervisor
@@ -29,7 +30,7 @@ from server.webhooks import Webhooks
 class Services:
     settings: Settings
     store: JobStore
-    supervisor: Supervisor
+    supervisor: Supervisor | None  # None on an API node (`beyond serve --no-worker`)
     inputs: InputStage
     finished: FinishedJobs
     limits: ImageLimits
@@ -38,6 +39,8 @@ class Services:
     limiter: RateLimiter
     metrics: Metrics
     webhooks: Webhooks | None = None  # with BEYOND_WEBHOOK_SECRET only
+    workers: WorkerRegistry  # the live workers /health and v1 see: the local one, or all of them (Redis)
+    heartbeat: Heartbeat | None = None  # publishes the local worker's card (Redis only)
 
 
 async def get_services(request: Request) -> Services:

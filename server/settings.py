@@ -85,11 +85,25 @@ class Settings(BaseSettings):
     # Where a single-file checkpoint's tokenizers are looked for first (see the README's "Real weights").
     tokenizer_dir: Path | None = None
 
+    # Roles (docs/scaling.md). False: `beyond serve --no-worker`, an API node with no engine of its own.
+    local_worker: bool = True
+    # This worker's name in the registry (beyond:workers:<name>); unset: <hostname>-<pid>.
+    worker_name: str | None = None
+    # How often a worker refreshes its registry card; a card not refreshed for 3 times this is gone.
+    heartbeat_interval: float = Field(2.0, gt=0)
+
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
             raise ValueError(f"must be auto, cpu, cuda, cuda:N or mps; got {value!r}")
+        return value
+
+    @field_validator("worker_name")
+    @classmethod
+    def _worker_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+            raise ValueError("must be 1-64 letters, digits, '.', '_' or '-'")
         return value
 
     @field_validator("rate_limit")

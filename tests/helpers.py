@@ -29,11 +29,22 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`beyond serve` in a subprocess of its own, on a free loopback port."""
+    """`beyond serve` in a subprocess of its own, on a free loopback port; with role="worker", a
+    `beyond worker` (no HTTP) instead. `args` are appended to the command line (e.g. --no-worker)."""
 
-    def __init__(self, data_dir: Path, *, model: str = "random:tiny", env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        model: str = "random:tiny",
+        env: dict[str, str] | None = None,
+        role: str = "serve",
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.model = model
+        self.role = role
+        self.args = args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -45,27 +56,21 @@ class ServerProcess:
             "BEYOND_CPU_THREADS": "1",
             **(env or {}),
         }
-        self.log_path = self.data_dir / "server.log"
+        self.log_path = self.data_dir / ("server.log" if role == "serve" else f"{role}.log")
         self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        listen = ["--port", str(self.port)] if self.role == "serve" else []
+        return [
+            sys.executable, "-m", "server.cli", self.role, "--model", self.model, *listen,
+            "--data-dir", str(self.data_dir), "--device", "cpu", *self.args,
+        ]  # fmt: skip
 
     def start(self) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - held open for the process's lifetime
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "server.cli",
-                "serve",
-                "--model",
-                self.model,
-                "--port",
-                str(self.port),
-                "--data-dir",
-                str(self.data_dir),
-                "--device",
-                "cpu",
-            ],
+            self.command(),
             cwd=ROOT,
             env=self.env,
             stdout=self._log,
@@ -84,10 +89,16 @@ class ServerProcess:
             return None
 
     def wait_ready(self, timeout: float = 180.0) -> ServerProcess:
+        """Until /health answers 200 (a worker: until its log says its engine is ready)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if self.role == "worker":
+                if "worker ready" in self.log_path.read_text(errors="replace"):
+                    return self
+                time.sleep(0.2)
+                continue
             response = self.health()
             if response is not None and response.status_code == 200:
                 return self

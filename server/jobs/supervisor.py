@@ -32,7 +32,7 @@ from server.jobs.messages import (
     Started,
     WorkerConfig,
 )
-from server.jobs.store import FileGone, JobStore, StoreError
+from server.jobs.store import FileGone, JobStore, StoreError, StoreUnavailable
 from server.jobs.worker import worker_main
 from server.logs import RateLimitedLog
 from server.metrics import Metrics
@@ -40,6 +40,8 @@ from server.metrics import Metrics
 log = logging.getLogger("beyond.supervisor")
 MAX_BACKOFF = 60.0
 STORE_RETRY = 1.0  # seconds between tries while the store is broken
+# A finished job's outcome is held this long while the store is unreachable (a Redis restart), not dropped.
+FINISH_RETRY_FOR = 30.0
 
 
 class WorkerStatus(str, enum.Enum):
@@ -121,6 +123,15 @@ class Supervisor:
             if self._proc.is_alive():
                 self._proc.kill()
         self.status.state = WorkerStatus.STOPPED
+        # The job it was running goes back to the queue now rather than waiting to be found stale.
+        job_id = self.status.current_job
+        if job_id is not None:
+            self._job_finished(job_id)
+            try:
+                outcome = self.store.release(job_id, "the worker was stopped")
+                log.info("job %s on stop: %s", job_id, outcome.value)
+            except StoreError as exc:
+                log.warning("could not release job %s on stop: %s", job_id, exc)
 
     def _spawn(self) -> None:
         parent, child = self._ctx.Pipe()
@@ -188,15 +199,31 @@ class Supervisor:
                 self._cancel_sent = message.job_id
         elif isinstance(message, JobDone):
             try:
-                store.complete(message.job_id, message.attempt, message.result, message.files)
+                self._finish(store.complete, message.job_id, message.attempt, message.result, message.files)
                 if self.metrics:
                     self.metrics.job_done(message.result)
             finally:
                 self._job_finished(message.job_id)
         elif isinstance(message, JobFailed):
-            if store.fail(message.job_id, message.error, FailureKind(message.kind), message.attempt) and self.metrics:
-                self.metrics.job_failed(message.kind)
-            self._job_finished(message.job_id)
+            try:
+                kind = FailureKind(message.kind)
+                if self._finish(store.fail, message.job_id, message.error, kind, message.attempt) and self.metrics:
+                    self.metrics.job_failed(message.kind)
+            finally:
+                self._job_finished(message.job_id)
+
+    def _finish(self, write: Any, *args: Any) -> bool:
+        """A job's outcome, written once the store answers again (for FINISH_RETRY_FOR at most): an
+        image made during a short store outage is kept, not thrown away and made again."""
+        deadline = time.monotonic() + FINISH_RETRY_FOR
+        while True:
+            try:
+                return bool(write(*args))
+            except StoreUnavailable as exc:
+                if time.monotonic() >= deadline or self._stop.is_set():
+                    raise
+                self._errors.error("the job store failed: %s; holding a finished job's outcome", exc)
+                self._stop.wait(STORE_RETRY)
 
     def _job_finished(self, job_id: str) -> None:
         if self.status.current_job == job_id:

@@ -1,4 +1,4 @@
-"""/health (is the engine ready, does the store work, is there disk left) and /metrics."""
+"""/health (is an engine ready, does the store work, is there disk left) and /metrics."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from starlette.concurrency import run_in_threadpool
 
 from server.auth import MetricsReaderDep
 from server.deps import ServicesDep, disk_problem
+from server.jobs.registry import WorkerInfo
+from server.jobs.store import StoreError
 
 router = APIRouter()
 
@@ -17,28 +19,45 @@ def metrics(services: ServicesDep, _: MetricsReaderDep) -> Response:
     return services.metrics.render(services.store.queued_count())
 
 
+def _primary(workers: list[WorkerInfo], local: str | None) -> WorkerInfo | None:
+    """The worker the top-level fields describe: a ready one (this node's own first), else this node's own,
+    else the first. With one local worker that is always it, as before there were several."""
+    ranked = sorted(workers, key=lambda w: (not w.ready, w.name != local))
+    return ranked[0] if ranked else None
+
+
 def _health(services: ServicesDep) -> tuple[dict, bool]:
-    status = services.supervisor.status
     store_problem = services.store.health()
+    try:
+        workers = services.workers.workers()
+        registry_problem = None
+    except StoreError as exc:
+        workers, registry_problem = [], str(exc)
+    local = services.heartbeat.local.name if services.heartbeat else None
+    primary = _primary(workers, local)
+    settings = services.settings
     body: dict = {
-        "state": status.state.value,
-        "model": services.settings.model,
-        "device": status.info.get("device", services.settings.device),
-        "dtype": status.info.get("dtype", services.settings.dtype),
-        "worker_pid": status.pid,
-        "worker_restarts": status.restarts,
+        "state": primary.state if primary else "no_workers",
+        "model": primary.model if primary else settings.model,
+        "device": primary.device if primary else settings.device,
+        "dtype": primary.dtype if primary else settings.dtype,
+        "worker_pid": primary.engine_pid if primary else None,
+        "worker_restarts": primary.restarts if primary else 0,
         "queued": None if store_problem else services.store.queued_count(),
         "store": store_problem or "ok",
+        "workers": [worker.to_json() for worker in workers],
     }
-    disk = disk_problem(services.settings)
+    disk = disk_problem(settings)
     if disk:
         body["disk"] = disk
-    if status.error:
-        body["error"] = status.error
+    worker_error = primary.error if primary else (registry_problem or "no live worker is known")
+    if worker_error:
+        body["error"] = worker_error
     problems = [p for p in (store_problem, disk) if p]
     if problems:
-        body["error"] = "; ".join(problems + ([status.error] if status.error else []))
-    return body, services.supervisor.ready and not problems
+        body["error"] = "; ".join(problems + ([worker_error] if worker_error else []))
+    ready = primary is not None and primary.ready
+    return body, ready and not problems
 
 
 @router.get("/health", include_in_schema=False)

@@ -10,6 +10,8 @@ from server.auth import SubmitterDep
 from server.deps import BodyDep, ServicesDep, public_base
 from server.errors import BadGateway, BadRequest, Conflict, InternalError, NotFound
 from server.jobs.contract import FailureKind, JobStatus
+from server.jobs.registry import unavailable_reason
+from server.jobs.store import StoreError
 from server.results import read_output, result_body, webhook_status
 from server.routes.responses import errors
 from server.schemas import ResultResponse, SegBeyondRequest
@@ -49,9 +51,12 @@ REQUEST_SCHEMA = {
 async def run_sync(caller: SubmitterDep, body: BodyDep, request: Request, services: ServicesDep) -> Response:
     # No engine ready (it failed to load, or its worker is down or restarting): 502 at once, rather
     # than a wait the client cannot see the end of. v2 work is still queued for when it is back.
-    status = services.supervisor.status
-    if not services.supervisor.ready:
-        reason = status.error if status.state == "failed" and status.error else f"the worker is {status.state.value}"
+    # On an API node without a worker of its own, this is any live worker the registry knows of.
+    try:
+        reason = unavailable_reason(await run_in_threadpool(services.workers.workers))
+    except StoreError as exc:
+        reason = str(exc)
+    if reason:
         raise BadGateway(f"the engine is not available: {reason}")
     base = public_base(request, services.settings)
     job = await submit(body, services, caller, base)

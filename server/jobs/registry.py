@@ -1,0 +1,209 @@
+"""Which workers are alive, and what each is doing: the small API /health and v1 read.
+
+Two implementations behind one Protocol, so /health and v1 are the same code on every node:
+
+- `EmbeddedRegistry`: the local supervisor only (`beyond serve` on the embedded store).
+- `RedisRegistry`: every worker node publishes itself under `beyond:workers:<name>` (JSON, see
+  `WorkerInfo`) with a TTL, refreshed by a `Heartbeat` every few seconds; a worker that stops
+  refreshing (killed, partitioned) drops out of the list when its key expires. Its running job is
+  taken over by the store's reclaim (BEYOND_RECLAIM_AFTER), not by this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from server.jobs.store import StoreUnavailable
+from server.jobs.supervisor import Supervisor, WorkerStatus
+from server.logs import RateLimitedLog
+
+log = logging.getLogger("beyond.registry")
+KEY_PREFIX = "beyond:workers:"
+# The names ever published; a name whose key has expired is dropped from it when next listed.
+NAMES_KEY = "beyond:workers"
+REDIS_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    name: str
+    state: str  # a WorkerStatus value: starting, loading, ready, restarting, failed, stopped
+    model: str
+    device: str
+    dtype: str
+    pid: int | None  # the worker node's process (the API process for `beyond serve`)
+    engine_pid: int | None  # the engine process it supervises
+    current_job: str | None
+    since: float  # when it entered this state (Unix time)
+    restarts: int = 0
+    error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == WorkerStatus.READY.value
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> WorkerInfo:
+        fields = cls.__dataclass_fields__
+        return cls(**{key: value for key, value in data.items() if key in fields})
+
+
+class WorkerRegistry(Protocol):
+    def workers(self) -> list[WorkerInfo]:
+        """The live workers, sorted by name. Raises StoreUnavailable when the registry cannot be read."""
+        ...
+
+
+class LocalWorker:
+    """The card of the worker this process supervises, as the registry shows it."""
+
+    def __init__(self, supervisor: Supervisor, name: str, pid: int) -> None:
+        self.supervisor = supervisor
+        self.name = name
+        self.pid = pid
+        self._state = supervisor.status.state
+        self._since = time.time()
+        self._lock = threading.Lock()
+
+    def info(self) -> WorkerInfo:
+        status = self.supervisor.status
+        config = self.supervisor.config
+        with self._lock:
+            if status.state != self._state:
+                self._state, self._since = status.state, time.time()
+            since = self._since
+        return WorkerInfo(
+            name=self.name,
+            state=status.state.value,
+            model=config.model,
+            device=str(status.info.get("device", config.device)),
+            dtype=str(status.info.get("dtype", config.dtype)),
+            pid=self.pid,
+            engine_pid=status.pid,
+            current_job=status.current_job,
+            since=since,
+            restarts=status.restarts,
+            error=status.error,
+        )
+
+
+class EmbeddedRegistry:
+    """One worker: the one this process supervises."""
+
+    def __init__(self, local: LocalWorker) -> None:
+        self.local = local
+
+    def workers(self) -> list[WorkerInfo]:
+        return [self.local.info()]
+
+
+class RedisRegistry:
+    def __init__(self, url: str, *, ttl: float) -> None:
+        import redis
+
+        self.ttl = ttl
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT, decode_responses=True
+        )
+
+    def publish(self, info: WorkerInfo) -> None:
+        import redis
+
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.set(KEY_PREFIX + info.name, json.dumps(info.to_json()), px=int(self.ttl * 1000))
+            pipe.sadd(NAMES_KEY, info.name)
+            pipe.execute()
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"the worker registry cannot be written ({type(exc).__name__})") from None
+
+    def remove(self, name: str) -> None:
+        import redis
+
+        try:
+            self.client.delete(KEY_PREFIX + name)
+            self.client.srem(NAMES_KEY, name)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"the worker registry cannot be written ({type(exc).__name__})") from None
+
+    def workers(self) -> list[WorkerInfo]:
+        import redis
+
+        try:
+            names = sorted(self.client.smembers(NAMES_KEY))
+            values = self.client.mget([KEY_PREFIX + name for name in names]) if names else []
+            gone = [name for name, value in zip(names, values, strict=True) if value is None]
+            if gone:
+                self.client.srem(NAMES_KEY, *gone)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"the worker registry cannot be read ({type(exc).__name__})") from None
+        workers = []
+        for value in values:
+            if value is None:
+                continue
+            try:
+                workers.append(WorkerInfo.from_json(json.loads(value)))
+            except (ValueError, TypeError):
+                log.warning("ignoring an unreadable worker card")
+        return workers
+
+
+class Heartbeat:
+    """Publishes the local worker's card every `interval` seconds until stopped, then removes it."""
+
+    def __init__(self, registry: RedisRegistry, local: LocalWorker, interval: float) -> None:
+        self.registry = registry
+        self.local = local
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+        self._errors = RateLimitedLog(log)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def beat(self) -> None:
+        try:
+            self.registry.publish(self.local.info())
+        except StoreUnavailable as exc:
+            self._errors.error("heartbeat of %s failed: %s", self.local.name, exc)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.beat()
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(self.interval + REDIS_TIMEOUT)
+        try:
+            self.registry.remove(self.local.name)
+        except StoreUnavailable as exc:
+            log.warning("could not remove %s from the worker registry: %s", self.local.name, exc)
+
+
+def unavailable_reason(workers: list[WorkerInfo]) -> str | None:
+    """Why no engine can take work now (None when one is ready), in words for a 502."""
+    if any(worker.ready for worker in workers):
+        return None
+    if not workers:
+        return "no live worker is known"
+    first = workers[0]
+    if first.state == WorkerStatus.FAILED.value and first.error:
+        return first.error
+    return f"the worker is {first.state}"
+
+
+def worker_name(configured: str | None) -> str:
+    """BEYOND_WORKER_NAME, or <hostname>-<pid>: unique per process, readable in /health."""
+    return configured or f"{socket.gethostname()}-{os.getpid()}"

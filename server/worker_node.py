@@ -1,0 +1,117 @@
+"""`beyond worker`: one engine fed from the shared (Redis) store, with no HTTP of its own.
+
+Any number of them, on any machine, one per GPU (`--device cuda:N`), take work from the same queue
+as the API nodes put it in. Each is the supervisor of `beyond serve` without the API: it claims a
+ready job, runs it in its engine process and writes the outcome back to the store; its card in the
+worker registry (server/jobs/registry.py) is refreshed every BEYOND_HEARTBEAT_INTERVAL seconds.
+SIGTERM (or Ctrl-C) stops it within a few seconds and puts its running job back in the queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from types import FrameType
+
+from models.names import DEFAULT_MODEL
+
+log = logging.getLogger("beyond.worker_node")
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    worker = commands.add_parser("worker", help="run one engine that takes jobs from the shared Redis store")
+    worker.add_argument(
+        "--model",
+        help=f"random:tiny, random:sdxl, a diffusers folder, a .safetensors file or a hub id "
+        f"(BEYOND_MODEL, default {DEFAULT_MODEL})",
+    )
+    worker.add_argument("--data-dir", help="local scratch space only: jobs live in Redis (BEYOND_DATA_DIR)")
+    worker.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps: one worker per GPU (BEYOND_DEVICE)")
+    worker.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="compute precision (BEYOND_DTYPE)")
+    worker.add_argument("--name", help="its name in the worker registry (BEYOND_WORKER_NAME, default <host>-<pid>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.loading import ModelSpecError, check_spec
+    from models.styles import StyleFileError, default_registry
+    from server.app import build_store, build_supervisor
+    from server.cli import device_problem, word_model_error
+    from server.jobs.registry import Heartbeat, LocalWorker, RedisRegistry, worker_name
+    from server.jobs.store import StoreError
+    from server.logs import configure as configure_logs
+    from server.settings import Settings
+
+    overrides = {
+        name: value
+        for name, value in (
+            ("model", args.model),
+            ("data_dir", args.data_dir),
+            ("device", args.device),
+            ("dtype", args.dtype),
+            ("worker_name", args.name),
+        )
+        if value is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except ValueError as exc:
+        print(f"beyond: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    if not settings.redis_url:
+        print("beyond: `beyond worker` takes its jobs from Redis: set BEYOND_REDIS_URL", file=sys.stderr)
+        return 2
+    configure_logs(settings.log_level, settings.log_format)
+    try:
+        check_spec(settings.model, tokenizer_dir=settings.tokenizer_dir)
+    except ModelSpecError as exc:
+        print(f"beyond: cannot use model {settings.model!r}:\n{word_model_error(exc)}", file=sys.stderr)
+        return 2
+    try:
+        default_registry(settings.styles_dir)
+    except StyleFileError as exc:
+        print(f"beyond: cannot load the styles: {exc}", file=sys.stderr)
+        return 2
+    problem = device_problem(settings.device)
+    if problem:
+        print(f"beyond: cannot use device {settings.device!r}: {problem}", file=sys.stderr)
+        return 2
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        store = build_store(settings)
+    except (StoreError, ValueError) as exc:
+        print(f"beyond: {exc}", file=sys.stderr)
+        return 2
+
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %s: stopping", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    supervisor = build_supervisor(settings, store, None)
+    name = worker_name(settings.worker_name)
+    heartbeat = Heartbeat(
+        RedisRegistry(settings.redis_url, ttl=3 * settings.heartbeat_interval),
+        LocalWorker(supervisor, name, os.getpid()),
+        settings.heartbeat_interval,
+    )
+    try:
+        supervisor.start()  # gives back the jobs this worker ran before a restart
+    except StoreError as exc:
+        print(f"beyond: the job store cannot be used: {exc}", file=sys.stderr)
+        return 1
+    heartbeat.start()
+    log.info("worker %s serving %s on %s", name, settings.model, settings.device)
+    while not stopping.wait(1.0):
+        pass
+    supervisor.stop()
+    heartbeat.stop()
+    log.info("worker %s stopped", name)
+    return 0

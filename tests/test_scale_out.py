@@ -1,0 +1,316 @@
+"""Scale-out with real processes: a real redis-server, API nodes (`beyond serve --no-worker`) and
+workers (`beyond worker`), all on loopback. Jobs are submitted to one node and read through another;
+workers are killed, stopped and Redis is killed under them.
+
+The module's cluster (2 API nodes, 3 workers) is shared by the tests in file order: the later ones
+take workers away (SIGTERM, kill -9), each waits for what it needs first.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.helpers import ROOT, ServerProcess, jpeg, request_body, smooth_image
+from tests.redis_helpers import RedisServer
+
+WORKERS = ("w1", "w2", "w3")
+# Fast jobs: the tiny model, a small canvas, the fewest steps, no CFG batch.
+QUICK = {"image": smooth_image(48, 48), "left": 16, "steps": 20, "guidance_scale": 1.0}
+# Jobs that run for several seconds on this CPU: long enough to be caught running.
+SLOW = {"image": smooth_image(192, 192), "left": 64, "steps": 100, "guidance_scale": 1.0}
+
+
+@dataclass
+class Cluster:
+    redis: RedisServer
+    apis: list[ServerProcess]
+    workers: dict[str, ServerProcess]
+
+    def stop(self) -> None:
+        for proc in [*self.workers.values(), *self.apis]:
+            proc.stop()
+        self.redis.stop()
+
+
+def node_env(redis: RedisServer, **extra: str) -> dict[str, str]:
+    return {
+        "BEYOND_REDIS_URL": redis.url,
+        "BEYOND_RECLAIM_AFTER": "3",
+        "BEYOND_HEARTBEAT_INTERVAL": "1",
+        "BEYOND_CPU_THREADS": "1",
+        **extra,
+    }
+
+
+def start_cluster(folder: Path, apis: int, workers: tuple[str, ...], **extra: str) -> Cluster:
+    redis = RedisServer(folder / "redis").start()
+    env = node_env(redis, **extra)
+    api_nodes = [ServerProcess(folder / f"api{i}", env=env, args=("--no-worker",)).start() for i in range(apis)]
+    worker_nodes = {
+        name: ServerProcess(folder / name, env=env, role="worker", args=("--name", name)).start() for name in workers
+    }
+    cluster = Cluster(redis, api_nodes, worker_nodes)
+    try:
+        for api in api_nodes:
+            api.wait_ready()
+        wait_workers(api_nodes[0], lambda cards: sum(c["state"] == "ready" for c in cards) == len(workers))
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def worker_cards(api: ServerProcess) -> list[dict]:
+    response = api.health()
+    return response.json()["workers"] if response is not None else []
+
+
+def wait_workers(api: ServerProcess, predicate, timeout: float = 120.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        cards = worker_cards(api)
+        if predicate(cards):
+            return cards
+        time.sleep(0.2)
+    raise TimeoutError(f"workers seen by {api.url}: {worker_cards(api)}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    started = start_cluster(tmp_path_factory.mktemp("scale"), 2, WORKERS)
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def submit(api: ServerProcess, **fields: object) -> str:
+    response = httpx.post(f"{api.url}/v2/seg-beyond", json=request_body(**fields), timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()["request_id"]
+
+
+def status(api: ServerProcess, request_id: str) -> tuple[int, dict]:
+    """The status and its body; (503, {}) while the store cannot answer (Redis down)."""
+    try:
+        response = httpx.get(f"{api.url}/v2/requests/{request_id}/status", timeout=10)
+    except httpx.HTTPError:
+        return 503, {}
+    return response.status_code, response.json()
+
+
+def wait_status(api: ServerProcess, request_id: str, predicate, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    body: dict = {}
+    while time.monotonic() < deadline:
+        code, body = status(api, request_id)
+        if code != 503 and predicate(body):
+            return body
+        time.sleep(0.1)
+    raise TimeoutError(f"{request_id} on {api.url}: last status {body}")
+
+
+def finished(body: dict) -> bool:
+    return body.get("status") in ("COMPLETED", "FAILED")
+
+
+def running_on(api: ServerProcess, request_id: str, timeout: float = 60.0) -> str:
+    """The name of the worker whose card says it runs the job."""
+    cards = wait_workers(api, lambda cs: any(c["current_job"] == request_id for c in cs), timeout)
+    return next(c["name"] for c in cards if c["current_job"] == request_id)
+
+
+def test_thirty_jobs_on_two_api_nodes_and_three_workers(cluster: Cluster) -> None:
+    a, b = cluster.apis
+    health = a.health()
+    assert health is not None and health.status_code == 200
+    body = health.json()
+    # The single-node fields stay, with every live worker beside them.
+    assert {"state", "model", "device", "dtype", "worker_pid", "worker_restarts", "queued", "store"} <= set(body)
+    assert body["state"] == "ready" and body["model"] == "random:tiny"
+    assert sorted(c["name"] for c in body["workers"]) == list(WORKERS)
+    pids = {c["name"]: c["pid"] for c in body["workers"]}
+    assert pids == {name: proc.proc.pid for name, proc in cluster.workers.items()}
+    assert sorted(c["name"] for c in worker_cards(b)) == list(WORKERS)  # the other node sees the same
+
+    with ThreadPoolExecutor(6) as pool:
+        ids = list(pool.map(lambda i: (i, submit(cluster.apis[i % 2], seed=i, **QUICK)), range(30)))
+    busy: set[str] = set()
+    pending = dict(ids)
+    deadline = time.monotonic() + 180
+    while pending and time.monotonic() < deadline:
+        busy |= {c["name"] for c in worker_cards(a) if c["current_job"]}
+        for i, request_id in list(pending.items()):
+            code, state = status(cluster.apis[(i + 1) % 2], request_id)
+            if finished(state):
+                assert state["status"] == "COMPLETED", state
+                del pending[i]
+        time.sleep(0.2)
+    assert not pending, f"not finished: {pending}"
+    assert busy == set(WORKERS), f"only {busy} were seen working"
+
+    for i, request_id in ids:
+        other = cluster.apis[(i + 1) % 2]
+        result = httpx.get(f"{other.url}/v2/requests/{request_id}", timeout=30).json()
+        assert result["status"] == "COMPLETED" and result["seeds"] == [i]
+        assert result["output"].startswith(f"{other.url}/v2/requests/{request_id}/outputs/0")
+        image = jpeg(httpx.get(result["output"], timeout=30).content)
+        assert image.size == (48 + 16, 48)
+
+    # v1 on an API node with no engine of its own: served by a worker, not refused with a 502.
+    v1 = httpx.post(f"{b.url}/v1/seg-beyond", json=request_body(seed=5, **QUICK), timeout=120)
+    assert v1.status_code == 200, v1.text
+    assert jpeg(v1.content).size == (48 + 16, 48)
+
+
+def test_cancel_on_the_node_that_did_not_accept_the_job(cluster: Cluster) -> None:
+    a, b = cluster.apis
+    wait_workers(a, lambda cards: sum(c["state"] == "ready" and not c["current_job"] for c in cards) == 3)
+    # Three workers, four slow jobs: three run, one waits.
+    ids = [submit(a, seed=i, **SLOW) for i in range(4)]
+    wait_workers(b, lambda cards: sum(c["current_job"] in ids for c in cards) == 3)
+    running = [c["current_job"] for c in worker_cards(b) if c["current_job"] in ids]
+    queued = [r for r in ids if r not in running]
+    assert len(queued) == 1 and status(b, queued[0])[1]["status"] == "QUEUED"
+    for request_id in running:
+        wait_status(b, request_id, lambda s: s.get("progress", 0) > 0.02)
+
+    started = time.monotonic()
+    for request_id in ids:
+        response = httpx.post(f"{b.url}/v2/requests/{request_id}/cancel", timeout=30)
+        assert response.status_code == 200, response.text
+    for request_id in ids:
+        final = wait_status(a, request_id, finished, timeout=60)
+        assert final == {"status": "FAILED", "request_id": request_id, "error": "cancelled"}
+    # Stopped at their next step, not after their hundred steps.
+    assert time.monotonic() - started < 15
+    cards = wait_workers(a, lambda cs: not any(c["current_job"] for c in cs), timeout=15)
+    assert all(c["state"] == "ready" for c in cards)
+
+
+def test_sigterm_stops_a_worker_within_seconds_and_its_job_runs_elsewhere(cluster: Cluster) -> None:
+    a, b = cluster.apis
+    request_id = submit(a, seed=11, **SLOW)
+    name = running_on(b, request_id)
+    wait_status(b, request_id, lambda s: s.get("progress", 0) > 0.02)
+    proc = cluster.workers.pop(name)
+    assert proc.proc is not None
+    stopping = time.monotonic()
+    proc.proc.send_signal(signal.SIGTERM)
+    assert proc.proc.wait(15) == 0
+    assert time.monotonic() - stopping < 8, proc.log_tail()
+    proc.stop()
+    # Its card is removed at once and its job goes back to the queue for another worker.
+    assert name not in [c["name"] for c in worker_cards(a)]
+    other = running_on(a, request_id, timeout=30)
+    assert other != name
+    final = wait_status(b, request_id, finished, timeout=120)
+    assert final["status"] == "COMPLETED", final
+    assert f"job {request_id} on stop: QUEUED" in proc.log_tail(200)
+
+
+def test_kill_minus_nine_of_a_worker_mid_job_the_job_completes_on_another(cluster: Cluster) -> None:
+    a, b = cluster.apis
+    wait_workers(a, lambda cards: sum(c["state"] == "ready" for c in cards) == 2)
+    request_id = submit(b, seed=12, **SLOW)
+    name = running_on(a, request_id)
+    wait_status(a, request_id, lambda s: s.get("progress", 0) > 0.02)
+    proc = cluster.workers.pop(name)
+    proc.kill()  # kill -9 of the worker node and its engine process: no goodbye, no release
+    killed = time.monotonic()
+    # Its card expires (3 heartbeats), and its job is reclaimed (BEYOND_RECLAIM_AFTER=3) by the other.
+    wait_workers(a, lambda cards: name not in [c["name"] for c in cards], timeout=15)
+    other = running_on(b, request_id, timeout=60)
+    assert other != name
+    final = wait_status(a, request_id, finished, timeout=120)
+    assert final["status"] == "COMPLETED", final
+    assert time.monotonic() - killed < 120
+    result = httpx.get(f"{a.url}/v2/requests/{request_id}", timeout=30).json()
+    assert jpeg(httpx.get(result["output"], timeout=30).content).size == (192 + 64, 192)
+
+
+def test_redis_killed_and_restarted_from_its_append_only_file_loses_no_queued_job(cluster: Cluster) -> None:
+    a, b = cluster.apis
+    wait_workers(a, lambda cards: any(c["state"] == "ready" for c in cards))
+    ids = [submit(cluster.apis[i % 2], seed=20 + i, **QUICK) for i in range(6)]
+    cluster.redis.kill()
+    # Down: the API nodes answer 503 (not 500), and /health says so.
+    code, _ = status(a, ids[0])
+    assert code == 503
+    health = a.health()
+    assert health is not None and health.status_code == 503
+    time.sleep(1)
+    cluster.redis.restart()
+    for i, request_id in enumerate(ids):
+        final = wait_status(cluster.apis[(i + 1) % 2], request_id, finished, timeout=120)
+        assert final["status"] == "COMPLETED", final
+    wait_workers(b, lambda cards: any(c["state"] == "ready" for c in cards), timeout=30)
+
+
+def test_results_expire_on_every_node(tmp_path: Path) -> None:
+    """Two API nodes with no worker, then a `beyond serve` with its local worker on the same Redis: its
+    worker is the one the others see and use."""
+    redis = RedisServer(tmp_path / "redis").start()
+    env = node_env(redis, BEYOND_RESULT_TTL="3", BEYOND_PURGE_INTERVAL="1")
+    apis = [ServerProcess(tmp_path / f"api{i}", env=env, args=("--no-worker",)).start() for i in range(2)]
+    worker = None
+    try:
+        for api in apis:
+            # No worker yet: not ready, and v1 says why instead of waiting.
+            deadline = time.monotonic() + 120
+            while (response := api.health()) is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert response is not None and response.status_code == 503
+            assert response.json()["workers"] == [] and response.json()["state"] == "no_workers"
+            v1 = httpx.post(f"{api.url}/v1/seg-beyond", json=request_body(**QUICK), timeout=30)
+            assert v1.status_code == 502 and "no live worker" in v1.json()["error"]
+        worker = ServerProcess(tmp_path / "both", env={**env, "BEYOND_WORKER_NAME": "both"}).start().wait_ready()
+        for api in apis:
+            api.wait_ready()
+            (seen,) = worker_cards(api)
+            assert (seen["name"], seen["pid"], seen["state"]) == ("both", worker.proc.pid, "ready")
+        assert worker_cards(worker) == worker_cards(apis[0])
+        a, b = apis
+        request_id = submit(a, **QUICK)
+        wait_status(b, request_id, lambda s: s.get("status") == "COMPLETED", timeout=120)
+        paths = [f"/v2/requests/{request_id}/status", f"/v2/requests/{request_id}"]
+        output = httpx.get(f"{b.url}/v2/requests/{request_id}", timeout=30).json()["output"]
+        paths.append(output.removeprefix(b.url))
+        for api in [*apis, worker]:
+            for path in paths:
+                assert httpx.get(api.url + path, timeout=30).status_code == 200, path
+        time.sleep(4.5)
+        for api in [*apis, worker]:
+            for path in paths:
+                assert httpx.get(api.url + path, timeout=30).status_code == 404, (api.url, path)
+    finally:
+        for proc in [*([worker] if worker else []), *apis]:
+            proc.stop()
+        redis.stop()
+
+
+@pytest.mark.parametrize("command", [["serve", "--no-worker"], ["worker"]])
+def test_roles_that_need_redis_refuse_to_start_without_it(tmp_path: Path, command: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "BEYOND_REDIS_URL"}
+    out = subprocess.run(
+        [sys.executable, "-m", "server.cli", *command, "--model", "random:tiny", "--data-dir", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().endswith("set BEYOND_REDIS_URL")
+    assert len(out.stderr.strip().splitlines()) == 1
