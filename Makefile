@@ -29,4 +29,4 @@ serve: $(STAMP)
 # Lint, then the whole suite (CPU only; it starts real servers on loopback ports).
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 3 --dist loadfile

@@ -44,7 +44,7 @@ def serve(args: argparse.Namespace) -> int:
     from models.loading import ModelSpecError, check_spec
     from models.styles import StyleFileError, default_registry
     from server.app import create_app
-    from server.jobs.store import StoreCorrupt
+    from server.jobs.store import StoreCorrupt, StoreUnavailable
     from server.logs import configure as configure_logs
     from server.settings import Settings
 
@@ -98,6 +98,9 @@ def serve(args: argparse.Namespace) -> int:
             " is made; the requests in the old one are lost.",
             file=sys.stderr,
         )
+        return 2
+    except StoreUnavailable as exc:
+        print(f"beyond: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:
         print(f"beyond: {exc}", file=sys.stderr)

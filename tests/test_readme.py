@@ -117,7 +117,7 @@ def test_make_test_installs_once_and_again_when_pyproject_changes(tmp_path: Path
         ".venv/bin/python -m pip install -q torch==2.13.0",
         ".venv/bin/python -m pip install -q -e '.[test]'",
     ]
-    run_tests = [".venv/bin/ruff check .", ".venv/bin/python -m pytest -q -p no:cacheprovider"]
+    run_tests = [".venv/bin/ruff check .", ".venv/bin/python -m pytest -q -p no:cacheprovider -n 3 --dist loadfile"]
     # A fresh clone: the venv is made and filled, torch before the project, then the tests run.
     fresh = dry_run(tmp_path)
     assert [line for line in fresh if line in install] == install

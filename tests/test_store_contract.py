@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from server.jobs.contract import FailureKind, ImageSource, Job, JobParams, JobResult, JobStatus, to_units
+from server.jobs.contract import Delivery, FailureKind, ImageSource, Job, JobParams, JobResult, JobStatus, to_units
 from server.jobs.redis_store import RedisJobStore
 from server.jobs.store import (
     MAX_ATTEMPTS,
@@ -436,3 +436,16 @@ def test_the_event_listener_comes_back_after_a_redis_restart(tmp_path: Path) -> 
         client.close()
         store.close()
         server.stop()
+
+
+def test_jobs_with_a_webhook_are_found_for_the_start_up_scan(store: JobStore) -> None:
+    hooked = store.create(
+        JobParams(prompt="p"),
+        ImageSource(),
+        image=b"x",
+        base64=False,
+        owner=OWNER,
+        delivery=Delivery(webhook_url="http://127.0.0.1:9/hook"),
+    )
+    queue(store)
+    assert [job.id for job in store.webhook_jobs()] == [hooked.id]

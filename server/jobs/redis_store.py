@@ -688,6 +688,15 @@ class RedisJobStore:
         with self._errors():
             return int(self.redis.zcount(self._key("queued"), "-inf", f"({seq}"))
 
+    def webhook_jobs(self) -> list[Job]:
+        """Unexpired jobs with a webhook_url in their delivery, oldest first: the start-up scan of the
+        webhook service (once per node start, so a SCAN of the job keys is affordable)."""
+        pattern = self._key("job", "*")
+        with self._errors():
+            ids = [key[len(pattern) - 1 :] for key in self.redis.scan_iter(match=pattern, count=1000)]
+        jobs = [self._unexpired(job) for job in self._jobs(ids)]
+        return sorted((j for j in jobs if j is not None and j.delivery.webhook_url), key=lambda j: j.seq)
+
     def list_jobs(
         self, owner: str | None, *, status: JobStatus | None = None, limit: int = 20, before: int | None = None
     ) -> list[Job]:
