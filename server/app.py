@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from models.styles import default_registry
-from server.auth import KeyRing
+from server.auth import API_KEY_SCHEME, KeyRing
 from server.deps import Services
 from server.errors import install_error_handlers
 from server.images import ImageLimits
@@ -165,6 +165,12 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)
+        # Every route that takes a key says so; the output images and previews are open (their URL is the key).
+        schema["components"]["securitySchemes"] = API_KEY_SCHEME
+        for path, operations in schema.get("paths", {}).items():
+            if path.startswith(("/v1/seg-beyond", "/v2/")) and "/outputs/" not in path and "preview" not in path:
+                for operation in operations.values():
+                    operation["security"] = [{name: []} for name in API_KEY_SCHEME]
         request = SegBeyondRequest.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(request.pop("$defs", {}))
         components[SegBeyondRequest.__name__] = request

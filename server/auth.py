@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import Depends, Request, Security
-from fastapi.security import APIKeyHeader
+from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from server.errors import Forbidden, Unauthorized
@@ -141,14 +140,18 @@ class KeyRing:
         return self._callers[found]
 
 
-# Declared for the OpenAPI page (its Authorize button); the check itself is ours, for our error bodies.
-api_key_header = APIKeyHeader(name="x-api-key", auto_error=False, description="an API key of this server")
+# The scheme the OpenAPI page offers (its Authorize button); server/app.py declares it on the routes
+# that take a key. Not a FastAPI security dependency: the check is ours, for our error bodies, and the
+# status path, polled all the time, resolves no more dependencies than it must.
+API_KEY_SCHEME = {
+    "APIKeyHeader": {"type": "apiKey", "in": "header", "name": "x-api-key", "description": "an API key of this server"}
+}
 
 
-async def get_caller(request: Request, key: Annotated[str | None, Security(api_key_header)] = None) -> Caller | None:
+async def get_caller(request: Request) -> Caller | None:
     ring: KeyRing = request.app.state.services.keys
-    caller = ring.identify(key, request.headers.get("authorization"))
-    endpoint = request.url.path.split("/")[1]  # "v1", "v2" or "metrics"
+    caller = ring.identify(request.headers.get("x-api-key"), request.headers.get("authorization"))
+    endpoint = request.scope["path"].split("/")[1]  # "v1", "v2" or "metrics"
     if caller is not None and caller.endpoints is not None and endpoint not in caller.endpoints:
         raise Forbidden(f"this key may not use /{endpoint}")
     request.state.caller = caller  # for the x-remaining-credits header and the access log
@@ -173,7 +176,7 @@ async def get_metrics_reader(request: Request) -> Caller | None:
     (or one with no endpoint list)."""
     if not request.app.state.services.settings.metrics_require_key:
         return None
-    return await get_caller(request, request.headers.get("x-api-key"))
+    return await get_caller(request)
 
 
 MetricsReaderDep = Annotated[Caller | None, Depends(get_metrics_reader)]

@@ -38,9 +38,9 @@ class Services:
     keys: KeyRing
     limiter: RateLimiter
     metrics: Metrics
-    webhooks: Webhooks | None = None  # with BEYOND_WEBHOOK_SECRET only
     workers: WorkerRegistry  # the live workers /health and v1 see: the local one, or all of them (Redis)
     heartbeat: Heartbeat | None = None  # publishes the local worker's card (Redis only)
+    webhooks: Webhooks | None = None  # with BEYOND_WEBHOOK_SECRET only
 
 
 async def get_services(request: Request) -> Services:

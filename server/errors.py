@@ -98,10 +98,22 @@ def describe_validation_error(errors: list[dict]) -> str:
     return f"{field}: {message}"
 
 
+def error_response(exc: ApiError | StoreError) -> JSONResponse:
+    """The answer to one of our own errors (the API's, or the store's: 507 for a full disk, else 503)."""
+    if isinstance(exc, ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+    unavailable.error("%s", exc)
+    if isinstance(exc, DiskFull):
+        return JSONResponse({"error": "the server's disk is full; try again later"}, status_code=507)
+    return JSONResponse(
+        {"error": "the job store is unavailable; try again later"}, status_code=503, headers={"Retry-After": "5"}
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -114,17 +126,9 @@ def install_error_handlers(app: FastAPI) -> None:
             message = "not found"
         return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(DiskFull)
-    async def _disk_full(_: Request, exc: DiskFull) -> JSONResponse:
-        unavailable.error("%s", exc)
-        return JSONResponse({"error": "the server's disk is full; try again later"}, status_code=507)
-
     @app.exception_handler(StoreError)
     async def _store(_: Request, exc: StoreError) -> JSONResponse:
-        unavailable.error("%s", exc)
-        return JSONResponse(
-            {"error": "the job store is unavailable; try again later"}, status_code=503, headers={"Retry-After": "5"}
-        )
+        return error_response(exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

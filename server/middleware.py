@@ -7,15 +7,23 @@ disconnects reach the endpoints, and an error answer leaves the connection usabl
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.errors import ApiError, error_response
 from server.jobs.contract import from_units
+from server.jobs.store import StoreError
 from server.metrics import Metrics
 
 access = logging.getLogger("beyond.access")
+# The status poll is answered here, ahead of FastAPI's routing and dependency resolution, which cost
+# as much as the answer itself; the route in server/routes/v2.py documents it and shares its code.
+STATUS_PATH = re.compile(r"/v2/requests/([^/]+)/status")
+STATUS_ROUTE = "/v2/requests/{request_id}/status"
 
 
 class ServingMiddleware:
@@ -57,16 +65,22 @@ class ServingMiddleware:
                     message = {**message, "headers": headers}
             await send(message)
 
+        status_poll = STATUS_PATH.fullmatch(scope["path"]) if scope["method"] == "GET" else None
         try:
-            await self.app(scope, receive, send_with_headers)
+            if status_poll is None:
+                await self.app(scope, receive, send_with_headers)
+            else:
+                await self.answer_status(scope, receive, send_with_headers, status_poll.group(1))
         finally:
             # The route template, not the path: request ids would make every path its own series.
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = STATUS_ROUTE if status_poll else getattr(scope.get("route"), "path", "unmatched")
             seconds = time.perf_counter() - started
             method = scope["method"]
             self.metrics.observe_request(method, route, status, seconds)
             caller = state.get("caller")
             request_id = request_id or (scope.get("path_params") or {}).get("request_id")
+            if status_poll:
+                request_id = status_poll.group(1)
             access.info(
                 "%s %s %s %.1fms%s",
                 method,
@@ -84,3 +98,13 @@ class ServingMiddleware:
                     "caller": caller.name if caller else None,
                 },
             )
+
+    async def answer_status(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+        from server.routes.v2 import answer_status  # the routes import this module's app wiring
+
+        request = Request(scope, receive)  # scope["app"] is the application: Starlette set it
+        try:
+            response = await answer_status(request, request_id)
+        except (ApiError, StoreError) as exc:
+            response = error_response(exc)
+        await response(scope, receive, send)

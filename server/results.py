@@ -31,7 +31,14 @@ def find(services: Services, job_id: str, owner: str | None = None) -> Job:
 
 def find_state(services: Services, job_id: str, owner: str | None = None) -> JobState | Job:
     """The small row of a live job, or the cached job when it has finished."""
-    state: JobState | Job | None = services.finished.get(job_id) or services.store.state(job_id)
+    state: JobState | Job | None = services.finished.get(job_id)
+    if state is None:
+        state = services.store.state(job_id)
+        if state is not None and state.finished:
+            # Read whole once; the cache answers every later poll of a finished job.
+            state = services.store.get(job_id) or state
+            if isinstance(state, Job):
+                services.finished.put(state)
     if state is None or (owner is not None and state.owner != owner):
         raise _not_found(job_id)
     return state

@@ -11,8 +11,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from server.auth import CallerDep, SubmitterDep, owner_of
-from server.deps import BodyDep, ServicesDep, public_base
+from server.auth import CallerDep, SubmitterDep, get_caller, owner_of
+from server.deps import BodyDep, Services, ServicesDep, public_base
 from server.errors import BadRequest, Conflict, NotFound
 from server.jobs.contract import JobStatus
 from server.results import find, find_state, list_item, read_output, result_body, status_body, webhook_status
@@ -51,7 +51,15 @@ async def unknown_model(slug: str) -> Response:
 
 # The hot path of every polling client: async (no thread hop), one small row, finished jobs cached.
 @router.get("/requests/{request_id}/status", response_model=StatusResponse, responses=READ, summary="Poll a request")
-async def get_status(request_id: str, services: ServicesDep, caller: CallerDep) -> JSONResponse:
+async def get_status(request_id: str, request: Request) -> JSONResponse:
+    return await answer_status(request, request_id)
+
+
+async def answer_status(request: Request, request_id: str) -> JSONResponse:
+    """What every polling client calls, many times a request: no dependency injection, no thread hop,
+    one small row or the cache. server/middleware.py answers it ahead of the router, through here."""
+    services: Services = request.app.state.services
+    caller = await get_caller(request)
     return JSONResponse(status_body(services, find_state(services, request_id, owner_of(caller))))
 
 
