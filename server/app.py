@@ -62,6 +62,8 @@ def build_services(settings: Settings) -> Services:
         compile=settings.compile,
         log_level=settings.log_level,
         log_format=settings.log_format,
+        max_batch=settings.max_batch,
+        prefetch=settings.worker_prefetch,
     )
     supervisor = Supervisor(
         store, config, purge_interval=settings.purge_interval, backoff=settings.worker_restart_backoff, metrics=metrics

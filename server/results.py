@@ -8,7 +8,7 @@ from typing import Any
 
 from server.deps import Services
 from server.errors import FailedRequest, NotFound
-from server.jobs.contract import Job, JobState, JobStatus
+from server.jobs.contract import PREVIEW_NAME, Job, JobState, JobStatus
 from server.jobs.store import FileGone
 
 
@@ -57,7 +57,8 @@ def failed(job: JobState | Job) -> FailedRequest:
     return FailedRequest(job.error or "failed", request_id=job.id)
 
 
-def status_body(services: Services, job: JobState | Job) -> dict[str, Any]:
+def status_body(services: Services, job: JobState | Job, base: str = "") -> dict[str, Any]:
+    """`base`: the public origin for the preview's URL (without one, the URL is a path)."""
     if job.status == JobStatus.FAILED:
         raise failed(job)
     body: dict[str, Any] = {"status": job.status.value, "request_id": job.id}
@@ -65,7 +66,20 @@ def status_body(services: Services, job: JobState | Job) -> dict[str, Any]:
         body["queue_position"] = services.store.queue_position(job.seq)
     elif job.status == JobStatus.PROCESSING:
         body["progress"] = round(job.progress, 4)
+        if services.store.has_file(job.id, PREVIEW_NAME):
+            body["preview"] = preview_url(base, job.id)
     return body
+
+
+def preview_url(base: str, job_id: str) -> str:
+    return f"{base}/v2/requests/{job_id}/{PREVIEW_NAME}"
+
+
+def read_preview(services: Services, job_id: str) -> bytes:
+    try:
+        return services.store.read_file(job_id, PREVIEW_NAME)
+    except FileGone:
+        raise NotFound(f"request {job_id!r} has no preview (yet)") from None
 
 
 def result_body(services: Services, job: Job, base: str) -> dict[str, Any]:

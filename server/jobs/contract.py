@@ -22,6 +22,10 @@ def from_units(units: int) -> float:
     return units / CREDIT_UNITS
 
 
+# The live preview of a PROCESSING job, a file beside its input (replaced as the job goes on).
+PREVIEW_NAME = "preview.jpg"
+
+
 def output_name(index: int, extension: str = "jpg") -> str:
     return f"output-{index}.{extension}"
 

@@ -363,6 +363,9 @@ class SqliteJobStore:
         except FileNotFoundError:
             raise FileGone(name) from None
 
+    def has_file(self, job_id: str, name: str) -> bool:
+        return (self.job_dir(job_id) / name).is_file()
+
     def put_file(self, job_id: str, name: str, data: bytes) -> None:
         """A file beside a live job (its preview): written whole, then moved into place."""
         folder = self.job_dir(job_id)

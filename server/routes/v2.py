@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from server.auth import CallerDep, SubmitterDep, owner_of
 from server.deps import BodyDep, ServicesDep, public_base
 from server.errors import Conflict, NotFound
-from server.results import find, find_state, read_output, result_body, status_body
+from server.results import find, find_state, read_output, read_preview, result_body, status_body
 from server.routes.responses import READ, SUBMIT, errors
 from server.routes.v1 import REQUEST_SCHEMA, SLUG
 from server.schemas import CancelResponse, ResultResponse, StatusResponse, SubmitResponse
@@ -42,8 +42,9 @@ async def unknown_model(slug: str) -> Response:
 
 # The hot path of every polling client: async (no thread hop), one small row, finished jobs cached.
 @router.get("/requests/{request_id}/status", response_model=StatusResponse, responses=READ, summary="Poll a request")
-async def get_status(request_id: str, services: ServicesDep, caller: CallerDep) -> JSONResponse:
-    return JSONResponse(status_body(services, find_state(services, request_id, owner_of(caller))))
+async def get_status(request_id: str, request: Request, services: ServicesDep, caller: CallerDep) -> JSONResponse:
+    state = find_state(services, request_id, owner_of(caller))
+    return JSONResponse(status_body(services, state, public_base(request, services.settings)))
 
 
 @router.get("/requests/{request_id}", response_model=ResultResponse, responses=READ, summary="A request's result")
@@ -85,3 +86,15 @@ def get_output(request_id: str, index: int, extension: str, services: ServicesDe
     if extension != job.delivery.extension:
         raise NotFound(f"request {request_id!r} has no output {index}.{extension}")
     return Response(read_output(services, job, index), media_type=job.delivery.media_type)
+
+
+@router.get(
+    "/requests/{request_id}/preview.jpg",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}, "description": "the live preview"}, **errors(404, 503)},
+    summary="A running request's live preview",
+)
+def get_preview(request_id: str, services: ServicesDep) -> Response:
+    # Guarded as the outputs are: by the request id in the path.
+    job = find_state(services, request_id)
+    return Response(read_preview(services, job.id), media_type="image/jpeg", headers={"cache-control": "no-store"})
