@@ -61,8 +61,11 @@ def status_body(services: Services, job: JobState | Job, base: str = "") -> dict
     """`base`: the public origin for the preview's URL (without one, the URL is a path)."""
     if job.status == JobStatus.FAILED:
         raise failed(job)
-    body: dict[str, Any] = {"status": job.status.value, "request_id": job.id}
-    if job.status == JobStatus.QUEUED:
+    # A job handed to the worker ahead of time is still waiting its turn until it starts.
+    waiting = job.status == JobStatus.QUEUED or (job.status == JobStatus.PROCESSING and not job.started)
+    status = JobStatus.QUEUED if waiting else job.status
+    body: dict[str, Any] = {"status": status.value, "request_id": job.id}
+    if waiting:
         body["queue_position"] = services.store.queue_position(job.seq)
     elif job.status == JobStatus.PROCESSING:
         body["progress"] = round(job.progress, 4)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from server.jobs.contract import PREVIEW_NAME, FailureKind
+from server.jobs.contract import PREVIEW_NAME, FailureKind, JobStatus
 from server.jobs.messages import (
     Cancel,
     JobDone,
@@ -229,16 +229,20 @@ class Supervisor:
         self._cancel_sent.add(job_id)
 
     def _check_waiting_cancels(self) -> None:
-        """A job cancelled while it waits in the worker never starts: the worker is told early."""
+        """A job cancelled while it waits in the worker never starts: the worker is told early.
+
+        The store ends such a job at once (it has not started), so its progress no longer reports
+        the cancel: the worker is told of every held job that was cancelled or has ended.
+        """
         now = time.monotonic()
         if now < self._next_cancel_check:
             return
         self._next_cancel_check = now + WAITING_CANCEL_CHECK
         for job_id in list(self.status.in_flight):
-            if job_id in self.status.started or job_id in self._cancel_sent:
+            if job_id in self._cancel_sent:
                 continue
             job = self.store.get(job_id)
-            if job is not None and job.cancel_requested:
+            if job is None or job.cancel_requested or job.status != JobStatus.PROCESSING:
                 self._send_cancel(job_id)
 
     def _on_death(self) -> None:

@@ -384,6 +384,8 @@ class Worker:
             last_preview = now
             self._previews(batch, latents)
 
+        if len(batch) > 1:
+            log.info("denoising %d jobs in one batch: %s", len(batch), " ".join(e.job_id for e in batch))
         for entry in batch:
             self._hand_over(entry)
             self.send(Started(entry.job_id, entry.job.attempt))
