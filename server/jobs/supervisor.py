@@ -97,6 +97,9 @@ class Supervisor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
         self._cancel_sent: set[str] = set()
+        # Set when a job may be claimable (woken, or a slot came free): the loop does not ask the
+        # store on every message from the worker.
+        self._work_hint = True
         self._next_cancel_check = 0.0
         self._load_failures = 0
         self._wake_r, self._wake_w = socket.socketpair()
@@ -110,6 +113,7 @@ class Supervisor:
         return self.status.state == WorkerStatus.READY
 
     def wake(self) -> None:
+        self._work_hint = True
         with contextlib.suppress(BlockingIOError, OSError):  # a byte is already waiting: awake anyway
             self._wake_w.send(b"\0")
 
@@ -162,9 +166,11 @@ class Supervisor:
                 self._pump(max(0.0, next_purge - time.monotonic()))
             except StoreError as exc:
                 self._errors.error("the job store failed: %s", exc)
+                self._work_hint = True  # look again once it works
                 self._stop.wait(STORE_RETRY)
             except Exception as exc:  # the loop must outlive any single surprise
                 self._errors.exception("supervisor loop error: %s", type(exc).__name__)
+                self._work_hint = True
                 self._stop.wait(STORE_RETRY)
 
     def _pump(self, timeout: float) -> None:
@@ -189,6 +195,7 @@ class Supervisor:
         if isinstance(message, Ready):
             self.status.state, self.status.info, self.status.error = WorkerStatus.READY, message.info, None
             self.status.max_batch = max(1, message.max_batch)
+            self._work_hint = True
             self._load_failures = 0
             log.info("worker ready: %s", message.info)
         elif isinstance(message, LoadFailed):
@@ -218,6 +225,7 @@ class Supervisor:
             self._job_finished(message.job_id)
 
     def _job_finished(self, job_id: str) -> None:
+        self._work_hint = True
         self.status.in_flight.pop(job_id, None)
         self.status.started.discard(job_id)
         self._cancel_sent.discard(job_id)
@@ -276,10 +284,12 @@ class Supervisor:
         return 2 * self.status.max_batch if self.config.prefetch else 1
 
     def _dispatch(self) -> None:
-        while len(self.status.in_flight) < self.window and self._conn is not None:
+        while self._work_hint and len(self.status.in_flight) < self.window and self._conn is not None:
+            self._work_hint = False  # cleared before asking, so a wake-up meanwhile is not lost
             job = self.store.claim_next()
             if job is None:
                 return
+            self._work_hint = True  # there may be more
             try:
                 image = self.store.read_file(job.id, "input")
             except FileGone:
