@@ -354,7 +354,13 @@ class SqliteJobStore:
 
     @staticmethod
     def _queued(db: sqlite3.Connection) -> int:
-        return int(db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (JobStatus.QUEUED.value,)).fetchone()[0])
+        # Jobs handed to the worker ahead of their turn are still waiting: the bound counts them.
+        return int(
+            db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status = ? OR (status = ? AND started_at IS NULL)",
+                (JobStatus.QUEUED.value, JobStatus.PROCESSING.value),
+            ).fetchone()[0]
+        )
 
     def queued_count(self) -> int:
         with self._errors():
