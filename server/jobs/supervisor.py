@@ -204,6 +204,10 @@ class Supervisor:
         elif isinstance(message, Started):
             self.status.started.add(message.job_id)
             store.mark_started(message.job_id, message.attempt)
+            job = store.get(message.job_id)
+            if job is None or job.cancel_requested or job.status != JobStatus.PROCESSING:
+                # Cancelled while it waited, before the worker heard: it stops at its first step.
+                self._send_cancel(message.job_id)
         elif isinstance(message, Progress):
             cancel = store.set_progress(message.job_id, message.attempt, message.step / max(message.total, 1))
             if cancel:
