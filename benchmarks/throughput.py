@@ -1,8 +1,15 @@
 """Images per minute at a constant queue depth (1, 4, 8), through the v2 queue of a real server.
 
-    python -m benchmarks.throughput --quick    # under a minute
+    python -m benchmarks.throughput --quick    # a few minutes: three worker modes
     python -m benchmarks.throughput            # more completions per depth
     python -m benchmarks.throughput --workers 1,2   # scale-out: Redis, one API node, N workers
+    python -m benchmarks.throughput --modes batch4 --v1 0
+
+Worker modes (one server each): `serial` (BEYOND_WORKER_PREFETCH=0: one job at a time, nothing
+prepared ahead), `pipelined` (the default worker, BEYOND_MAX_BATCH=1) and `batch4` (pipelined,
+BEYOND_MAX_BATCH=4). The busy share is the part of the measured span during which at least one
+job was between its start (denoising) and its completion (stored), from the jobs' own timestamps.
+`--v1 N` also times N sequential v1 requests per mode: the overhead is wall minus x-inference-time.
 
 It starts `beyond serve --model random:tiny --device cpu` (one engine thread) on a loopback port.
 For each depth it keeps that many requests submitted and unfinished, submitting a new one as each
@@ -46,8 +53,38 @@ def submit(client: httpx.Client, body: dict) -> str:
     return response.json()["request_id"]
 
 
-def inference_time(client: httpx.Client, request_id: str) -> float:
-    return float(client.get(f"/v2/requests/{request_id}").json()["metrics"]["inference_time"])
+MODES = {
+    "serial": {"BEYOND_WORKER_PREFETCH": "0", "BEYOND_MAX_BATCH": "1"},
+    "pipelined": {"BEYOND_MAX_BATCH": "1"},
+    "batch4": {"BEYOND_MAX_BATCH": "4"},
+}
+
+
+def job_times(client: httpx.Client, request_id: str) -> tuple[float, float, float]:
+    """inference_time, started_at and completed_at (epoch seconds) of a finished request."""
+    from datetime import datetime
+
+    body = client.get(f"/v2/requests/{request_id}").json()
+    started = datetime.fromisoformat(body["started_at"]).timestamp()
+    completed = datetime.fromisoformat(body["completed_at"]).timestamp()
+    return float(body["metrics"]["inference_time"]), started, completed
+
+
+def busy_share(intervals: list[tuple[float, float]]) -> float:
+    """Share of [first start, last completion] covered by at least one job's [start, completion]."""
+    if not intervals:
+        return float("nan")
+    ordered = sorted(intervals)
+    covered, (lo, hi) = 0.0, ordered[0]
+    for start, end in ordered[1:]:
+        if start > hi:
+            covered += hi - lo
+            lo, hi = start, end
+        else:
+            hi = max(hi, end)
+    covered += hi - lo
+    span = max(e for _, e in ordered) - ordered[0][0]
+    return covered / span if span > 0 else float("nan")
 
 
 def drain(client: httpx.Client, outstanding: list[str], timeout: float = 300) -> None:
@@ -74,11 +111,22 @@ def at_depth(client: httpx.Client, body: dict, depth: int, completions: int, max
                 outstanding.append(submit(client, body))
         time.sleep(POLL)
     drain(client, outstanding)
-    engine = [inference_time(client, r) for _, r in finished]
+    times = [job_times(client, r) for _, r in finished]
+    engine = [t[0] for t in times]
     span = finished[-1][0] - finished[0][0] if len(finished) > 1 else float("nan")
     per_minute = 60 * (len(finished) - 1) / span if len(finished) > 1 else float("nan")
-    ceiling = 60 / statistics.median(engine) if engine else float("nan")
-    return [depth, len(finished), per_minute, statistics.median(engine), ceiling, per_minute / ceiling]
+    return [depth, len(finished), per_minute, statistics.median(engine), busy_share([t[1:] for t in times])]
+
+
+def v1_overhead(client: httpx.Client, body: dict, count: int) -> list[float]:
+    """Seconds per v1 request outside the engine: wall minus x-inference-time."""
+    overheads = []
+    for _ in range(count):
+        started = time.perf_counter()
+        response = client.post("/v1/seg-beyond", json=body)
+        response.raise_for_status()
+        overheads.append(time.perf_counter() - started - float(response.headers["x-inference-time"]))
+    return overheads
 
 
 @contextlib.contextmanager
@@ -158,17 +206,30 @@ def run(args: argparse.Namespace) -> None:
         f"request: {width}x{height} PNG, left {padding['left']}, right {padding['right']}, steps 20, default styles; "
         f"{args.completions} completions or {args.max_seconds:.0f} s per depth\n"
     )
-    rows = []
-    with running_server() as server, httpx.Client(base_url=server.url, timeout=300) as client:
-        warm = submit(client, body)
-        while status(client, warm) not in ("COMPLETED", "FAILED"):
-            time.sleep(POLL)
-        for depth in args.depths:
-            rows.append(at_depth(client, body, depth, args.completions, args.max_seconds))
-            print(f"depth {depth} done", flush=True)
+    rows, per_mode, overhead_rows = [], {}, []
+    for mode in args.modes:
+        with running_server(env=MODES[mode]) as server, httpx.Client(base_url=server.url, timeout=300) as client:
+            warm = submit(client, body)
+            while status(client, warm) not in ("COMPLETED", "FAILED"):
+                time.sleep(POLL)
+            for depth in args.depths:
+                row = at_depth(client, body, depth, args.completions, args.max_seconds)
+                per_mode[mode, depth] = row[2]
+                rows.append([mode, *row])
+                print(f"{mode}: depth {depth} done", flush=True)
+            if args.v1:
+                overheads = v1_overhead(client, body, args.v1)
+                overhead_rows.append([mode, len(overheads), 1000 * statistics.median(overheads), 1000 * max(overheads)])
     print()
-    headers = ["queue depth", "completed", "images/min", "median engine s", "engine ceiling /min", "share"]
+    headers = ["mode", "queue depth", "completed", "images/min", "median engine s", "busy share"]
     print(table(headers, rows))
+    if "batch4" in args.modes and "pipelined" in args.modes:
+        print()
+        ratios = [[d, per_mode["batch4", d] / per_mode["pipelined", d]] for d in args.depths]
+        print(table(["queue depth", "images/min batch4 / pipelined"], ratios))
+    if overhead_rows:
+        print()
+        print(table(["mode", "v1 requests", "median overhead ms", "max overhead ms"], overhead_rows))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -178,9 +239,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-seconds", type=float, default=None, help="per depth (180; quick 10)")
     parser.add_argument("--quick", action="store_true", help="fewer completions and a half-size image")
     parser.add_argument("--workers", help="comma-separated worker counts, e.g. 1,2: the Redis scale-out mode")
+    parser.add_argument("--modes", default="serial,pipelined,batch4", help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--v1", type=int, default=5, help="sequential v1 requests per mode for the overhead (0: none)")
     args = parser.parse_args(argv)
     args.depths = [int(d) for d in args.depths.split(",") if d.strip()]
     args.workers = [int(w) for w in (args.workers or "").split(",") if w.strip()]
+    args.modes = [m for m in args.modes.split(",") if m.strip()]
+    unknown = set(args.modes) - set(MODES)
+    if unknown:
+        parser.error(f"unknown mode(s): {', '.join(sorted(unknown))}")
     args.completions = args.completions or (3 if args.quick else 12)
     args.max_seconds = args.max_seconds or (10.0 if args.quick else 180.0)
     return args

@@ -12,16 +12,20 @@ import torch
 from PIL import Image
 
 from models.canvas import Padding, build_canvas, paste_back, working_size
-from models.composer import PromptComposer
+from models.composer import ComposedPrompts, PromptComposer
 from models.devices import resolve_device, resolve_dtype
 from models.errors import Cancelled, OutOfMemory
 from models.names import DEFAULT_SAMPLER, DEFAULT_SCHEDULER, SAMPLERS, SCHEDULERS
-from models.pipeline import OutpaintPipeline
+from models.pipeline import LatentInputs, OutpaintPipeline, StepCallback, check_finite
 from models.prompts import encode_prompts
 from models.seeds import draw_seed
 from models.speed import SpeedOptions
 
-__all__ = ["Cancelled", "OutOfMemory", "OutpaintEngine", "OutpaintRequest", "OutpaintResult"]
+__all__ = ["Cancelled", "OutOfMemory", "OutpaintEngine", "OutpaintRequest", "OutpaintResult", "PreparedJob"]
+
+# dpm_adaptive picks its step sizes from an error norm over the whole batch: batched, a job's
+# images would depend on its partners.
+UNBATCHED_SAMPLERS = frozenset({"dpm_adaptive"})
 
 
 @dataclass
@@ -44,6 +48,42 @@ class OutpaintRequest:
     @property
     def padding(self) -> Padding:
         return Padding(self.left, self.right, self.top, self.bottom)
+
+
+@dataclass
+class PreparedJob:
+    """A request made ready for the denoising loop by `OutpaintEngine.prepare`."""
+
+    request: OutpaintRequest
+    seeds: list[int]
+    original: Image.Image
+    composed: ComposedPrompts
+    canvas: tuple[int, int]  # the padded canvas (width, height)
+    inputs: LatentInputs | None = None  # None: nothing to outpaint
+    busy: float = 0.0  # seconds of engine work spent on this job so far
+
+    @property
+    def rows(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def canvas_size(self) -> tuple[int, int]:
+        return self.request.padding.canvas_size(*self.original.size)
+
+    @property
+    def working_size(self) -> tuple[int, int]:
+        if self.inputs is None:
+            return self.original.size
+        height, width = self.inputs.size
+        return width, height
+
+    @property
+    def batch_key(self) -> tuple | None:
+        """Jobs with equal keys can be denoised in one batch; None: this one runs alone."""
+        r = self.request
+        if self.inputs is None or r.sampler in UNBATCHED_SAMPLERS:
+            return None
+        return (self.inputs.size, self.inputs.tokens, r.steps, r.sampler, r.scheduler, float(r.guidance_scale))
 
 
 @dataclass
@@ -101,6 +141,13 @@ class OutpaintEngine:
     def run(
         self, request: OutpaintRequest, on_step: Callable[[int, int], None] | None = None
     ) -> OutpaintResult:
+        """One request alone: prepare, denoise, finish."""
+        job = self.prepare(request)
+        (images,) = self.denoise([job], [on_step])
+        return self.finish(job, images)
+
+    def prepare(self, request: OutpaintRequest) -> PreparedJob:
+        """Everything before the denoising: seeds, prompts, canvas, mask, text embeddings, latents."""
         if request.sampler not in SAMPLERS:
             raise ValueError(f"sampler: unknown {request.sampler!r}")
         if request.scheduler not in SCHEDULERS:
@@ -111,46 +158,119 @@ class OutpaintEngine:
         original = request.image.convert("RGB")
         pad = request.padding
         composed = self.composer.compose(request.prompt, request.negative_prompt, request.styles, seeds)
-        if not pad.any:
-            # Nothing to outpaint: the answer is the input, untouched.
-            images = [original.copy() for _ in seeds]
-            size = original.size
-        else:
+        job = PreparedJob(request, seeds, original, composed, original.size)
+        if pad.any:
             out_of_memory = None
             try:
-                images, size = self._outpaint(
-                    original, pad, composed.positives, composed.negatives, seeds, request, on_step
-                )
+                job.canvas, job.inputs = self._prepare_latents(original, pad, composed, seeds)
             except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
                 out_of_memory = str(exc) or type(exc).__name__
             if out_of_memory is not None:
-                # Outside the except block, so the traceback no longer holds the failed run's
-                # tensors: their cached blocks go back to the device for the next request.
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                canvas = pad.canvas_size(original.width, original.height)
-                raise OutOfMemory(str(self.device), len(seeds), canvas, out_of_memory)
+                self._raise_out_of_memory(out_of_memory, len(seeds), job.canvas_size)
+        job.busy = time.perf_counter() - started
+        return job
+
+    def denoise(
+        self,
+        jobs: list[PreparedJob],
+        on_steps: list[StepCallback | None] | None = None,
+        on_latents: Callable[[torch.Tensor], None] | None = None,
+    ) -> list[torch.Tensor | None]:
+        """Denoise compatible prepared jobs (`batch_key` equal) in one batch; each job's images.
+
+        `on_steps[i]` is job i's progress callback; a job whose callback raises Cancelled leaves the
+        batch: its rows go on being computed (a scheduler's per-item state cannot drop rows) but
+        its callback is not called again and its entry in the answer is None; the batch stops
+        (Cancelled) once every job in it has. `on_latents` sees the whole batch's latents after
+        each step (rows in job order, `PreparedJob.rows` each). Jobs with nothing to outpaint get
+        None here too and their images from `finish`.
+        """
+        callbacks = list(on_steps) if on_steps is not None else [None] * len(jobs)
+        active = [i for i, job in enumerate(jobs) if job.inputs is not None]
+        answers: list[torch.Tensor | None] = [None] * len(jobs)
+        if not active:
+            return answers
+        keys = {jobs[i].batch_key for i in active}
+        if len(keys) != 1 or None in keys and len(active) > 1:
+            raise ValueError("these jobs cannot share a batch")
+        request = jobs[active[0]].request
+        cancelled: set[int] = set()
+
+        def on_step(step: int, total: int) -> None:
+            for i in active:
+                callback = callbacks[i]
+                if i in cancelled or callback is None:
+                    continue
+                try:
+                    callback(step, total)
+                except Cancelled:
+                    cancelled.add(i)
+            if len(cancelled) == len(active):
+                raise Cancelled()
+
+        started = time.perf_counter()
+        out_of_memory = None
+        try:
+            images = self.pipeline.denoise(
+                [jobs[i].inputs for i in active],
+                request.steps,
+                request.guidance_scale,
+                request.sampler,
+                request.scheduler,
+                on_step,
+                on_latents,
+            )
+        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+            out_of_memory = str(exc) or type(exc).__name__
+        if out_of_memory is not None:
+            first = jobs[active[0]]
+            self._raise_out_of_memory(out_of_memory, sum(jobs[i].rows for i in active), first.canvas_size)
+        spent = time.perf_counter() - started
+        for i, part in zip(active, images, strict=True):
+            jobs[i].busy += spent
+            if i not in cancelled:
+                answers[i] = part
+        return answers
+
+    def finish(self, job: PreparedJob, images: torch.Tensor | None) -> OutpaintResult:
+        """The denoised images of `job` back on its canvas, pasted over the original."""
+        started = time.perf_counter()
+        if job.inputs is None:
+            # Nothing to outpaint: the answer is the input, untouched.
+            pictures = [job.original.copy() for _ in job.seeds]
+        else:
+            if images is None:
+                raise Cancelled()
+            check_finite(images, self.dtype)
+            pad = job.request.padding
+            arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
+            pictures = [
+                paste_back(Image.fromarray(a).resize(job.canvas, Image.Resampling.LANCZOS), job.original, pad)
+                for a in arrays
+            ]
+        job.busy += time.perf_counter() - started
+        composed = job.composed
         return OutpaintResult(
-            images=images,
-            seeds=seeds,
+            images=pictures,
+            seeds=job.seeds,
             positive_prompts=composed.positives,
             negative_prompts=composed.negatives,
             styles=composed.styles,
-            working_size=size,
-            inference_time=time.perf_counter() - started,
+            working_size=job.working_size,
+            inference_time=job.busy,
             notes=composed.notes,
         )
 
-    def _outpaint(
-        self,
-        original: Image.Image,
-        pad: Padding,
-        positives: list[str],
-        negatives: list[str],
-        seeds: list[int],
-        request: OutpaintRequest,
-        on_step: Callable[[int, int], None] | None,
-    ) -> tuple[list[Image.Image], tuple[int, int]]:
+    def _raise_out_of_memory(self, detail: str, samples: int, canvas: tuple[int, int]) -> None:
+        # Called outside the except block, so the traceback no longer holds the failed run's
+        # tensors: their cached blocks go back to the device for the next request.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise OutOfMemory(str(self.device), samples, canvas, detail)
+
+    def _prepare_latents(
+        self, original: Image.Image, pad: Padding, composed: ComposedPrompts, seeds: list[int]
+    ) -> tuple[tuple[int, int], LatentInputs]:
         canvas, mask = build_canvas(original, pad)
         work_w, work_h = working_size(canvas.width, canvas.height, self.pipeline.native_area)
         pixels = np.asarray(canvas.resize((work_w, work_h), Image.Resampling.LANCZOS), dtype=np.float32)
@@ -160,21 +280,5 @@ class OutpaintEngine:
             (work_w, work_h), Image.Resampling.BILINEAR
         )
         mask_t = torch.from_numpy((np.asarray(mask_small) > 0).astype(np.float32))[None, None]
-        embeddings = encode_prompts(self.pipeline.c, positives, negatives, self.device, self.dtype)
-        out = self.pipeline(
-            image=image,
-            mask=mask_t,
-            prompts=embeddings,
-            seeds=seeds,
-            steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            sampler=request.sampler,
-            schedule=request.scheduler,
-            on_step=on_step,
-        )
-        arrays = (out.permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
-        images = [
-            paste_back(Image.fromarray(a).resize(canvas.size, Image.Resampling.LANCZOS), original, pad)
-            for a in arrays
-        ]
-        return images, (work_w, work_h)
+        embeddings = encode_prompts(self.pipeline.c, composed.positives, composed.negatives, self.device, self.dtype)
+        return canvas.size, self.pipeline.prepare(image, mask_t, embeddings, seeds)

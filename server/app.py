@@ -84,6 +84,8 @@ def build_supervisor(settings: Settings, store: JobStore, metrics: Metrics | Non
         compile=settings.compile,
         log_level=settings.log_level,
         log_format=settings.log_format,
+        max_batch=settings.max_batch,
+        prefetch=settings.worker_prefetch,
     )
     return Supervisor(
         store,

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from server.deps import Services
 from server.errors import FailedRequest, NotFound
-from server.jobs.contract import Job, JobState, JobStatus
+from server.jobs.contract import PREVIEW_NAME, Job, JobState, JobStatus
 from server.jobs.store import FileGone
 
 
@@ -86,15 +86,32 @@ def webhook_body(services: Services, job: Job) -> bytes:
     return bytes(JSONResponse(body).body)  # rendered exactly as the HTTP answer is
 
 
-def status_body(services: Services, job: JobState | Job) -> dict[str, Any]:
+def status_body(services: Services, job: JobState | Job, base: str = "") -> dict[str, Any]:
+    """`base`: the public origin for the preview's URL (without one, the URL is a path)."""
     if job.status == JobStatus.FAILED:
         raise failed(job)
-    body: dict[str, Any] = {"status": job.status.value, "request_id": job.id}
-    if job.status == JobStatus.QUEUED:
+    # A job handed to the worker ahead of time is still waiting its turn until it starts.
+    waiting = job.status == JobStatus.QUEUED or (job.status == JobStatus.PROCESSING and not job.started)
+    status = JobStatus.QUEUED if waiting else job.status
+    body: dict[str, Any] = {"status": status.value, "request_id": job.id}
+    if waiting:
         body["queue_position"] = services.store.queue_position(job.seq)
     elif job.status == JobStatus.PROCESSING:
         body["progress"] = round(job.progress, 4)
+        if services.store.has_file(job.id, PREVIEW_NAME):
+            body["preview"] = preview_url(base, job.id)
     return body
+
+
+def preview_url(base: str, job_id: str) -> str:
+    return f"{base}/v2/requests/{job_id}/{PREVIEW_NAME}"
+
+
+def read_preview(services: Services, job_id: str) -> bytes:
+    try:
+        return services.store.read_file(job_id, PREVIEW_NAME)
+    except FileGone:
+        raise NotFound(f"request {job_id!r} has no preview (yet)") from None
 
 
 def result_body(

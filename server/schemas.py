@@ -167,6 +167,7 @@ class StatusResponse(BaseModel):
     request_id: str
     queue_position: int | None = Field(None, description="QUEUED: requests ahead of this one")
     progress: float | None = Field(None, ge=0, le=1, description="PROCESSING: share of the denoising steps done")
+    preview: str | None = Field(None, description="PROCESSING: URL of a small JPEG of the current latents, once made")
 
 
 class RunMetrics(BaseModel):

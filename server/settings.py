@@ -66,6 +66,10 @@ class Settings(BaseSettings):
 
     # Threads torch may use on a CPU (None: torch's default, one per core).
     cpu_threads: int | None = Field(None, gt=0)
+    # Images denoised in one UNet batch, from compatible queued jobs (None: 4 on CUDA, 1 on a CPU).
+    max_batch: int | None = Field(None, gt=0)
+    # Keep the next jobs in the worker, decoded and prepared while one denoises (0: one at a time).
+    worker_prefetch: bool = True
 
     # Engine speed knobs (models/speed.py): auto | 1 | 0, and 0 | 1 | a torch.compile mode.
     channels_last: Literal["auto", "1", "0"] = "auto"

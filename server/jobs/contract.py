@@ -22,6 +22,10 @@ def from_units(units: int) -> float:
     return units / CREDIT_UNITS
 
 
+# The live preview of a PROCESSING job, a file beside its input (replaced as the job goes on).
+PREVIEW_NAME = "preview.jpg"
+
+
 def output_name(index: int, extension: str = "jpg") -> str:
     return f"output-{index}.{extension}"
 
@@ -172,6 +176,7 @@ class JobState:
     error: str | None
     error_kind: str | None
     expires_at: float | None
+    started: bool = True  # False while QUEUED, or PROCESSING but still waiting in the worker
 
     @property
     def finished(self) -> bool:
@@ -200,6 +205,11 @@ class Job:
     cost: int = 0  # credit units charged at submission
     delivery: Delivery = field(default_factory=Delivery)
     result: JobResult | None = None
+
+    @property
+    def started(self) -> bool:
+        """Denoising has begun (False while QUEUED, or PROCESSING but still waiting in the worker)."""
+        return self.status in (JobStatus.COMPLETED, JobStatus.FAILED) or self.started_at is not None
 
     @property
     def finished(self) -> bool:

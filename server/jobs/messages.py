@@ -31,6 +31,11 @@ class WorkerConfig:
     compile: str = "0"
     log_level: str = "info"
     log_format: str = "text"
+    # Images (samples) denoised in one UNet batch; None: 4 on CUDA, 1 on a CPU (resolved in the worker).
+    max_batch: int | None = None
+    # Jobs the supervisor keeps in the worker beyond the running batch (decoded and prepared ahead).
+    # False: one job at a time, nothing prepared ahead (and so nothing batched).
+    prefetch: bool = True
 
 
 # supervisor -> worker
@@ -57,6 +62,7 @@ class Shutdown:
 @dataclass(frozen=True)
 class Ready:
     info: dict[str, Any]
+    max_batch: int = 1  # the resolved batch size: the supervisor keeps twice as many jobs in flight
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,13 @@ class Progress:
     attempt: int
     step: int
     total: int
+
+
+@dataclass(frozen=True)
+class Preview:
+    job_id: str
+    attempt: int
+    jpeg: bytes  # a small JPEG of the current latents
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ ADDED_COLUMNS = (
     ("jobs", "cost_units", "INTEGER NOT NULL DEFAULT 0", "cost"),
     ("jobs", "delivery", "TEXT NOT NULL DEFAULT '{}'", None),
 )
-STATE_COLUMNS = "id, seq, status, owner, progress, error, error_kind, expires_at"
+STATE_COLUMNS = "id, seq, status, owner, progress, error, error_kind, expires_at, started_at"
 LIVE = (JobStatus.QUEUED.value, JobStatus.PROCESSING.value)
 
 
@@ -325,11 +325,14 @@ class SqliteJobStore:
             error=row["error"],
             error_kind=row["error_kind"],
             expires_at=row["expires_at"],
+            started=row["started_at"] is not None,
         )
 
     def queue_position(self, seq: int) -> int:
+        # Jobs handed to the worker but not started yet are still waiting: they count as queued.
         row = self._execute(
-            "SELECT COUNT(*) FROM jobs WHERE status = ? AND seq < ?", (JobStatus.QUEUED.value, seq)
+            "SELECT COUNT(*) FROM jobs WHERE seq < ? AND (status = ? OR (status = ? AND started_at IS NULL))",
+            (seq, JobStatus.QUEUED.value, JobStatus.PROCESSING.value),
         ).fetchone()
         return int(row[0])
 
@@ -360,7 +363,13 @@ class SqliteJobStore:
 
     @staticmethod
     def _queued(db: sqlite3.Connection) -> int:
-        return int(db.execute("SELECT COUNT(*) FROM jobs WHERE status = ?", (JobStatus.QUEUED.value,)).fetchone()[0])
+        # Jobs handed to the worker ahead of their turn are still waiting: the bound counts them.
+        return int(
+            db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status = ? OR (status = ? AND started_at IS NULL)",
+                (JobStatus.QUEUED.value, JobStatus.PROCESSING.value),
+            ).fetchone()[0]
+        )
 
     def queued_count(self) -> int:
         with self._errors():
@@ -371,6 +380,9 @@ class SqliteJobStore:
             return (self.job_dir(job_id) / name).read_bytes()
         except FileNotFoundError:
             raise FileGone(name) from None
+
+    def has_file(self, job_id: str, name: str) -> bool:
+        return (self.job_dir(job_id) / name).is_file()
 
     def put_file(self, job_id: str, name: str, data: bytes) -> None:
         """A file beside a live job (its preview): written whole, then moved into place."""
@@ -506,8 +518,9 @@ class SqliteJobStore:
     def request_cancel(self, job_id: str) -> Job | None:
         self._execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status IN (?, ?)", (job_id, *LIVE))
         job = self.get(job_id)
-        if job is not None and job.status == JobStatus.QUEUED:
-            # Nothing runs it yet: it ends here (the supervisor stops a running one at its next step).
+        if job is not None and not job.started:
+            # Nothing runs it yet (queued, or waiting in the worker): it ends here. The supervisor
+            # tells the worker to drop a waiting one, and stops a running one at its next step.
             self.fail(job_id, "cancelled", FailureKind.CANCELLED)
             job = self.get(job_id)
         self.events.job_changed(job_id)

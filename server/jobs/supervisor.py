@@ -1,9 +1,11 @@
-"""The supervisor: feeds ready jobs to the worker process, one at a time, and keeps it alive.
+"""The supervisor: feeds ready jobs to the worker process and keeps it alive.
 
 It runs in a thread of the API process and sleeps until something happens: a message or the death
 of the worker, a job becoming ready (the store wakes it), or the next purge of expired results.
-The worker may die at any moment (a segfault, an OOM kill); the supervisor then puts its job back
-in the queue (once) and starts a new worker, while the API goes on answering.
+It keeps the worker fed ahead: up to two batches' worth of jobs in flight (the running batch and
+the next, which the worker prepares meanwhile), claimed in queue order. The worker may die at any
+moment (a segfault, an OOM kill); the supervisor then puts every job it held back in the queue
+(once each) and starts a new worker, while the API goes on answering.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from server.jobs.contract import FailureKind
+from server.jobs.contract import PREVIEW_NAME, FailureKind, JobStatus
 from server.jobs.messages import (
     Cancel,
     JobDone,
     JobFailed,
     LoadFailed,
+    Preview,
     Progress,
     Ready,
     RunJob,
@@ -42,6 +45,9 @@ MAX_BACKOFF = 60.0
 STORE_RETRY = 1.0  # seconds between tries while the store is broken
 # A finished job's outcome is held this long while the store is unreachable (a Redis restart), not dropped.
 FINISH_RETRY_FOR = 30.0
+# How often the jobs waiting in the worker are checked for a cancel, at most (a running job's
+# cancel is seen with its progress, at every step).
+WAITING_CANCEL_CHECK = 0.25
 
 
 class WorkerStatus(str, enum.Enum):
@@ -60,8 +66,15 @@ class WorkerState:
     error: str | None = None
     pid: int | None = None
     restarts: int = 0
-    current_job: str | None = None
-    attempt: int = 0
+    # The jobs the worker holds (waiting, prepared or denoising), in queue order: id -> attempt.
+    in_flight: dict[str, int] = field(default_factory=dict)
+    started: set[str] = field(default_factory=set)  # those of them that are denoising
+    max_batch: int = 1
+
+    @property
+    def current_job(self) -> str | None:
+        """The first job denoising, if any."""
+        return next((job_id for job_id in self.in_flight if job_id in self.started), None)
 
 
 class Supervisor:
@@ -85,7 +98,11 @@ class Supervisor:
         self._conn: Connection | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="supervisor", daemon=True)
-        self._cancel_sent: str | None = None
+        self._cancel_sent: set[str] = set()
+        # Set when a job may be claimable (woken, or a slot came free): the loop does not ask the
+        # store on every message from the worker.
+        self._work_hint = True
+        self._next_cancel_check = 0.0
         self._load_failures = 0
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -98,6 +115,7 @@ class Supervisor:
         return self.status.state == WorkerStatus.READY
 
     def wake(self) -> None:
+        self._work_hint = True
         with contextlib.suppress(BlockingIOError, OSError):  # a byte is already waiting: awake anyway
             self._wake_w.send(b"\0")
 
@@ -123,9 +141,8 @@ class Supervisor:
             if self._proc.is_alive():
                 self._proc.kill()
         self.status.state = WorkerStatus.STOPPED
-        # The job it was running goes back to the queue now rather than waiting to be found stale.
-        job_id = self.status.current_job
-        if job_id is not None:
+        # The jobs it held go back to the queue now rather than waiting to be found stale.
+        for job_id in list(self.status.in_flight):
             self._job_finished(job_id)
             try:
                 outcome = self.store.release(job_id, "the worker was stopped")
@@ -154,14 +171,16 @@ class Supervisor:
                     removed = self.store.purge_expired()
                     if removed:
                         log.info("purged %d expired requests", removed)
-                if self.ready and self.status.current_job is None:
+                if self.ready:
                     self._dispatch()
                 self._pump(max(0.0, next_purge - time.monotonic()))
             except StoreError as exc:
                 self._errors.error("the job store failed: %s", exc)
+                self._work_hint = True  # look again once it works
                 self._stop.wait(STORE_RETRY)
             except Exception as exc:  # the loop must outlive any single surprise
                 self._errors.exception("supervisor loop error: %s", type(exc).__name__)
+                self._work_hint = True
                 self._stop.wait(STORE_RETRY)
 
     def _pump(self, timeout: float) -> None:
@@ -185,18 +204,28 @@ class Supervisor:
         store = self.store
         if isinstance(message, Ready):
             self.status.state, self.status.info, self.status.error = WorkerStatus.READY, message.info, None
+            self.status.max_batch = max(1, message.max_batch)
+            self._work_hint = True
             self._load_failures = 0
             log.info("worker ready: %s", message.info)
         elif isinstance(message, LoadFailed):
             self.status.state, self.status.error = WorkerStatus.FAILED, message.error
             log.error("worker could not load the model: %s", message.error)
         elif isinstance(message, Started):
+            self.status.started.add(message.job_id)
             store.mark_started(message.job_id, message.attempt)
+            job = store.get(message.job_id)
+            if job is None or job.cancel_requested or job.status != JobStatus.PROCESSING:
+                # Cancelled while it waited, before the worker heard: it stops at its first step.
+                self._send_cancel(message.job_id)
         elif isinstance(message, Progress):
             cancel = store.set_progress(message.job_id, message.attempt, message.step / max(message.total, 1))
-            if cancel and self._cancel_sent != message.job_id and self._conn is not None:
-                self._conn.send(Cancel(message.job_id))
-                self._cancel_sent = message.job_id
+            if cancel:
+                self._send_cancel(message.job_id)
+            self._check_waiting_cancels()
+        elif isinstance(message, Preview):
+            if self.status.in_flight.get(message.job_id) == message.attempt:
+                store.put_file(message.job_id, PREVIEW_NAME, message.jpeg)
         elif isinstance(message, JobDone):
             try:
                 self._finish(store.complete, message.job_id, message.attempt, message.result, message.files)
@@ -226,9 +255,33 @@ class Supervisor:
                 self._stop.wait(STORE_RETRY)
 
     def _job_finished(self, job_id: str) -> None:
-        if self.status.current_job == job_id:
-            self.status.current_job = None
-            self._cancel_sent = None
+        self._work_hint = True
+        self.status.in_flight.pop(job_id, None)
+        self.status.started.discard(job_id)
+        self._cancel_sent.discard(job_id)
+
+    def _send_cancel(self, job_id: str) -> None:
+        if job_id in self._cancel_sent or job_id not in self.status.in_flight or self._conn is None:
+            return
+        self._conn.send(Cancel(job_id))
+        self._cancel_sent.add(job_id)
+
+    def _check_waiting_cancels(self) -> None:
+        """A job cancelled while it waits in the worker never starts: the worker is told early.
+
+        The store ends such a job at once (it has not started), so its progress no longer reports
+        the cancel: the worker is told of every held job that was cancelled or has ended.
+        """
+        now = time.monotonic()
+        if now < self._next_cancel_check:
+            return
+        self._next_cancel_check = now + WAITING_CANCEL_CHECK
+        for job_id in list(self.status.in_flight):
+            if job_id in self._cancel_sent:
+                continue
+            job = self.store.get(job_id)
+            if job is None or job.cancel_requested or job.status != JobStatus.PROCESSING:
+                self._send_cancel(job_id)
 
     def _on_death(self) -> None:
         assert self._proc is not None
@@ -237,10 +290,11 @@ class Supervisor:
         log.error("worker (pid %s) exited with code %s", self._proc.pid, code)
         if self.metrics:
             self.metrics.worker_died()
-        job_id = self.status.current_job
+        held = list(self.status.in_flight)
         self._proc, self._conn = None, None
         self.status.restarts += 1
-        if job_id is not None:
+        # Every job it held goes back (once each), in the order they were claimed.
+        for job_id in held:
             self._job_finished(job_id)
             outcome = self.store.release(job_id, f"the worker process died (exit code {code})")
             if outcome.value == "FAILED" and self.metrics:
@@ -254,16 +308,22 @@ class Supervisor:
         else:
             self.status.state = WorkerStatus.RESTARTING
 
+    @property
+    def window(self) -> int:
+        """Jobs kept in the worker: the running batch and the next one, being prepared."""
+        return 2 * self.status.max_batch if self.config.prefetch else 1
+
     def _dispatch(self) -> None:
-        job = self.store.claim_next()
-        if job is None:
-            return
-        try:
-            image = self.store.read_file(job.id, "input")
-        except FileGone:
-            self.store.fail(job.id, "input_image: the stored input is gone", FailureKind.INPUT, job.attempts)
-            return
-        assert self._conn is not None
-        self.status.current_job, self.status.attempt = job.id, job.attempts
-        self._conn.send(RunJob(job.id, job.attempts, job.params, image, job.delivery))
-        # More may be ready: the next pass through the loop looks again once this one is done.
+        while self._work_hint and len(self.status.in_flight) < self.window and self._conn is not None:
+            self._work_hint = False  # cleared before asking, so a wake-up meanwhile is not lost
+            job = self.store.claim_next()
+            if job is None:
+                return
+            self._work_hint = True  # there may be more
+            try:
+                image = self.store.read_file(job.id, "input")
+            except FileGone:
+                self.store.fail(job.id, "input_image: the stored input is gone", FailureKind.INPUT, job.attempts)
+                continue
+            self.status.in_flight[job.id] = job.attempts
+            self._conn.send(RunJob(job.id, job.attempts, job.params, image, job.delivery))

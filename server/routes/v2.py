@@ -15,7 +15,16 @@ from server.auth import CallerDep, SubmitterDep, get_caller, owner_of
 from server.deps import BodyDep, Services, ServicesDep, public_base
 from server.errors import BadRequest, Conflict, NotFound
 from server.jobs.contract import JobStatus
-from server.results import find, find_state, list_item, read_output, result_body, status_body, webhook_status
+from server.results import (
+    find,
+    find_state,
+    list_item,
+    read_output,
+    read_preview,
+    result_body,
+    status_body,
+    webhook_status,
+)
 from server.routes.responses import READ, SUBMIT, errors
 from server.routes.v1 import REQUEST_SCHEMA, SLUG
 from server.schemas import EXTENSION, CancelResponse, RequestList, ResultResponse, StatusResponse, SubmitResponse
@@ -60,7 +69,8 @@ async def answer_status(request: Request, request_id: str) -> JSONResponse:
     one small row or the cache. server/middleware.py answers it ahead of the router, through here."""
     services: Services = request.app.state.services
     caller = await get_caller(request)
-    return JSONResponse(status_body(services, find_state(services, request_id, owner_of(caller))))
+    state = find_state(services, request_id, owner_of(caller))
+    return JSONResponse(status_body(services, state, public_base(request, services.settings)))
 
 
 @router.get("/requests/{request_id}", response_model=ResultResponse, responses=READ, summary="A request's result")
@@ -171,3 +181,15 @@ def get_output(request_id: str, index: int, extension: str, services: ServicesDe
     if extension != job.delivery.extension:
         raise NotFound(f"request {request_id!r} has no output {index}.{extension}")
     return Response(read_output(services, job, index), media_type=job.delivery.media_type)
+
+
+@router.get(
+    "/requests/{request_id}/preview.jpg",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}, "description": "the live preview"}, **errors(404, 503)},
+    summary="A running request's live preview",
+)
+def get_preview(request_id: str, services: ServicesDep) -> Response:
+    # Guarded as the outputs are: by the request id in the path.
+    job = find_state(services, request_id)
+    return Response(read_preview(services, job.id), media_type="image/jpeg", headers={"cache-control": "no-store"})
