@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from models.names import DEFAULT_MODEL
 from server import hubcache, oneshot, worker_node
@@ -93,11 +94,17 @@ def serve(args: argparse.Namespace) -> int:
     try:
         app = create_app(settings)
     except StoreCorrupt as exc:
-        print(
-            f"beyond: {exc}.\nMove it aside (mv {exc.path} {exc.path}.broken) and start again: a new, empty store"
-            " is made; the requests in the old one are lost.",
-            file=sys.stderr,
-        )
+        if exc.problem == "missing":
+            advice = (
+                f"Put it back; or, to start with an empty store, move the old files aside"
+                f" (mv {Path(exc.path).parent / 'jobs'} {Path(exc.path).parent / 'jobs.orphaned'})."
+            )
+        else:
+            advice = (
+                f"Move it aside (mv {exc.path} {exc.path}.broken) and start again: a new, empty store is made;"
+                " the requests in the old one are lost."
+            )
+        print(f"beyond: {exc}.\n{advice}", file=sys.stderr)
         return 2
     except StoreUnavailable as exc:
         print(f"beyond: {exc}", file=sys.stderr)

@@ -131,7 +131,7 @@ def validate(fields: dict[str, Any], registry: Any) -> dict[str, Any]:
         field, _, reason = describe_validation_error(list(exc.errors())).partition(": ")
         raise UsageError(f"--{field.replace('_', '-')}: {_one_line(reason)}") from None
     # A seed of -1 stays -1: the engine draws it and prints it with the result.
-    return request.job_params(registry, request.seed).to_json()
+    return request.job_params(registry, request.seed)
 
 
 def output_paths(input_path: Path, output: str | None, samples: int) -> list[Path]:
@@ -248,20 +248,20 @@ def _outpaint(args: argparse.Namespace) -> int:
         max_canvas_pixels=settings.max_canvas_pixels,
     )
     input_path = Path(args.input)
-    paths = output_paths(input_path, args.output, params["samples"])
+    paths = output_paths(input_path, args.output, params.samples)
     image = read_input(input_path, limits)
     try:
-        check_canvas(image.size, params, limits)
+        check_canvas(image.size, params.to_json(), limits)
     except InputImageError as exc:
         raise UsageError(_one_line(str(exc))) from None
     check_model(settings.model, settings.tokenizer_dir)
 
     engine = load_engine(settings)
     on_step, close_bar = progress_callback()
-    from models.engine import OutpaintRequest
+    from server.jobs.worker import engine_request
 
     try:
-        result = engine.run(OutpaintRequest(image=image, **params), on_step)
+        result = engine.run(engine_request(image, params), on_step)
     finally:
         close_bar()
     for path, picture, seed in zip(paths, result.images, result.seeds, strict=True):

@@ -48,8 +48,15 @@ scalars = st.one_of(
             "aGVsbG8=",
             "-1",
             "1e999",
+            # Malformed URLs, each once a 500: a broken IPv6 literal, an over-long label, odd ports.
+            "http://[::1/",
+            "http://" + "a" * 64 + ".example/x.png",
+            "http://127.0.0.1:99999/x.png",
+            "http://[fe80::1%25eth0]/x.png",
         ]
     ),
+    # Lone surrogates ("\ud800 cat" was accepted, then failed in the engine).
+    st.sampled_from(["\ud800 cat", "\udfff", "a\udc00b"]),
 )
 values = st.recursive(
     scalars,
@@ -57,6 +64,21 @@ values = st.recursive(
     max_leaves=6,
 )
 bodies = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), values, max_size=10)
+
+
+def nested(depth: int, leaf: str = "x") -> str:
+    return "[" * depth + json.dumps(leaf) + "]" * depth
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(depth=st.integers(min_value=1_000, max_value=200_000), field=st.sampled_from(["prompt", "styles", "extra"]))
+def test_deep_nesting_is_a_400_never_a_5xx(server: ServerProcess, depth: int, field: str) -> None:
+    body = json.dumps({"input_image": TINY_PNG, "prompt": "p", "left": 8})[:-1] + f', "{field}": {nested(depth)}}}'
+    response = httpx.post(
+        f"{server.url}/v2/seg-beyond", content=body, headers={"content-type": "application/json"}, timeout=60
+    )
+    assert response.status_code == 400, response.text
+    assert set(response.json()) == {"error"}
 
 
 def cancel_if_accepted(server: ServerProcess, response: httpx.Response) -> None:

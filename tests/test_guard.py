@@ -204,6 +204,8 @@ def test_json_access_logs_carry_the_request_id_and_no_payload(guarded: ServerPro
     while time.monotonic() < deadline and not records:
         lines = guarded.log_path.read_text(errors="replace").splitlines()
         records = [json.loads(line) for line in lines if line.startswith("{") and request_id in line]
+        # The access log is written in batches (at least every half second): wait for its line.
+        records = records if any(r.get("event") == "request" for r in records) else []
         time.sleep(0.1)
     submit = next(r for r in records if r.get("event") == "request" and r["method"] == "POST")
     assert submit["request_id"] == request_id and submit["status"] == 200

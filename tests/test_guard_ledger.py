@@ -64,7 +64,8 @@ def test_every_way_to_failed_refunds_once(store: JobStore, path: str) -> None:
     elif path == "cancel_queued":
         store.request_cancel(job.id)
     elif path == "cancel_running":
-        store.claim_next()
+        claimed = store.claim_next()
+        store.mark_started(claimed.id, claimed.attempts)
         store.request_cancel(job.id)
         assert balance(store) == 8.0  # still running until the worker stops it
         store.fail(job.id, "cancelled", FailureKind.CANCELLED)
@@ -134,7 +135,8 @@ def test_the_queue_bound_is_exact(store: JobStore) -> None:
     with pytest.raises(QueueFull):
         queue(store, cost=1.0, max_queued=3)
     assert store.queued_count() == 3 and balance(store) == 10.0
-    store.claim_next()  # a running job no longer waits: room for one more
+    claimed = store.claim_next()
+    store.mark_started(claimed.id, claimed.attempts)  # a running job no longer waits: room for one more
     queue(store, cost=0.0, max_queued=3)
 
 

@@ -188,6 +188,19 @@ def test_serve_on_a_corrupt_store_exits_2_naming_the_file(tmp_path: Path) -> Non
     assert "Traceback" not in out.stderr + out.stdout
 
 
+def test_a_deleted_store_is_not_silently_replaced_by_an_empty_one(tmp_path: Path) -> None:
+    from server.jobs.contract import ImageSource, JobParams
+    from server.jobs.sqlite_store import SqliteJobStore
+
+    SqliteJobStore(tmp_path).create(JobParams(prompt="p"), ImageSource(), image=b"x", base64=False, owner=None)
+    for file in tmp_path.glob("jobs.sqlite3*"):
+        file.unlink()
+    out = serve_expecting_exit(tmp_path, {})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"the job store {tmp_path / 'jobs.sqlite3'} is missing" in out.stderr and "Put it back" in out.stderr
+    assert len(list((tmp_path / "jobs").iterdir())) == 1  # nothing was thrown away
+
+
 def test_a_store_replaced_under_a_running_server_is_503(tmp_path: Path) -> None:
     server = ServerProcess(tmp_path).start()
     try:

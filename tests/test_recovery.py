@@ -93,6 +93,10 @@ def test_worker_killed_mid_job_is_restarted_and_the_job_retried_once(backend: Ba
             time.sleep(0.5)
         final = wait_for(server, doomed["request_id"], finished, timeout=300)
         assert final["status"] == "FAILED" and "worker process died" in final["error"]
+        # Three deaths, one failed job: the metrics count them apart.
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+        assert "beyond_worker_deaths_total 3.0" in metrics
+        assert 'beyond_job_failures_total{reason="worker_died"} 1.0' in metrics
         server.wait_ready()
         after = httpx.post(f"{server.url}/v1/seg-beyond", json=request_body(seed=1), timeout=300)
         assert after.status_code == 200

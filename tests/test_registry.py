@@ -100,7 +100,8 @@ def test_heartbeat_publishes_the_local_worker_and_removes_it_on_stop(redis: Redi
             time.sleep(0.05)
         (seen,) = registry.workers()
         assert (seen.name, seen.state, seen.pid, seen.model) == ("local", "starting", 1234, "random:tiny")
-        sup.status.state, sup.status.current_job = WorkerStatus.READY, "job7"
+        sup.status.state = WorkerStatus.READY
+        sup.status.in_flight["job7"], sup.status.started = 1, {"job7"}
         sup.status.info = {"device": "cpu", "dtype": "float32"}
         deadline = time.monotonic() + 10
         while registry.workers()[0].state != "ready" and time.monotonic() < deadline:

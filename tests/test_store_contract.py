@@ -37,6 +37,14 @@ def queue(store: JobStore, seed: int = 0, owner: str | None = OWNER, url: str | 
     )
 
 
+def start_next(store: JobStore) -> Job:
+    """Claim the next job and start it, as a worker does when it begins denoising."""
+    job = store.claim_next()
+    assert job is not None
+    store.mark_started(job.id, job.attempts)
+    return job
+
+
 @pytest.fixture
 def store(stores: Stores) -> JobStore:
     return stores.open()
@@ -69,9 +77,12 @@ def test_claims_are_first_in_first_out_and_each_job_is_claimed_once(store: JobSt
 def test_queue_position_counts_the_queued_jobs_ahead(store: JobStore) -> None:
     jobs = [queue(store, seed=i) for i in range(3)]
     assert [store.queue_position(j.seq) for j in jobs] == [0, 1, 2]
-    store.claim_next()
+    claimed = store.claim_next()
+    # Handed to a worker ahead of its turn, a job still waits: it counts until it starts.
+    assert store.state(claimed.id).started is False and store.queued_count() == 3
+    store.mark_started(claimed.id, claimed.attempts)
     assert [store.queue_position(j.seq) for j in jobs[1:]] == [0, 1]
-    assert store.queued_count() == 2
+    assert store.queued_count() == 2 and store.state(claimed.id).started is True
 
 
 def test_the_queue_bound_is_exact_under_concurrency(store: JobStore) -> None:
@@ -182,7 +193,7 @@ def test_a_released_job_keeps_its_place_and_the_second_death_fails_it(store: Job
 def test_cancel(store: JobStore) -> None:
     store.open_account(OWNER, to_units(5.0))
     waiting, running = queue(store, seed=1, cost=to_units(1.0)), queue(store, seed=2, cost=to_units(1.0))
-    store.claim_next()  # `waiting` runs first: cancel it while it runs
+    start_next(store)  # `waiting` runs first: cancel it while it runs
     cancelled = store.request_cancel(running.id)  # queued: ends at once
     assert cancelled.status == JobStatus.FAILED and cancelled.cancelled and cancelled.cancel_requested
     assert store.balance(OWNER) == to_units(4.0)
@@ -194,6 +205,13 @@ def test_cancel(store: JobStore) -> None:
     assert store.get(waiting.id).cancelled and store.balance(OWNER) == to_units(5.0)
     assert store.request_cancel("0" * 32) is None
     assert store.claim_next() is None
+
+
+def test_a_job_claimed_but_not_started_is_cancelled_at_once(store: JobStore) -> None:
+    job = queue(store)
+    store.claim_next()
+    cancelled = store.request_cancel(job.id)
+    assert cancelled.status == JobStatus.FAILED and cancelled.cancelled
 
 
 def test_url_jobs_wait_for_their_input(store: JobStore) -> None:
@@ -307,7 +325,7 @@ def test_another_nodes_writes_wake_this_nodes_waiters(nodes) -> None:
 def test_a_cancel_asked_on_one_node_reaches_the_worker_on_another(nodes) -> None:
     api, worker = nodes(), nodes()
     job = queue(api)
-    claimed = worker.claim_next()
+    claimed = start_next(worker)
     assert worker.set_progress(job.id, claimed.attempts, 0.1) is False
     api.request_cancel(job.id)
     assert worker.set_progress(job.id, claimed.attempts, 0.2) is True

@@ -17,7 +17,7 @@ Key layout (prefix `beyond:` by default):
     job:<id>            hash: the job's fields (JSON for params, source, delivery, result)
     files:<id>          hash: file name -> bytes (input, outputs, previews)
     stream              the stream of runnable jobs, entries {job: <id>}; group "workers"
-    queued              zset of QUEUED job ids by seq (queue bound, queue position)
+    queued              zset by seq of the jobs waiting: QUEUED, or claimed but not started (queue bound, position)
     awaiting            zset of QUEUED URL jobs without their input yet, by seq
     processing          zset of PROCESSING job ids by seq
     owner:=<owner>      zset of an owner's job ids by seq (`owner:-` for jobs without a key)
@@ -202,7 +202,7 @@ local function take(entry, id, reclaimed)
   redis.call('HSET', k, 'status', 'PROCESSING', 'attempts', attempts + 1, 'progress', 0, 'consumer', consumer,
     'entry', entry)
   redis.call('HDEL', k, 'started_at')
-  redis.call('ZREM', P .. 'queued', id)
+  -- It stays in `queued` until its worker starts it: handed to a worker ahead of its turn, it still waits.
   redis.call('ZADD', P .. 'processing', redis.call('HGET', k, 'seq'), id)
   notify(id)
   return redis.call('HGETALL', k)
@@ -235,7 +235,10 @@ local id, attempt, consumer, progress, started = ARGV[4], ARGV[5], ARGV[6], ARGV
 local k = jobkey(id)
 if redis.call('HGET', k, 'status') ~= 'PROCESSING' or redis.call('HGET', k, 'attempts') ~= attempt then return 1 end
 if progress ~= '' then redis.call('HSET', k, 'progress', progress) end
-if started then redis.call('HSET', k, 'started_at', stamp(NOW)) end
+if started then
+  redis.call('HSET', k, 'started_at', stamp(NOW))
+  redis.call('ZREM', P .. 'queued', id)
+end
 local entry = redis.call('HGET', k, 'entry')
 if entry then redis.call('XCLAIM', STREAM, GROUP, consumer, 0, entry, 'JUSTID') end
 notify(id)
@@ -295,14 +298,15 @@ notify_work()
 return 'QUEUED'
 """
 
-# ARGV[4..]: id, ttl. A queued job ends at once; a running one is flagged for its worker.
+# ARGV[4..]: id, ttl. A job not started yet ends at once; a running one is flagged for its worker.
 CANCEL = "#!lua flags=allow-oom\n" + PRELUDE + """
 local id, ttl = ARGV[4], tonumber(ARGV[5])
 local k = jobkey(id)
 local status = redis.call('HGET', k, 'status')
 if live(status) then
   redis.call('HSET', k, 'cancel_requested', 1)
-  if status == 'QUEUED' then
+  -- Not started (queued, or waiting in a worker): it ends here; a running one stops at its next step.
+  if status == 'QUEUED' or not redis.call('HGET', k, 'started_at') then
     finish(id, 'FAILED', ttl, {'error', 'cancelled', 'error_kind', 'cancelled'})
   else
     notify(id)
@@ -348,7 +352,7 @@ end
 return #members
 """
 
-STATE_FIELDS = ("id", "seq", "status", "owner", "progress", "error", "error_kind", "expires_at")
+STATE_FIELDS = ("id", "seq", "status", "owner", "progress", "error", "error_kind", "expires_at", "started_at")
 
 
 def _text(value: bytes | None) -> str | None:
@@ -682,6 +686,7 @@ class RedisJobStore:
             error=_text(row["error"]),
             error_kind=_text(row["error_kind"]),
             expires_at=expires_at,
+            started=row["started_at"] is not None,
         )
 
     def queue_position(self, seq: int) -> int:
@@ -734,6 +739,10 @@ class RedisJobStore:
         if data is None:
             raise FileGone(name)
         return data
+
+    def has_file(self, job_id: str, name: str) -> bool:
+        with self._errors():
+            return bool(self.redis.hexists(self._key("files", job_id), name))
 
     def put_file(self, job_id: str, name: str, data: bytes) -> None:
         """A file beside a live job (its preview); nothing when the job is gone."""

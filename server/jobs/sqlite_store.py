@@ -90,6 +90,10 @@ class SqliteJobStore:
         self.events = events or JobEvents()
         self._local = threading.local()
         self.files.mkdir(parents=True, exist_ok=True)
+        kept = sum(1 for _ in self.files.iterdir())
+        if kept and not self.path.exists():
+            # Deleted or moved away: an empty new store would silently forget every request.
+            raise StoreCorrupt(str(self.path), f"{kept} requests' files are in {self.files}", problem="missing")
         try:
             db = self._connect()
             problem = db.execute("PRAGMA quick_check").fetchone()[0]

@@ -28,11 +28,11 @@ class DiskFull(StoreError):
 
 
 class StoreCorrupt(StoreUnavailable):
-    """Found at start-up: the store file is not a usable database."""
+    """Found at start-up: the store file is not a usable database, or is missing beside its jobs' files."""
 
-    def __init__(self, path: str, detail: str) -> None:
-        super().__init__(f"the job store {path} is damaged ({detail})")
-        self.path, self.detail = path, detail
+    def __init__(self, path: str, detail: str, problem: str = "damaged") -> None:
+        super().__init__(f"the job store {path} is {problem} ({detail})")
+        self.path, self.detail, self.problem = path, detail, problem
 
 
 class FileGone(Exception):

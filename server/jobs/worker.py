@@ -24,11 +24,14 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from server.jobs.contract import Delivery, FailureKind, JobResult, output_name
+if TYPE_CHECKING:
+    from models.engine import OutpaintRequest
+
+from server.jobs.contract import Delivery, FailureKind, JobParams, JobResult, output_name
 from server.jobs.messages import (
     Cancel,
     JobDone,
@@ -47,6 +50,28 @@ log = logging.getLogger("beyond.worker")
 UNKNOWN_FAILURE = "the engine failed on this request (an internal error); the server log has the details"
 PREVIEW_INTERVAL = 0.5  # seconds between two previews of a job, at least
 PREVIEW_SIDE = 256  # the preview's longest side, in pixels
+
+
+def engine_request(image: Image.Image, params: JobParams) -> OutpaintRequest:
+    """The engine's request, field by field from the job's typed parameters."""
+    from models.engine import OutpaintRequest
+
+    return OutpaintRequest(
+        image=image,
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        steps=params.steps,
+        samples=params.samples,
+        styles=list(params.styles),
+        seed=params.seed,
+        guidance_scale=params.guidance_scale,
+        scheduler=params.scheduler,
+        sampler=params.sampler,
+        left=params.left,
+        right=params.right,
+        top=params.top,
+        bottom=params.bottom,
+    )
 
 
 def encode(picture: Image.Image, delivery: Delivery) -> bytes:
@@ -207,7 +232,6 @@ class Worker:
                 entry.ready.set()
 
     def _prepare(self, entry: Entry) -> None:
-        from models.engine import OutpaintRequest
         from models.errors import Cancelled
         from server.images import check_canvas, decode_image
 
@@ -218,7 +242,7 @@ class Worker:
         image = decode_image(job.image, self.config.limits)
         check_canvas(image.size, params, self.config.limits)
         with self._on_side_stream():
-            entry.prepared = self.engine.prepare(OutpaintRequest(image=image, **params))
+            entry.prepared = self.engine.prepare(engine_request(image, job.params))
             if self._side_stream is not None:
                 entry.stream_event = self._side_stream.record_event()
 
@@ -425,7 +449,6 @@ class Worker:
 
     def run(self, job: RunJob) -> JobDone | JobFailed:
         """One job alone, start to end, in the calling thread (the engine's plain `run`)."""
-        from models.engine import OutpaintRequest
         from models.errors import Cancelled
         from server.images import check_canvas, decode_image
 
@@ -441,7 +464,7 @@ class Worker:
             image = decode_image(job.image, self.config.limits)
             check_canvas(image.size, params, self.config.limits)
             self.send(Started(job.job_id, job.attempt))
-            return self._done(job, self.engine.run(OutpaintRequest(image=image, **params), on_step))
+            return self._done(job, self.engine.run(engine_request(image, job.params), on_step))
         except Exception as exc:  # one job's failure must not end the worker; the client gets our words only
             return failure(job, exc)
         finally:
