@@ -9,6 +9,7 @@ from pathlib import Path
 
 from models.names import DEFAULT_MODEL
 from server import hubcache, oneshot, worker_node
+from server.settings import Settings
 from server.version import package_version
 
 
@@ -42,12 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from models.loading import ModelSpecError, check_spec
-    from models.styles import StyleFileError, default_registry
     from server.app import create_app
     from server.jobs.store import StoreCorrupt, StoreUnavailable
-    from server.logs import configure as configure_logs
-    from server.settings import Settings
 
     overrides = {
         name: value
@@ -73,22 +70,9 @@ def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    configure_logs(settings.log_level, settings.log_format)
-    try:
-        # An API node loads no model: the workers check theirs.
-        if settings.local_worker:
-            check_spec(settings.model, tokenizer_dir=settings.tokenizer_dir)
-    except ModelSpecError as exc:
-        print(f"beyond: cannot use model {settings.model!r}:\n{word_model_error(exc)}", file=sys.stderr)
-        return 2
-    try:
-        default_registry(settings.styles_dir)
-    except StyleFileError as exc:
-        print(f"beyond: cannot load the styles: {exc}", file=sys.stderr)
-        return 2
-    problem = device_problem(settings.device) if settings.local_worker else None
+    problem = preflight(settings, engine=settings.local_worker)
     if problem:
-        print(f"beyond: cannot use device {settings.device!r}: {problem}", file=sys.stderr)
+        print(f"beyond: {problem}", file=sys.stderr)
         return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -123,6 +107,29 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,
     )
     return 0
+
+
+def preflight(settings: Settings, *, engine: bool) -> str | None:
+    """Configure the logs, then check what would otherwise fail later: the styles and, for a process
+    that runs the engine, the model spec and the device. Returns why it cannot start, or None."""
+    from models.loading import ModelSpecError, check_spec
+    from models.styles import StyleFileError, default_registry
+    from server.logs import configure as configure_logs
+
+    configure_logs(settings.log_level, settings.log_format)
+    if engine:  # an API node loads no model: the workers check theirs
+        try:
+            check_spec(settings.model, tokenizer_dir=settings.tokenizer_dir)
+        except ModelSpecError as exc:
+            return f"cannot use model {settings.model!r}:\n{word_model_error(exc)}"
+    try:
+        default_registry(settings.styles_dir)
+    except StyleFileError as exc:
+        return f"cannot load the styles: {exc}"
+    problem = device_problem(settings.device) if engine else None
+    if problem:
+        return f"cannot use device {settings.device!r}: {problem}"
+    return None
 
 
 def word_model_error(exc: Exception) -> str:

@@ -36,13 +36,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from models.loading import ModelSpecError, check_spec
-    from models.styles import StyleFileError, default_registry
     from server.app import build_store, build_supervisor
-    from server.cli import device_problem, word_model_error
+    from server.cli import preflight
     from server.jobs.registry import Heartbeat, LocalWorker, RedisRegistry, worker_name
     from server.jobs.store import StoreError
-    from server.logs import configure as configure_logs
     from server.settings import Settings
 
     overrides = {
@@ -64,20 +61,9 @@ def run(args: argparse.Namespace) -> int:
     if not settings.redis_url:
         print("beyond: `beyond worker` takes its jobs from Redis: set BEYOND_REDIS_URL", file=sys.stderr)
         return 2
-    configure_logs(settings.log_level, settings.log_format)
-    try:
-        check_spec(settings.model, tokenizer_dir=settings.tokenizer_dir)
-    except ModelSpecError as exc:
-        print(f"beyond: cannot use model {settings.model!r}:\n{word_model_error(exc)}", file=sys.stderr)
-        return 2
-    try:
-        default_registry(settings.styles_dir)
-    except StyleFileError as exc:
-        print(f"beyond: cannot load the styles: {exc}", file=sys.stderr)
-        return 2
-    problem = device_problem(settings.device)
+    problem = preflight(settings, engine=True)
     if problem:
-        print(f"beyond: cannot use device {settings.device!r}: {problem}", file=sys.stderr)
+        print(f"beyond: {problem}", file=sys.stderr)
         return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
