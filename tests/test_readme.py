@@ -104,7 +104,11 @@ def test_quick_start_is_the_two_make_commands() -> None:
 
 
 def dry_run(folder: Path) -> list[str]:
-    result = subprocess.run(["make", "-n", "test"], cwd=folder, capture_output=True, text=True, timeout=60)
+    # Under `make test` itself (CI), the outer make's variables would make this one print its directory.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    result = subprocess.run(
+        ["make", "--no-print-directory", "-n", "test"], cwd=folder, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
 
