@@ -18,6 +18,7 @@ import contextlib
 import io
 import logging
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -475,6 +476,9 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     from server.logs import configure
 
     configure(config.log_level, config.log_format)
+    # A job passes between this process's threads (reader, preparer, denoiser, finisher, sender); with
+    # Python's default 5 ms switch interval each hand-over can wait that long for the GIL.
+    sys.setswitchinterval(0.0005)
     worker = Worker(conn, config)
     try:
         worker.load()
