@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.helpers import ImageServer, ServerProcess, request_body, serve_expecting_exit, smooth_image
+from tests.redis_helpers import RedisServer
 
 METERED, V2_ONLY, MONITOR = "SG_cccccccccccccccc", "SG_dddddddddddddddd", "SG_eeeeeeeeeeeeeeee"
 COST = round(20 / 30, 4)  # samples 1 x 20 steps / 30 x 1 megapixel (a 64x48 canvas counts as 1)
@@ -50,12 +51,17 @@ class Metered:
     env: dict[str, str]
 
 
-@pytest.fixture(scope="module")
-def metered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Metered]:
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def metered(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Metered]:
+    """A server with metered keys, on each store in turn: the ledger is the store's."""
     folder = tmp_path_factory.mktemp("metered")
     keys = folder / "keys.toml"
     keys.write_text(keys_toml(3))
     env = {"BEYOND_API_KEYS_FILE": str(keys), "BEYOND_METRICS_REQUIRE_KEY": "1"}
+    redis_server = RedisServer(folder / "redis").start() if request.param == "redis" else None
+    if redis_server is not None:
+        request.addfinalizer(redis_server.stop)
+        env["BEYOND_REDIS_URL"] = redis_server.url
     server = ServerProcess(folder / "data", env=env).start()
     try:
         yield Metered(server.wait_ready(), keys, env)

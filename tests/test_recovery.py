@@ -71,7 +71,6 @@ def test_kill_minus_nine_of_the_server_loses_no_queued_job(backend: Backend) -> 
 
 # On SQLite only, to keep the suite's time: on Redis the same store.release (retry once, then FAILED) is
 # tested in-process in tests/test_store_contract.py, and through a server by the kill -9 test above.
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 def test_worker_killed_mid_job_is_restarted_and_the_job_retried_once(backend: Backend) -> None:
     server = backend.server().start().wait_ready()
     try:
@@ -104,9 +103,6 @@ def test_worker_killed_mid_job_is_restarted_and_the_job_retried_once(backend: Ba
         server.stop()
 
 
-# On SQLite only, to keep the suite's time: the Redis store's expiry (TTLs, purge) is tested in-process
-# in tests/test_store_contract.py, and the server's purge loop is the same for both.
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 def test_results_expire_and_their_files_go(backend: Backend) -> None:
     server = backend.server(BEYOND_RESULT_TTL="2", BEYOND_PURGE_INTERVAL="0.5").start()
     try:
