@@ -46,23 +46,16 @@ def serve(args: argparse.Namespace) -> int:
     from server.app import create_app
     from server.jobs.store import StoreCorrupt, StoreUnavailable
 
-    overrides = {
-        name: value
-        for name, value in (
-            ("host", args.host),
-            ("port", args.port),
-            ("model", args.model),
-            ("data_dir", args.data_dir),
-            ("device", args.device),
-            ("dtype", args.dtype),
-            ("local_worker", False if args.no_worker else None),
-        )
-        if value is not None
-    }
-    try:
-        settings = Settings(**overrides)
-    except ValueError as exc:
-        print(f"beyond: invalid settings: {exc}", file=sys.stderr)
+    settings = load_settings(
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        data_dir=args.data_dir,
+        device=args.device,
+        dtype=args.dtype,
+        local_worker=False if args.no_worker else None,
+    )
+    if settings is None:
         return 2
     if not settings.local_worker and not settings.redis_url:
         print(
@@ -107,6 +100,16 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=5,
     )
     return 0
+
+
+def load_settings(**options: object) -> Settings | None:
+    """The BEYOND_* settings with the command line's options over them (None: not given); None, with
+    the reason on stderr, when they are invalid."""
+    try:
+        return Settings(**{name: value for name, value in options.items() if value is not None})
+    except ValueError as exc:
+        print(f"beyond: invalid settings: {exc}", file=sys.stderr)
+        return None
 
 
 def preflight(settings: Settings, *, engine: bool) -> str | None:

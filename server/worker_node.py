@@ -37,26 +37,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from server.app import build_store, build_supervisor
-    from server.cli import preflight
+    from server.cli import load_settings, preflight
     from server.jobs.registry import Heartbeat, LocalWorker, RedisRegistry, worker_name
     from server.jobs.store import StoreError
-    from server.settings import Settings
 
-    overrides = {
-        name: value
-        for name, value in (
-            ("model", args.model),
-            ("data_dir", args.data_dir),
-            ("device", args.device),
-            ("dtype", args.dtype),
-            ("worker_name", args.name),
-        )
-        if value is not None
-    }
-    try:
-        settings = Settings(**overrides)
-    except ValueError as exc:
-        print(f"beyond: invalid settings: {exc}", file=sys.stderr)
+    settings = load_settings(
+        model=args.model, data_dir=args.data_dir, device=args.device, dtype=args.dtype, worker_name=args.name
+    )
+    if settings is None:
         return 2
     if not settings.redis_url:
         print("beyond: `beyond worker` takes its jobs from Redis: set BEYOND_REDIS_URL", file=sys.stderr)
