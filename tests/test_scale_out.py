@@ -15,13 +15,18 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers import ROOT, ServerProcess, jpeg, request_body, smooth_image
+from server.images import ImageLimits
+from server.jobs.contract import ImageSource, JobParams, JobStatus
+from server.jobs.messages import WorkerConfig
+from server.jobs.redis_store import RedisJobStore
+from server.jobs.supervisor import Supervisor
+from tests.helpers import ROOT, ServerProcess, encode, jpeg, request_body, smooth_image
 from tests.redis_helpers import RedisServer
 
 WORKERS = ("w1", "w2", "w3")
@@ -46,7 +51,7 @@ class Cluster:
 def node_env(redis: RedisServer, **extra: str) -> dict[str, str]:
     return {
         "BEYOND_REDIS_URL": redis.url,
-        "BEYOND_RECLAIM_AFTER": "3",
+        "BEYOND_RECLAIM_AFTER": "5",
         "BEYOND_HEARTBEAT_INTERVAL": "1",
         "BEYOND_CPU_THREADS": "1",
         **extra,
@@ -129,6 +134,43 @@ def running_on(api: ServerProcess, request_id: str, timeout: float = 60.0) -> st
     """The name of the worker whose card says it runs the job."""
     cards = wait_workers(api, lambda cs: any(c["current_job"] == request_id for c in cs), timeout)
     return next(c["name"] for c in cards if c["current_job"] == request_id)
+
+
+def test_a_live_workers_waiting_job_is_not_taken_for_a_dead_one(redis_server: RedisServer) -> None:
+    """A worker holds the job it runs and the next one (prepared ahead), and may spend long on a step or
+    on finishing: while it lives, none of them is reclaimed, so none loses an attempt."""
+    prefix = f"keep{time.monotonic_ns()}:"
+    store = RedisJobStore(redis_server.url, prefix=prefix, reclaim_after=1.0)
+    thief = RedisJobStore(redis_server.url, prefix=prefix, reclaim_after=1.0)
+    config = WorkerConfig(model="random:tiny", device="cpu", dtype="auto", limits=ImageLimits(), cpu_threads=1)
+    supervisor = Supervisor(store, config)
+    supervisor.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not supervisor.ready and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert supervisor.ready, supervisor.status.error
+        image = encode(smooth_image(192, 192))
+        params = JobParams(prompt="x", steps=100, guidance_scale=1.0, left=64)
+        jobs = [
+            store.create(replace(params, seed=i), ImageSource(), image=image, base64=True, owner=None)
+            for i in range(2)
+        ]
+        while len(supervisor.status.in_flight) < 2 and time.monotonic() < deadline + 60:
+            time.sleep(0.05)
+        assert list(supervisor.status.in_flight) == [j.id for j in jobs]  # one runs, one waits behind it
+        taken = []  # from here on the other node only ever finds jobs to reclaim
+        while not all(store.get(j.id).finished for j in jobs) and time.monotonic() < deadline + 120:
+            if (job := thief.claim_next()) is not None:
+                taken.append(job.id)
+            time.sleep(0.2)
+        finals = [store.get(j.id) for j in jobs]
+        assert not taken, f"reclaimed from a live worker: {taken}"
+        assert [(j.status, j.attempts) for j in finals] == [(JobStatus.COMPLETED, 1)] * 2
+    finally:
+        supervisor.stop()
+        store.close()
+        thief.close()
 
 
 def test_thirty_jobs_on_two_api_nodes_and_three_workers(cluster: Cluster) -> None:
@@ -229,7 +271,7 @@ def test_kill_minus_nine_of_a_worker_mid_job_the_job_completes_on_another(cluste
     proc = cluster.workers.pop(name)
     proc.kill()  # kill -9 of the worker node and its engine process: no goodbye, no release
     killed = time.monotonic()
-    # Its card expires (3 heartbeats), and its job is reclaimed (BEYOND_RECLAIM_AFTER=3) by the other.
+    # Its card expires (3 heartbeats), and its job is reclaimed (BEYOND_RECLAIM_AFTER=5) by the other.
     wait_workers(a, lambda cards: name not in [c["name"] for c in cards], timeout=15)
     other = running_on(b, request_id, timeout=60)
     assert other != name

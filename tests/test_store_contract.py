@@ -74,6 +74,17 @@ def test_claims_are_first_in_first_out_and_each_job_is_claimed_once(store: JobSt
     assert [j.id for j in store.processing()] == [j.id for j in jobs]
 
 
+def test_keep_alive_names_the_held_jobs_that_attempt_no_longer_holds(store: JobStore) -> None:
+    jobs = [queue(store, seed=i) for i in range(3)]
+    held = {job.id: job.attempts for job in (store.claim_next(), store.claim_next())}
+    assert store.keep_alive({}) == set() and store.keep_alive(held) == set()
+    store.request_cancel(jobs[1].id)  # not started: it ends at once
+    assert store.keep_alive(held) == {jobs[1].id}
+    assert store.keep_alive({jobs[0].id: 2, jobs[2].id: 1}) == {jobs[0].id, jobs[2].id}  # old attempt; not claimed
+    store.complete(jobs[0].id, 1, RESULT, {})
+    assert store.keep_alive(held) == set(held)
+
+
 def test_queue_position_counts_the_queued_jobs_ahead(store: JobStore) -> None:
     jobs = [queue(store, seed=i) for i in range(3)]
     assert [store.queue_position(j.seq) for j in jobs] == [0, 1, 2]
@@ -355,6 +366,22 @@ def test_a_silent_workers_job_is_reclaimed_then_failed_after_the_second_death(no
         "the worker process died or stopped answering while running this job, 2 times; giving up"
     )
     assert api.balance(OWNER) == to_units(3.0)  # refunded once
+
+
+def test_jobs_kept_alive_by_their_worker_are_never_reclaimed(nodes) -> None:
+    """Held but silent (waiting behind the running job, or finishing): alive while their worker says so."""
+    worker, other = nodes(reclaim_after=0.3), nodes(reclaim_after=0.3)
+    running, waiting = queue(worker, seed=1), queue(worker, seed=2)
+    start_next(worker)
+    assert worker.claim_next().id == waiting.id
+    assert worker.keep_alive_every is not None and worker.keep_alive_every < worker.reclaim_after / 2
+    for _ in range(8):
+        time.sleep(0.1)
+        assert worker.keep_alive({running.id: 1, waiting.id: 1}) == set()
+        assert other.claim_next() is None
+    time.sleep(0.45)  # silent from here on: its worker died
+    assert other.claim_next().id == running.id
+    assert worker.keep_alive({running.id: 1, waiting.id: 1}) == {running.id}  # taken over by another
 
 
 def test_a_restarted_node_releases_its_own_jobs_at_once(nodes) -> None:

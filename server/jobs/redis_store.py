@@ -37,7 +37,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -298,6 +298,22 @@ notify_work()
 return 'QUEUED'
 """
 
+# ARGV[4..]: consumer, then id/attempt pairs: the jobs a live worker holds. Their entries are made fresh;
+# returns the ids that attempt no longer holds (reclaimed by another node, or ended).
+KEEP_ALIVE = "#!lua flags=allow-oom\n" + PRELUDE + """
+local consumer, lost = ARGV[4], {}
+for i = 5, #ARGV, 2 do
+  local id, attempt = ARGV[i], ARGV[i + 1]
+  local job = redis.call('HMGET', jobkey(id), 'status', 'attempts', 'entry')
+  if job[1] == 'PROCESSING' and job[2] == attempt and job[3] then
+    redis.call('XCLAIM', STREAM, GROUP, consumer, 0, job[3], 'JUSTID')
+  else
+    lost[#lost + 1] = id
+  end
+end
+return lost
+"""
+
 # ARGV[4..]: id, ttl. A job not started yet ends at once; a running one is flagged for its worker.
 CANCEL = "#!lua flags=allow-oom\n" + PRELUDE + """
 local id, ttl = ARGV[4], tonumber(ARGV[5])
@@ -415,6 +431,7 @@ class RedisJobStore:
                 ("attach", ATTACH),
                 ("claim", CLAIM),
                 ("touch", TOUCH),
+                ("keep_alive", KEEP_ALIVE),
                 ("complete", COMPLETE),
                 ("fail", FAIL),
                 ("release", RELEASE),
@@ -835,6 +852,16 @@ class RedisJobStore:
         if status == JobStatus.QUEUED:
             self.events.work_available()
         return status
+
+    @property
+    def keep_alive_every(self) -> float:
+        return self.reclaim_after / 4
+
+    def keep_alive(self, held: Mapping[str, int]) -> set[str]:
+        if not held:
+            return set()
+        pairs = [value for job_id, attempt in held.items() for value in (job_id, attempt)]
+        return {job_id.decode() for job_id in self._run("keep_alive", self.consumer, *pairs)}
 
     def processing(self) -> list[Job]:
         """The jobs this node (its consumer name) was running: each node releases its own at start;

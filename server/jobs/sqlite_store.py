@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -510,6 +510,20 @@ class SqliteJobStore:
         self.events.job_changed(job_id)
         self.events.work_available()
         return JobStatus.QUEUED
+
+    # One node: a dead worker's jobs are released by its own supervisor, never taken by another.
+    keep_alive_every: float | None = None
+
+    def keep_alive(self, held: Mapping[str, int]) -> set[str]:
+        if not held:
+            return set()
+        marks = ", ".join("?" * len(held))
+        rows = self._execute(
+            f"SELECT id, attempts FROM jobs WHERE status = ? AND id IN ({marks})",
+            (JobStatus.PROCESSING.value, *held),
+        ).fetchall()
+        alive = {job_id for job_id, attempts in rows if held[job_id] == attempts}
+        return set(held) - alive
 
     def processing(self) -> list[Job]:
         rows = self._execute(

@@ -1,11 +1,13 @@
 """The job store's interface: what the API, the input stage and the supervisor ask of it.
 
-One implementation today, embedded SQLite (`server/jobs/sqlite_store.py`); `server/app.py` picks it
-in one place. Whatever the store has accepted survives a `kill -9` of the API or of the worker.
+Two implementations: embedded SQLite for one box (`server/jobs/sqlite_store.py`) and Redis shared by
+many nodes (`server/jobs/redis_store.py`); `server/app.py` picks one in
+one place. Whatever the store has accepted survives a `kill -9` of the API or of the worker.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 from server.jobs.contract import Delivery, FailureKind, ImageSource, Job, JobParams, JobResult, JobState, JobStatus
@@ -94,6 +96,11 @@ class JobStore(Protocol):
     def fail(self, job_id: str, error: str, kind: FailureKind, attempt: int | None = None) -> bool: ...
     def release(self, job_id: str, reason: str) -> JobStatus: ...
     def processing(self) -> list[Job]: ...
+    # The jobs a live worker holds (id -> attempt: running, prepared ahead or finishing) are shown alive
+    # every `keep_alive_every` seconds, so no other node takes them for a dead worker's (None: a store
+    # that never reclaims). Returns those that attempt no longer holds (taken over, or ended).
+    keep_alive_every: float | None
+    def keep_alive(self, held: Mapping[str, int]) -> set[str]: ...
 
     # Both sides.
     def request_cancel(self, job_id: str) -> Job | None: ...

@@ -161,7 +161,8 @@ class Supervisor:
         log.info("worker started (pid %s), loading %s", self._proc.pid, self.config.model)
 
     def _loop(self) -> None:
-        next_purge = 0.0
+        next_purge = next_keep_alive = 0.0
+        every = self.store.keep_alive_every
         while not self._stop.is_set():
             try:
                 if self._proc is None:
@@ -173,7 +174,11 @@ class Supervisor:
                         log.info("purged %d expired requests", removed)
                 if self.ready:
                     self._dispatch()
-                self._pump(max(0.0, next_purge - time.monotonic()))
+                if every is not None and time.monotonic() >= next_keep_alive:
+                    next_keep_alive = time.monotonic() + every
+                    self._keep_alive()
+                wake_at = next_purge if every is None else min(next_purge, next_keep_alive)
+                self._pump(max(0.0, wake_at - time.monotonic()))
             except StoreError as exc:
                 self._errors.error("the job store failed: %s", exc)
                 self._work_hint = True  # look again once it works
@@ -215,8 +220,14 @@ class Supervisor:
             self.status.started.add(message.job_id)
             store.mark_started(message.job_id, message.attempt)
             job = store.get(message.job_id)
-            if job is None or job.cancel_requested or job.status != JobStatus.PROCESSING:
-                # Cancelled while it waited, before the worker heard: it stops at its first step.
+            if (
+                job is None
+                or job.cancel_requested
+                or job.status != JobStatus.PROCESSING
+                or job.attempts != message.attempt
+            ):
+                # Cancelled while it waited, before the worker heard (or taken over by another node): it
+                # stops at its first step.
                 self._send_cancel(message.job_id)
         elif isinstance(message, Progress):
             cancel = store.set_progress(message.job_id, message.attempt, message.step / max(message.total, 1))
@@ -265,6 +276,12 @@ class Supervisor:
             return
         self._conn.send(Cancel(job_id))
         self._cancel_sent.add(job_id)
+
+    def _keep_alive(self) -> None:
+        """The jobs the worker holds are alive, also those waiting behind the running batch or finishing:
+        no other node may take them for a dead worker's. One this attempt no longer holds is stopped."""
+        for job_id in self.store.keep_alive(dict(self.status.in_flight)):
+            self._send_cancel(job_id)
 
     def _check_waiting_cancels(self) -> None:
         """A job cancelled while it waits in the worker never starts: the worker is told early.
