@@ -103,7 +103,7 @@ def build_registry(settings: Settings, supervisor: Supervisor | None) -> tuple[W
         if local is None:
             raise ValueError("an API node without a worker (--no-worker) needs BEYOND_REDIS_URL")
         return EmbeddedRegistry(local), None
-    registry = RedisRegistry(settings.redis_url, ttl=3 * settings.heartbeat_interval)
+    registry = RedisRegistry(settings.redis_url, ttl=3 * settings.heartbeat_interval, local=local)
     return registry, Heartbeat(registry, local, settings.heartbeat_interval) if local else None
 
 

@@ -68,13 +68,6 @@ def test_kill_minus_nine_of_the_server_loses_no_queued_job(backend: Backend) -> 
     finally:
         second.stop()
 
-
-# On SQLite only, to keep the suite's time: on Redis the same store.release (retry once, then FAILED) is
-# tested in-process in tests/test_store_contract.py, and through a server by the kill -9 test above.
-# On SQLite only: on Redis, /health is ready by the registry card of the local worker, which can still
-# read "ready" for a heartbeat after the worker died, so the v1 request at the end may meet a 502.
-# Worker deaths on Redis are tested in tests/test_scale_out.py.
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 def test_worker_killed_mid_job_is_restarted_and_the_job_retried_once(backend: Backend) -> None:
     server = backend.server().start().wait_ready()
     try:

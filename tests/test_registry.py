@@ -114,6 +114,24 @@ def test_heartbeat_publishes_the_local_worker_and_removes_it_on_stop(redis: Redi
     assert registry.workers() == []
 
 
+def test_this_nodes_own_worker_is_read_from_its_supervisor_not_from_its_last_card(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    sup = supervisor(tmp_path)
+    sup.status.state = WorkerStatus.READY
+    local = LocalWorker(sup, "mine", 1234)
+    registry = RedisRegistry(redis.url, ttl=5.0, local=local)
+    registry.client.flushdb()
+    registry.publish(local.info())
+    registry.publish(card("other", state="loading"))
+    sup.status.state = WorkerStatus.RESTARTING  # its engine just died: the card published says ready still
+    assert [(w.name, w.state) for w in registry.workers()] == [("mine", "restarting"), ("other", "loading")]
+    assert unavailable_reason(registry.workers()) == "the worker is restarting"
+    registry.remove("mine")  # not published yet, or expired: this node knows its own worker all the same
+    assert [w.name for w in registry.workers()] == ["mine", "other"]
+    assert [w.name for w in RedisRegistry(redis.url, ttl=5.0).workers()] == ["other"]  # another node's view
+
+
 def test_the_embedded_registry_describes_the_local_supervisor(tmp_path: Path) -> None:
     sup = supervisor(tmp_path)
     registry = EmbeddedRegistry(LocalWorker(sup, worker_name(None), 99))

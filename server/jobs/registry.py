@@ -108,10 +108,14 @@ class EmbeddedRegistry:
 
 
 class RedisRegistry:
-    def __init__(self, url: str, *, ttl: float) -> None:
+    """Every node's cards. A node with a worker of its own (`local`) describes that one from its supervisor,
+    not from its last card: the card can say "ready" for up to a heartbeat after the engine died."""
+
+    def __init__(self, url: str, *, ttl: float, local: LocalWorker | None = None) -> None:
         import redis
 
         self.ttl = ttl
+        self.local = local
         self.client = redis.Redis.from_url(
             url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT, decode_responses=True
         )
@@ -147,15 +151,18 @@ class RedisRegistry:
                 self.client.srem(NAMES_KEY, *gone)
         except redis.RedisError as exc:
             raise StoreUnavailable(f"the worker registry cannot be read ({type(exc).__name__})") from None
-        workers = []
+        workers = [self.local.info()] if self.local else []
         for value in values:
             if value is None:
                 continue
             try:
-                workers.append(WorkerInfo.from_json(json.loads(value)))
+                info = WorkerInfo.from_json(json.loads(value))
             except (ValueError, TypeError):
                 log.warning("ignoring an unreadable worker card")
-        return workers
+                continue
+            if self.local is None or info.name != self.local.name:
+                workers.append(info)
+        return sorted(workers, key=lambda worker: worker.name)
 
 
 class Heartbeat:
