@@ -13,6 +13,7 @@ from models.seeds import draw_seed
 from server.auth import Caller
 from server.deps import Services, disk_problem
 from server.errors import (
+    BadGateway,
     BadRequest,
     GatewayTimeout,
     InsufficientCredits,
@@ -22,7 +23,8 @@ from server.errors import (
 )
 from server.images import InputImageError, check_canvas, check_url, decode_base64, decode_image, is_url
 from server.jobs.contract import Delivery, ImageSource, Job, JobParams, from_units, to_units
-from server.jobs.store import InsufficientBalance, QueueFull
+from server.jobs.registry import unavailable_reason
+from server.jobs.store import InsufficientBalance, QueueFull, StoreError
 from server.schemas import SegBeyondRequest
 
 log = logging.getLogger("beyond.submission")
@@ -60,27 +62,65 @@ def _check_webhook(delivery: Delivery, services: Services) -> None:
 
 
 async def submit(
-    body: SegBeyondRequest, services: Services, caller: Caller | None = None, base_url: str | None = None
+    body: SegBeyondRequest,
+    services: Services,
+    caller: Caller | None = None,
+    base_url: str | None = None,
+    *,
+    sync: bool = False,
 ) -> Job:
-    """Queue a request; `base_url` is the public base the client reached us at (for webhook bodies)."""
+    """Queue a request; `base_url` is the public base the client reached us at (for webhook bodies).
+
+    `sync` (v1): with no engine ready (it failed to load, or its worker is down or restarting) the
+    request is refused with a 502 at once, rather than left to a wait the client cannot see the end of.
+    """
+    # A seed of -1 is drawn now, so a retried job and the stored record use the same seed.
+    params = body.job_params(services.styles, body.seed if body.seed != -1 else draw_seed())
+    delivery = body.delivery(base_url)
+    # Every check that reads the store or the disk, and the write, in one trip to a thread.
+    job = await run_in_threadpool(_accept, body, params, delivery, services, caller, sync)
+    if delivery.webhook_url is not None and services.webhooks is not None:
+        services.webhooks.track(job)
+    if not job.input_ready:
+        services.inputs.submit(job)
+    log.info(
+        "accepted request %s",
+        job.id,
+        extra={"event": "accepted", "request_id": job.id, "caller": caller.name if caller else None},
+    )
+    return job
+
+
+def _accept(
+    body: SegBeyondRequest,
+    params: JobParams,
+    delivery: Delivery,
+    services: Services,
+    caller: Caller | None,
+    sync: bool,
+) -> Job:
     max_queue = services.settings.max_queue
     queue_full = RateLimited(
         f"the queue is full ({max_queue} requests waiting); try again shortly", headers={"Retry-After": "5"}
     )
+    if sync:
+        # On an API node without a worker of its own, any live worker the registry knows of will do.
+        try:
+            reason = unavailable_reason(services.workers.workers())
+        except StoreError as exc:
+            reason = str(exc)
+        if reason:
+            raise BadGateway(f"the engine is not available: {reason}")
     # Checked first so a full server does not decode images it will refuse (and exactly, below).
     if services.store.queued_count() >= max_queue:
         raise queue_full
     if disk_problem(services.settings):
         raise InsufficientStorage("the server's disk is full; try again later")
-    # A seed of -1 is drawn now, so a retried job and the stored record use the same seed.
-    params = body.job_params(services.styles, body.seed if body.seed != -1 else draw_seed())
-    delivery = body.delivery(base_url)
-    await run_in_threadpool(_check_webhook, delivery, services)
-    source, image, image_size = await run_in_threadpool(_prepare_input, body, params, services)
+    _check_webhook(delivery, services)
+    source, image, image_size = _prepare_input(body, params, services)
     metered = caller is not None and caller.credits is not None
     try:
-        job = await run_in_threadpool(
-            services.store.create,
+        return services.store.create(
             params,
             source,
             image=image,
@@ -97,16 +137,6 @@ async def submit(
             f"insufficient credits: this request costs {from_units(exc.cost):g},"
             f" the balance is {from_units(exc.balance):g}"
         ) from None
-    if delivery.webhook_url is not None and services.webhooks is not None:
-        services.webhooks.track(job)
-    if not job.input_ready:
-        services.inputs.submit(job)
-    log.info(
-        "accepted request %s",
-        job.id,
-        extra={"event": "accepted", "request_id": job.id, "caller": caller.name if caller else None},
-    )
-    return job
 
 
 # An input given by URL is only fetched after submission; its size is taken to be SDXL's native one.

@@ -217,7 +217,8 @@ class Supervisor:
             self.status.state, self.status.error = WorkerStatus.FAILED, message.error
             log.error("worker could not load the model: %s", message.error)
         elif isinstance(message, Started):
-            self.status.started.add(message.job_id)
+            if message.job_id in self.status.in_flight:
+                self.status.started.add(message.job_id)
             store.mark_started(message.job_id, message.attempt)
             job = store.get(message.job_id)
             if (

@@ -8,10 +8,8 @@ from starlette.concurrency import run_in_threadpool
 
 from server.auth import SubmitterDep
 from server.deps import BodyDep, ServicesDep, public_base
-from server.errors import BadGateway, BadRequest, Conflict, InternalError, NotFound
+from server.errors import BadRequest, Conflict, InternalError, NotFound
 from server.jobs.contract import FailureKind, JobStatus
-from server.jobs.registry import unavailable_reason
-from server.jobs.store import StoreError
 from server.results import read_output, result_body, webhook_status
 from server.routes.responses import errors
 from server.schemas import ResultResponse, SegBeyondRequest
@@ -49,17 +47,9 @@ REQUEST_SCHEMA = {
     },
 )
 async def run_sync(caller: SubmitterDep, body: BodyDep, request: Request, services: ServicesDep) -> Response:
-    # No engine ready (it failed to load, or its worker is down or restarting): 502 at once, rather
-    # than a wait the client cannot see the end of. v2 work is still queued for when it is back.
-    # On an API node without a worker of its own, this is any live worker the registry knows of.
-    try:
-        reason = unavailable_reason(await run_in_threadpool(services.workers.workers))
-    except StoreError as exc:
-        reason = str(exc)
-    if reason:
-        raise BadGateway(f"the engine is not available: {reason}")
+    # No engine ready: a 502 at once (v2 work is still queued for when it is back).
     base = public_base(request, services.settings)
-    job = await submit(body, services, caller, base)
+    job = await submit(body, services, caller, base, sync=True)
     job = await wait_finished(services, job.id, request)
     if job.status == JobStatus.FAILED:
         headers = {"x-request-id": job.id}
