@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     # A Redis server shared by every node (docs/scaling.md), e.g. redis://127.0.0.1:6379/0. Unset: the
     # embedded SQLite store in data_dir.
     redis_url: str | None = None
-    # With Redis: a running job whose worker sent no progress for this long is taken over by another.
+    # With Redis: a job whose worker shows no sign of life for this long is taken over by another.
     reclaim_after: float = Field(60.0, gt=0)
     purge_interval: float = Field(30.0, gt=0)
 

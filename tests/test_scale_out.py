@@ -8,6 +8,7 @@ take workers away (SIGTERM, kill -9), each waits for what it needs first.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ import httpx
 import pytest
 
 from server.images import ImageLimits
-from server.jobs.contract import ImageSource, JobParams, JobStatus
+from server.jobs.contract import ImageSource, Job, JobParams, JobStatus
 from server.jobs.messages import WorkerConfig
 from server.jobs.redis_store import RedisJobStore
 from server.jobs.supervisor import Supervisor
@@ -136,12 +137,28 @@ def running_on(api: ServerProcess, request_id: str, timeout: float = 60.0) -> st
     return next(c["name"] for c in cards if c["current_job"] == request_id)
 
 
-def test_a_live_workers_waiting_job_is_not_taken_for_a_dead_one(redis_server: RedisServer) -> None:
-    """A worker holds the job it runs and the next one (prepared ahead), and may spend long on a step or
-    on finishing: while it lives, none of them is reclaimed, so none loses an attempt."""
+@dataclass
+class LocalNode:
+    """A supervisor and its engine process in this process, on Redis, beside another node's store."""
+
+    store: RedisJobStore
+    other: RedisJobStore
+    supervisor: Supervisor
+
+    def submit(self, count: int) -> list[Job]:
+        image = encode(smooth_image(192, 192))
+        params = JobParams(prompt="x", steps=100, guidance_scale=1.0, left=64)
+        return [
+            self.store.create(replace(params, seed=i), ImageSource(), image=image, base64=True, owner=None)
+            for i in range(count)
+        ]
+
+
+@pytest.fixture
+def local_node(redis_server: RedisServer) -> Iterator[LocalNode]:
     prefix = f"keep{time.monotonic_ns()}:"
     store = RedisJobStore(redis_server.url, prefix=prefix, reclaim_after=1.0)
-    thief = RedisJobStore(redis_server.url, prefix=prefix, reclaim_after=1.0)
+    other = RedisJobStore(redis_server.url, prefix=prefix, reclaim_after=1.0)
     config = WorkerConfig(model="random:tiny", device="cpu", dtype="auto", limits=ImageLimits(), cpu_threads=1)
     supervisor = Supervisor(store, config)
     supervisor.start()
@@ -150,27 +167,52 @@ def test_a_live_workers_waiting_job_is_not_taken_for_a_dead_one(redis_server: Re
         while not supervisor.ready and time.monotonic() < deadline:
             time.sleep(0.1)
         assert supervisor.ready, supervisor.status.error
-        image = encode(smooth_image(192, 192))
-        params = JobParams(prompt="x", steps=100, guidance_scale=1.0, left=64)
-        jobs = [
-            store.create(replace(params, seed=i), ImageSource(), image=image, base64=True, owner=None)
-            for i in range(2)
-        ]
-        while len(supervisor.status.in_flight) < 2 and time.monotonic() < deadline + 60:
-            time.sleep(0.05)
-        assert list(supervisor.status.in_flight) == [j.id for j in jobs]  # one runs, one waits behind it
-        taken = []  # from here on the other node only ever finds jobs to reclaim
-        while not all(store.get(j.id).finished for j in jobs) and time.monotonic() < deadline + 120:
-            if (job := thief.claim_next()) is not None:
-                taken.append(job.id)
-            time.sleep(0.2)
-        finals = [store.get(j.id) for j in jobs]
-        assert not taken, f"reclaimed from a live worker: {taken}"
-        assert [(j.status, j.attempts) for j in finals] == [(JobStatus.COMPLETED, 1)] * 2
+        yield LocalNode(store, other, supervisor)
     finally:
+        if supervisor.status.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(supervisor.status.pid, signal.SIGCONT)
         supervisor.stop()
         store.close()
-        thief.close()
+        other.close()
+
+
+def test_a_live_workers_waiting_job_is_not_taken_for_a_dead_one(local_node: LocalNode) -> None:
+    """A worker holds the job it runs and the next one (prepared ahead), and may spend long on a step or
+    on finishing: while it lives, none of them is reclaimed, so none loses an attempt."""
+    node = local_node
+    jobs = node.submit(2)
+    deadline = time.monotonic() + 60
+    while len(node.supervisor.status.in_flight) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(node.supervisor.status.in_flight) == [j.id for j in jobs]  # one runs, one waits behind it
+    taken = []  # from here on the other node only ever finds jobs to reclaim
+    while not all(node.store.get(j.id).finished for j in jobs) and time.monotonic() < deadline + 120:
+        if (job := node.other.claim_next()) is not None:
+            taken.append(job.id)
+        time.sleep(0.2)
+    finals = [node.store.get(j.id) for j in jobs]
+    assert not taken, f"reclaimed from a live worker: {taken}"
+    assert [(j.status, j.attempts) for j in finals] == [(JobStatus.COMPLETED, 1)] * 2
+
+
+def test_the_jobs_of_a_hung_engine_are_taken_over(local_node: LocalNode) -> None:
+    """An engine process that is alive but silent (a hung driver; here SIGSTOP) does not keep its jobs."""
+    node = local_node
+    (job,) = node.submit(1)
+    deadline = time.monotonic() + 60
+    while (node.store.get(job.id).progress or 0) <= 0.02 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert node.supervisor.status.pid is not None
+    os.kill(node.supervisor.status.pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    taken = None
+    while taken is None and time.monotonic() < stopped + 10:
+        taken = node.other.claim_next()
+        time.sleep(0.1)
+    assert taken is not None and (taken.id, taken.attempts) == (job.id, 2)
+    # Silent for about reclaim_after, then left idle for reclaim_after: taken within two of them.
+    assert time.monotonic() - stopped < 2.5 * node.store.reclaim_after + 1
 
 
 def test_thirty_jobs_on_two_api_nodes_and_three_workers(cluster: Cluster) -> None:

@@ -374,7 +374,6 @@ def test_jobs_kept_alive_by_their_worker_are_never_reclaimed(nodes) -> None:
     running, waiting = queue(worker, seed=1), queue(worker, seed=2)
     start_next(worker)
     assert worker.claim_next().id == waiting.id
-    assert worker.keep_alive_every is not None and worker.keep_alive_every < worker.reclaim_after / 2
     for _ in range(8):
         time.sleep(0.1)
         assert worker.keep_alive({running.id: 1, waiting.id: 1}) == set()

@@ -3,8 +3,9 @@
 Every node (API, worker, or both) keeps its state here and nowhere else: job rows, inputs, outputs and
 previews, credit balances. Runnable jobs are entries of one stream read by one consumer group; each
 node reads it under its own consumer name, so the stream hands every job to exactly one worker, in the
-order jobs became runnable. An entry stays pending until its job's result is stored; a running job's
-progress keeps its entry fresh, and an entry left idle for `reclaim_after` seconds (its worker died or
+order jobs became runnable. An entry stays pending until its job's result is stored; while its worker
+is heard from, its supervisor keeps fresh the entry of every job it holds (`keep_alive`: running,
+prepared ahead or finishing), and an entry left idle for `reclaim_after` seconds (its worker died or
 hung) is taken over by the next `claim_next` as a new attempt, at most MAX_ATTEMPTS in all.
 
 Each write is one Lua script, so a job is never half-written and every guarantee of the SQLite store
@@ -852,10 +853,6 @@ class RedisJobStore:
         if status == JobStatus.QUEUED:
             self.events.work_available()
         return status
-
-    @property
-    def keep_alive_every(self) -> float:
-        return self.reclaim_after / 4
 
     def keep_alive(self, held: Mapping[str, int]) -> set[str]:
         if not held:

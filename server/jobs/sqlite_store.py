@@ -512,7 +512,7 @@ class SqliteJobStore:
         return JobStatus.QUEUED
 
     # One node: a dead worker's jobs are released by its own supervisor, never taken by another.
-    keep_alive_every: float | None = None
+    reclaim_after: float | None = None
 
     def keep_alive(self, held: Mapping[str, int]) -> set[str]:
         if not held:

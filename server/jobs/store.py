@@ -96,10 +96,11 @@ class JobStore(Protocol):
     def fail(self, job_id: str, error: str, kind: FailureKind, attempt: int | None = None) -> bool: ...
     def release(self, job_id: str, reason: str) -> JobStatus: ...
     def processing(self) -> list[Job]: ...
-    # The jobs a live worker holds (id -> attempt: running, prepared ahead or finishing) are shown alive
-    # every `keep_alive_every` seconds, so no other node takes them for a dead worker's (None: a store
-    # that never reclaims). Returns those that attempt no longer holds (taken over, or ended).
-    keep_alive_every: float | None
+    # A job whose worker shows no sign of life for `reclaim_after` seconds is taken over by another node
+    # (None: never; one node releases its dead worker's jobs itself). A live worker's supervisor shows
+    # every job it holds (id -> attempt: running, prepared ahead or finishing) alive with `keep_alive`,
+    # which returns those that attempt no longer holds (taken over, or ended).
+    reclaim_after: float | None
     def keep_alive(self, held: Mapping[str, int]) -> set[str]: ...
 
     # Both sides.

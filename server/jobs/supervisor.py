@@ -104,6 +104,7 @@ class Supervisor:
         self._work_hint = True
         self._next_cancel_check = 0.0
         self._load_failures = 0
+        self._last_heard = time.monotonic()  # the worker's last message, or the last job sent to it
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -162,7 +163,8 @@ class Supervisor:
 
     def _loop(self) -> None:
         next_purge = next_keep_alive = 0.0
-        every = self.store.keep_alive_every
+        reclaim_after = self.store.reclaim_after
+        every = None if reclaim_after is None else reclaim_after / 4
         while not self._stop.is_set():
             try:
                 if self._proc is None:
@@ -196,6 +198,7 @@ class Supervisor:
                 while self._wake_r.recv(4096):
                     pass
         if self._conn in ready:
+            self._last_heard = time.monotonic()
             try:
                 while self._conn.poll():
                     self._handle(self._conn.recv())
@@ -280,7 +283,15 @@ class Supervisor:
 
     def _keep_alive(self) -> None:
         """The jobs the worker holds are alive, also those waiting behind the running batch or finishing:
-        no other node may take them for a dead worker's. One this attempt no longer holds is stopped."""
+        no other node may take them for a dead worker's. One this attempt no longer holds is stopped.
+
+        Only while the worker is heard from: an engine that is alive but silent (a hung driver) keeps
+        nothing, so its jobs are taken over as a dead one's would be."""
+        reclaim_after = self.store.reclaim_after
+        if not self.status.in_flight or reclaim_after is None:
+            return
+        if time.monotonic() - self._last_heard > 0.75 * reclaim_after:
+            return
         for job_id in self.store.keep_alive(dict(self.status.in_flight)):
             self._send_cancel(job_id)
 
@@ -345,3 +356,4 @@ class Supervisor:
                 continue
             self.status.in_flight[job.id] = job.attempts
             self._conn.send(RunJob(job.id, job.attempts, job.params, image, job.delivery))
+            self._last_heard = time.monotonic()  # its claim made its entry fresh; the worker answers soon
