@@ -29,6 +29,7 @@ from standardwebhooks import Webhook
 
 from server.images import ImageLimits, InputImageError, check_url, pinned_request
 from server.jobs.contract import Job
+from server.jobs.events import Watch
 from server.jobs.store import JobStore, StoreError
 
 log = logging.getLogger("beyond.webhooks")
@@ -263,27 +264,23 @@ class WebhookDispatcher:
         self.schedule = tuple(schedule)
         self.timeout = timeout
         self.concurrency = concurrency
-        self._wake: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: Watch | None = None
         self._runner: asyncio.Task[None] | None = None
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._held: dict[str, float] = {}  # job_id -> time: attempts whose outcome could not be written
         self._transport: httpx.AsyncHTTPTransport | None = None
 
     def wake(self) -> None:
-        """Look at the outbox now; safe from any thread (for enqueues the outbox did not announce)."""
-        loop, wake = self._loop, self._wake
-        if loop is None or wake is None:
-            return
-        # A closed loop refuses: nothing is lost, the next start reads the outbox anyway.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(wake.set)
+        """Look at the outbox now; safe from any thread (for enqueues the outbox did not announce). After a
+        stop nothing is lost: the next start reads the outbox anyway."""
+        wake = self._wake
+        if wake is not None:
+            wake.set()
 
     async def start(self) -> None:
         if self._runner is not None:
             return
-        self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
+        self._wake = Watch()
         # No keep-alive: connections are pinned to checked addresses, and a pooled one must not serve another host.
         # The transport is used without a Client, whose INFO line would log each URL (and any token in its query).
         self._transport = httpx.AsyncHTTPTransport(
@@ -304,7 +301,7 @@ class WebhookDispatcher:
         if self._transport is not None:
             await self._transport.aclose()
             self._transport = None
-        self._loop = self._wake = None
+        self._wake = None
 
     async def _run(self) -> None:
         assert self._wake is not None
@@ -315,8 +312,7 @@ class WebhookDispatcher:
             except Exception:
                 log.exception("webhook outbox unreadable; trying again in 5 s")
                 wait = 5.0
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+            await self._wake.wait(wait)
 
     async def _dispatch_due(self) -> float | None:
         """Start the attempts that are due; how long to sleep before looking again (None: until woken)."""
@@ -427,8 +423,7 @@ class Webhooks:
         self._lock = threading.Lock()
         self._tracked: set[str] = set()
         self._pending: set[str] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Event | None = None
+        self._wake: Watch | None = None
         self._runner: asyncio.Task[None] | None = None
 
     def track(self, job: Job) -> None:
@@ -452,16 +447,14 @@ class Webhooks:
     def _poke(self, job_id: str) -> None:
         with self._lock:
             self._pending.add(job_id)
-        loop, wake = self._loop, self._wake
-        if loop is not None and wake is not None:
-            with contextlib.suppress(RuntimeError):  # the loop closed: the next start's scan settles it
-                loop.call_soon_threadsafe(wake.set)
+        wake = self._wake
+        if wake is not None:  # none, or its loop closed: the next start's scan settles it
+            wake.set()
 
     async def start(self) -> None:
         if self._runner is not None:
             return
-        self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
+        self._wake = Watch()
         self.store.events.on_change(self._changed)
         await self.dispatcher.start()
         self._runner = asyncio.create_task(self._run(), name="webhook-relay")
@@ -474,7 +467,7 @@ class Webhooks:
             await asyncio.gather(self._runner, return_exceptions=True)
             self._runner = None
         await self.dispatcher.stop()
-        self._loop = self._wake = None
+        self._wake = None
         self.outbox.close()
 
     async def _run(self) -> None:
@@ -489,8 +482,7 @@ class Webhooks:
         self._wake.set()  # jobs tracked before the loop ran
         purged = time.monotonic()
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=PURGE_EVERY)
+            await self._wake.wait(PURGE_EVERY)
             self._wake.clear()
             with self._lock:
                 pending, self._pending = self._pending, set()
@@ -500,7 +492,7 @@ class Webhooks:
                 except Exception as exc:
                     level = logging.WARNING if isinstance(exc, StoreError) else logging.ERROR
                     log.log(level, "webhook for job %s not queued yet (%s); trying again", job_id, type(exc).__name__)
-                    self._loop.call_later(RETRY_SETTLE, self._poke, job_id)  # type: ignore[union-attr]
+                    self._wake.loop.call_later(RETRY_SETTLE, self._poke, job_id)
             if time.monotonic() - purged > PURGE_EVERY:
                 purged = time.monotonic()
                 with contextlib.suppress(Exception):

@@ -14,17 +14,22 @@ from collections.abc import Callable, Iterator
 
 
 class Watch:
-    """A change signal for one job, for one asyncio waiter. Clear, re-read the state, then wait."""
+    """A wake-up signal for one asyncio waiter (made on its loop), set from any thread. Clear, re-read
+    the state, then wait."""
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.event = asyncio.Event()
 
+    def set(self) -> None:
+        with contextlib.suppress(RuntimeError):  # its loop has closed: nobody waits any more
+            self.loop.call_soon_threadsafe(self.event.set)
+
     def clear(self) -> None:
         self.event.clear()
 
-    async def wait(self, timeout: float) -> bool:
-        """True when the job changed, False when `timeout` seconds passed first."""
+    async def wait(self, timeout: float | None) -> bool:
+        """True when it was set, False when `timeout` seconds (None: no limit) passed first."""
         try:
             await asyncio.wait_for(self.event.wait(), timeout)
             return True
@@ -59,8 +64,7 @@ class JobEvents:
             watchers = list(self._watches.get(job_id, ()))
             changes = list(self._changes)
         for watch in watchers:
-            with contextlib.suppress(RuntimeError):  # its loop has closed: nobody waits any more
-                watch.loop.call_soon_threadsafe(watch.event.set)
+            watch.set()
         for callback in changes:
             callback(job_id)
 
