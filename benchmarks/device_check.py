@@ -131,23 +131,6 @@ def engine_args(opts: argparse.Namespace, device: torch.device) -> argparse.Name
     return args
 
 
-def request(case: eb.Case, sampler: str, steps: int, samples: int = 1) -> OutpaintRequest:
-    return OutpaintRequest(
-        image=case.image(),
-        prompt=eb.PROMPT,
-        steps=steps,
-        samples=samples,
-        seed=eb.SEED,
-        guidance_scale=4.0,
-        styles=[],
-        sampler=sampler,
-        scheduler="karras",
-        left=case.pad.left,
-        right=case.pad.right,
-        top=case.pad.top,
-        bottom=case.pad.bottom,
-    )
-
 
 def build_timed(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[Any, float]:
     sync(device)
@@ -190,6 +173,18 @@ def measurement_rows(results: list[eb.Measurement], label: dict[str, str]) -> li
         )
     return rows
 
+
+SAMPLER_HEADERS = [
+    "sampler",
+    "finite",
+    "model calls",
+    "s/request",
+    "calls/s (loop)",
+    "UNet ms/call",
+    "non-UNet ms/call",
+    "non-UNet / UNet",
+    "peak GiB",
+]
 
 MEASUREMENT_HEADERS = [
     "case",
@@ -315,7 +310,7 @@ def section_samplers(opts: argparse.Namespace, report: Report, ours: Any) -> Non
             started = time.perf_counter()
             split, finite, error = None, None, None
             try:
-                split = split_run(engine, request(case, sampler, opts.sampler_steps), device)
+                split = split_run(engine, eb.case_request(case, opts.sampler_steps, sampler), device)
                 finite = True
             except FloatingPointError as exc:  # the pipeline's own check of the decoded images
                 finite, error = False, str(exc)
@@ -354,18 +349,7 @@ def section_samplers(opts: argparse.Namespace, report: Report, ours: Any) -> Non
             )
             print(f"{sampler}: {wall:.2f} s, finite {finite}", flush=True)
         rec["rows"] = rows
-        headers = [
-            "sampler",
-            "finite",
-            "model calls",
-            "s/request",
-            "calls/s (loop)",
-            "UNet ms/call",
-            "non-UNet ms/call",
-            "non-UNet / UNet",
-            "peak GiB",
-        ]
-        print(table(headers, rows), flush=True)
+        print(table(SAMPLER_HEADERS, rows), flush=True)
 
 
 def run_queue(engine: OutpaintEngine, requests: list[OutpaintRequest]) -> None:
@@ -393,7 +377,7 @@ def section_throughput(opts: argparse.Namespace, report: Report, ours: Any) -> N
             if report.clock.left() < depth * opts.per_request_s * 1.5:
                 report.note(f"throughput: depth {depth} skipped, budget spent")
                 break
-            queue = [request(eb.CASES["seed"], "dpmpp_2m_sde_gpu", opts.steps) for _ in range(depth)]
+            queue = [eb.case_request(eb.CASES["seed"], opts.steps, "dpmpp_2m_sde_gpu") for _ in range(depth)]
             for i, r in enumerate(queue):
                 r.seed = eb.SEED + i
             sync(device)
@@ -502,19 +486,8 @@ def print_markdown(data: dict[str, Any]) -> None:
         )
     samplers = sections.get("samplers", {})
     if samplers.get("rows"):
-        headers = [
-            "sampler",
-            "finite",
-            "model calls",
-            "s/request",
-            "calls/s (loop)",
-            "UNet ms/call",
-            "non-UNet ms/call",
-            "non-UNet / UNet",
-            "peak GiB",
-        ]
         print(f"{samplers['case']}, {samplers['steps']} steps, karras:\n")
-        print(table(headers, samplers["rows"]) + "\n")
+        print(table(SAMPLER_HEADERS, samplers["rows"]) + "\n")
     throughput = sections.get("throughput", {})
     if throughput.get("rows"):
         print(table(["queue depth", "mode", "s for the queue", "images/min", "s/image"], throughput["rows"]) + "\n")

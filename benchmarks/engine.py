@@ -23,7 +23,7 @@ import contextlib
 import gc
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -181,21 +181,39 @@ class Ours:
         return working_size(*case.pad.canvas_size(case.width, case.height), self.engine.pipeline.native_area)
 
     def run(self, case: Case, image: Image.Image, hook: StepHook | None) -> Image.Image:
-        request = OutpaintRequest(
-            image=image,
-            prompt=PROMPT,
-            steps=self.steps,
-            seed=SEED,
-            guidance_scale=self.cfg,
-            styles=list(self.styles),
-            sampler=self.sampler,
-            scheduler=self.scheduler,
-            left=case.pad.left,
-            right=case.pad.right,
-            top=case.pad.top,
-            bottom=case.pad.bottom,
+        request = case_request(
+            case, self.steps, self.sampler, image=image, scheduler=self.scheduler, cfg=self.cfg, styles=self.styles
         )
         return self.engine.run(request, None if hook is None else lambda step, total: hook(step)).images[0]
+
+
+def case_request(
+    case: Case,
+    steps: int,
+    sampler: str,
+    *,
+    image: Image.Image | None = None,
+    scheduler: str = "karras",
+    cfg: float = 4.0,
+    styles: Sequence[str] = (),
+    samples: int = 1,
+) -> OutpaintRequest:
+    """Our engine's request for a benchmark case: the shared prompt and seed, the case's padding."""
+    return OutpaintRequest(
+        image=case.image() if image is None else image,
+        prompt=PROMPT,
+        steps=steps,
+        samples=samples,
+        seed=SEED,
+        guidance_scale=cfg,
+        styles=list(styles),
+        sampler=sampler,
+        scheduler=scheduler,
+        left=case.pad.left,
+        right=case.pad.right,
+        top=case.pad.top,
+        bottom=case.pad.bottom,
+    )
 
 
 def _tristate(value: str) -> bool | None:

@@ -217,22 +217,9 @@ def build_engine(model: str, device: torch.device, dtype: torch.dtype) -> object
 
 
 def seed_request(sampler: str, steps: int = STEPS) -> object:
-    from benchmarks.engine import CASES, PROMPT, SEED
-    from models.engine import OutpaintRequest
+    from benchmarks.engine import CASES, case_request
 
-    case = CASES["seed"]
-    return OutpaintRequest(
-        image=case.image(),
-        prompt=PROMPT,
-        steps=steps,
-        seed=SEED,
-        guidance_scale=4.0,
-        styles=[],
-        sampler=sampler,
-        scheduler="karras",
-        left=case.pad.left,
-        right=case.pad.right,
-    )
+    return case_request(CASES["seed"], steps, sampler)
 
 
 def engine_rows(args: argparse.Namespace, device: torch.device) -> tuple[list[list[object]], float, tuple[int, ...]]:
