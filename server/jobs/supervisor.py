@@ -164,7 +164,6 @@ class Supervisor:
     def _loop(self) -> None:
         next_purge = next_keep_alive = 0.0
         reclaim_after = self.store.reclaim_after
-        every = None if reclaim_after is None else reclaim_after / 4
         while not self._stop.is_set():
             try:
                 if self._proc is None:
@@ -176,10 +175,10 @@ class Supervisor:
                         log.info("purged %d expired requests", removed)
                 if self.ready:
                     self._dispatch()
-                if every is not None and time.monotonic() >= next_keep_alive:
-                    next_keep_alive = time.monotonic() + every
-                    self._keep_alive()
-                wake_at = next_purge if every is None else min(next_purge, next_keep_alive)
+                if reclaim_after is not None and time.monotonic() >= next_keep_alive:
+                    next_keep_alive = time.monotonic() + reclaim_after / 4
+                    self._keep_alive(reclaim_after)
+                wake_at = next_purge if reclaim_after is None else min(next_purge, next_keep_alive)
                 self._pump(max(0.0, wake_at - time.monotonic()))
             except StoreError as exc:
                 self._errors.error("the job store failed: %s", exc)
@@ -281,16 +280,13 @@ class Supervisor:
         self._conn.send(Cancel(job_id))
         self._cancel_sent.add(job_id)
 
-    def _keep_alive(self) -> None:
+    def _keep_alive(self, reclaim_after: float) -> None:
         """The jobs the worker holds are alive, also those waiting behind the running batch or finishing:
         no other node may take them for a dead worker's. One this attempt no longer holds is stopped.
 
         Only while the worker is heard from: an engine that is alive but silent (a hung driver) keeps
         nothing, so its jobs are taken over as a dead one's would be."""
-        reclaim_after = self.store.reclaim_after
-        if not self.status.in_flight or reclaim_after is None:
-            return
-        if time.monotonic() - self._last_heard > 0.75 * reclaim_after:
+        if not self.status.in_flight or time.monotonic() - self._last_heard > 0.75 * reclaim_after:
             return
         for job_id in self.store.keep_alive(dict(self.status.in_flight)):
             self._send_cancel(job_id)
