@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from server.images import ImageLimits
-from server.jobs.contract import ImageSource, Job, JobParams, JobStatus
+from server.jobs.contract import FailureKind, ImageSource, Job, JobParams, JobStatus
 from server.jobs.messages import WorkerConfig
 from server.jobs.redis_store import RedisJobStore
 from server.jobs.supervisor import Supervisor
@@ -177,23 +177,28 @@ def local_node(redis_server: RedisServer) -> Iterator[LocalNode]:
         other.close()
 
 
-def test_a_live_workers_waiting_job_is_not_taken_for_a_dead_one(local_node: LocalNode) -> None:
-    """A worker holds the job it runs and the next one (prepared ahead), and may spend long on a step or
-    on finishing: while it lives, none of them is reclaimed, so none loses an attempt."""
+def test_a_free_worker_gets_the_next_job_and_a_busy_one_keeps_its_own(local_node: LocalNode) -> None:
+    """A busy worker does not take the next job ahead of time (it would wait there while another worker is
+    free); the job it runs, through preparation, steps and finishing, is never taken for a dead one's."""
     node = local_node
-    jobs = node.submit(2)
+    (running,) = node.submit(1)
     deadline = time.monotonic() + 60
-    while len(node.supervisor.status.in_flight) < 2 and time.monotonic() < deadline:
+    while (node.store.get(running.id).progress or 0) <= 0.02 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert list(node.supervisor.status.in_flight) == [j.id for j in jobs]  # one runs, one waits behind it
-    taken = []  # from here on the other node only ever finds jobs to reclaim
-    while not all(node.store.get(j.id).finished for j in jobs) and time.monotonic() < deadline + 120:
+    (waiting,) = node.submit(1)
+    time.sleep(1.0)  # the busy worker has heard of it by now
+    assert list(node.supervisor.status.in_flight) == [running.id]
+    taken = node.other.claim_next()  # the free worker
+    assert taken is not None and (taken.id, taken.attempts) == (waiting.id, 1)
+    assert node.other.fail(waiting.id, "ended by the test", FailureKind.ENGINE, 1)  # this stand-in runs nothing
+    stolen = []  # from here on the other node only ever finds jobs to reclaim
+    while not node.store.get(running.id).finished and time.monotonic() < deadline + 120:
         if (job := node.other.claim_next()) is not None:
-            taken.append(job.id)
+            stolen.append(job.id)
         time.sleep(0.2)
-    finals = [node.store.get(j.id) for j in jobs]
-    assert not taken, f"reclaimed from a live worker: {taken}"
-    assert [(j.status, j.attempts) for j in finals] == [(JobStatus.COMPLETED, 1)] * 2
+    final = node.store.get(running.id)
+    assert not stolen, f"reclaimed from a live worker: {stolen}"
+    assert (final.status, final.attempts) == (JobStatus.COMPLETED, 1)
 
 
 def test_the_jobs_of_a_hung_engine_are_taken_over(local_node: LocalNode) -> None:

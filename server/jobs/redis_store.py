@@ -5,7 +5,7 @@ previews, credit balances. Runnable jobs are entries of one stream read by one c
 node reads it under its own consumer name, so the stream hands every job to exactly one worker, in the
 order jobs became runnable. An entry stays pending until its job's result is stored; while its worker
 is heard from, its supervisor keeps fresh the entry of every job it holds (`keep_alive`: running,
-prepared ahead or finishing), and an entry left idle for `reclaim_after` seconds (its worker died or
+being prepared or finishing), and an entry left idle for `reclaim_after` seconds (its worker died or
 hung) is taken over by the next `claim_next` as a new attempt, at most MAX_ATTEMPTS in all.
 
 Each write is one Lua script, so a job is never half-written and every guarantee of the SQLite store

@@ -3,9 +3,10 @@
 It runs in a thread of the API process and sleeps until something happens: a message or the death
 of the worker, a job becoming ready (the store wakes it), or the next purge of expired results.
 It keeps the worker fed ahead: up to two batches' worth of jobs in flight (the running batch and
-the next, which the worker prepares meanwhile), claimed in queue order. The worker may die at any
-moment (a segfault, an OOM kill); the supervisor then puts every job it held back in the queue
-(once each) and starts a new worker, while the API goes on answering.
+the next, which the worker prepares meanwhile), claimed in queue order; on a store shared with other
+workers, one batch, taken when the worker is free, so that no job waits here while another worker
+idles. The worker may die at any moment (a segfault, an OOM kill); the supervisor then puts every job
+it held back in the queue (once each) and starts a new worker, while the API goes on answering.
 """
 
 from __future__ import annotations
@@ -334,11 +335,21 @@ class Supervisor:
             self.status.state = WorkerStatus.RESTARTING
 
     @property
+    def shared(self) -> bool:
+        """Other workers take jobs from the same store (Redis)."""
+        return self.store.reclaim_after is not None
+
+    @property
     def window(self) -> int:
-        """Jobs kept in the worker: the running batch and the next one, being prepared."""
-        return 2 * self.status.max_batch if self.config.prefetch else 1
+        """Jobs kept in the worker: the running batch and the next one, being prepared. On a shared store,
+        one batch: a job prepared ahead here would wait for this worker while another one sits idle."""
+        if not self.config.prefetch:
+            return 1
+        return self.status.max_batch if self.shared else 2 * self.status.max_batch
 
     def _dispatch(self) -> None:
+        if self.shared and self.status.in_flight:
+            return  # a batch is taken whole, when this worker is free; new jobs go to free workers meanwhile
         while self._work_hint and len(self.status.in_flight) < self.window and self._conn is not None:
             self._work_hint = False  # cleared before asking, so a wake-up meanwhile is not lost
             job = self.store.claim_next()
