@@ -28,7 +28,8 @@ from server.jobs.store import InsufficientBalance, QueueFull, StoreError
 from server.schemas import SegBeyondRequest
 
 log = logging.getLogger("beyond.submission")
-# How often a v1 waiter looks at the clock for its deadline while nothing happens (no store reads).
+# How often a v1 waiter that nothing woke reads its job again (an event from another node can be lost
+# while Redis reconnects) and looks at the clock for its deadline.
 IDLE_WAKE = 5.0
 
 
@@ -164,16 +165,21 @@ async def wait_finished(services: Services, job_id: str, request: Request | None
     gone = asyncio.ensure_future(_disconnected(request)) if request is not None else None
     try:
         with services.store.events.watch(job_id) as watch:
+            timed_out = False
             while True:
-                watch.clear()
-                state = services.store.state(job_id)
-                if state is None:
-                    raise NotFound(f"request {job_id!r} not found")
-                if state.finished:
-                    job = services.store.get(job_id)
-                    if job is None:
+                # Read only when the writer did not say what happened: the end of a job finished in this
+                # process comes with the job, a step of progress needs no look at all.
+                if (watch.clear() or timed_out) and watch.outcome is None:
+                    state = services.store.state(job_id)
+                    if state is None:
                         raise NotFound(f"request {job_id!r} not found")
-                    return job
+                    if state.finished:
+                        job = services.store.get(job_id)
+                        if job is None:
+                            raise NotFound(f"request {job_id!r} not found")
+                        return job
+                if watch.outcome is not None:
+                    return watch.outcome
                 left = deadline - time.monotonic()
                 if left <= 0:
                     await run_in_threadpool(services.store.request_cancel, job_id)
@@ -184,6 +190,7 @@ async def wait_finished(services: Services, job_id: str, request: Request | None
                 changed = asyncio.ensure_future(watch.wait(min(left, IDLE_WAKE)))
                 waiting = {changed} if gone is None else {changed, gone}
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                timed_out = changed.done() and not changed.result()
                 if gone is not None and gone.done():
                     changed.cancel()
                     log.info("v1 client of %s went away: cancelling it", job_id, extra={"request_id": job_id})

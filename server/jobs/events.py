@@ -12,21 +12,41 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterator
 
+from server.jobs.contract import Job
+
 
 class Watch:
     """A wake-up signal for one asyncio waiter (made on its loop), set from any thread. Clear, re-read
-    the state, then wait."""
+    the state, then wait.
+
+    A writer in this process may hand over what it wrote: the finished job itself (`outcome`, kept once
+    set: a job ends once), or word that only its progress moved. A v1 waiter then needs no store read
+    to see its job end, nor one per step to see it go on."""
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.event = asyncio.Event()
+        self.outcome: Job | None = None
+        self._news = True  # something other than progress may have changed since the last clear
 
-    def set(self) -> None:
+    def set(self, outcome: Job | None = None, progress: bool = False) -> None:
         with contextlib.suppress(RuntimeError):  # its loop has closed: nobody waits any more
-            self.loop.call_soon_threadsafe(self.event.set)
+            self.loop.call_soon_threadsafe(self._wake, outcome, progress)
 
-    def clear(self) -> None:
+    def _wake(self, outcome: Job | None, progress: bool) -> None:
+        # On the waiter's loop, so clear() never races a wake-up.
+        if outcome is not None:
+            self.outcome = outcome
+        if not progress:
+            self._news = True
+        self.event.set()
+
+    def clear(self) -> bool:
+        """Clear the signal; True when the job may have changed in more than its progress since the
+        last clear (so its state should be read again)."""
+        news, self._news = self._news, False
         self.event.clear()
+        return news
 
     async def wait(self, timeout: float | None) -> bool:
         """True when it was set, False when `timeout` seconds (None: no limit) passed first."""
@@ -59,12 +79,13 @@ class JobEvents:
                     if not watchers:
                         del self._watches[job_id]
 
-    def job_changed(self, job_id: str) -> None:
+    def job_changed(self, job_id: str, outcome: Job | None = None, progress: bool = False) -> None:
+        """`outcome`: the job as its writer just finished it; `progress`: only its progress moved."""
         with self._lock:
             watchers = list(self._watches.get(job_id, ()))
             changes = list(self._changes)
         for watch in watchers:
-            watch.set()
+            watch.set(outcome, progress)
         for callback in changes:
             callback(job_id)
 

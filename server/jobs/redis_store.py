@@ -816,7 +816,7 @@ class RedisJobStore:
         """Record progress and show the job's worker is alive; True when its cancellation was asked for
         (on any node), or when this attempt is no longer the job's."""
         cancel = self._run("touch", job_id, attempt, self.consumer, repr(float(progress)), 0)
-        self.events.job_changed(job_id)
+        self.events.job_changed(job_id, progress=not cancel)
         return bool(cancel)
 
     def _finish(

@@ -452,7 +452,7 @@ class SqliteJobStore:
             "UPDATE jobs SET progress = ? WHERE id = ? AND attempts = ? AND status = ? RETURNING cancel_requested",
             (progress, job_id, attempt, JobStatus.PROCESSING.value),
         ).fetchone()
-        self.events.job_changed(job_id)
+        self.events.job_changed(job_id, progress=row is not None)
         return row is None or bool(row[0])
 
     def _finish(self, job_id: str, status: JobStatus, attempt: int | None, **columns: Any) -> bool:
@@ -462,7 +462,7 @@ class SqliteJobStore:
         fence, args = ("", ()) if attempt is None else (" AND attempts = ?", (attempt,))
         with self._transaction() as db:
             row = db.execute(
-                f"UPDATE jobs SET {assignments} WHERE id = ? AND status IN (?, ?){fence} RETURNING owner, cost_units",
+                f"UPDATE jobs SET {assignments} WHERE id = ? AND status IN (?, ?){fence} RETURNING *",
                 (*columns.values(), job_id, *LIVE, *args),
             ).fetchone()
             # Every way a job can fail passes here, once: that is where its charge is refunded.
@@ -471,7 +471,7 @@ class SqliteJobStore:
                     "UPDATE credits SET balance_units = balance_units + ? WHERE owner = ?",
                     (row["cost_units"], row["owner"]),
                 )
-        self.events.job_changed(job_id)
+        self.events.job_changed(job_id, self._job(row))
         return row is not None
 
     def complete(self, job_id: str, attempt: int, result: JobResult, files: dict[str, bytes]) -> bool:

@@ -110,7 +110,10 @@ class Supervisor:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._errors = RateLimitedLog(log)
-        store.events.on_work(self.wake)
+        # The worker's state and pipe: held by the loop while it handles anything, and by a writer's
+        # thread that hands a new job to an idle worker itself (see _work_ready).
+        self._lock = threading.Lock()
+        store.events.on_work(self._work_ready)
 
     @property
     def ready(self) -> bool:
@@ -120,6 +123,22 @@ class Supervisor:
         self._work_hint = True
         with contextlib.suppress(BlockingIOError, OSError):  # a byte is already waiting: awake anyway
             self._wake_w.send(b"\0")
+
+    def _work_ready(self) -> None:
+        """A job became ready to run, in its writer's thread (a submission, the input stage, Redis's
+        listener). When the loop is not busy the job is claimed and sent from here, at once: waking the
+        loop's thread first would cost the request a hand-over between threads. Else the loop does it."""
+        self._work_hint = True
+        if self.ready and self._lock.acquire(blocking=False):
+            try:
+                if not self._stop.is_set():
+                    self._dispatch()
+                    return
+            except Exception:  # StoreError, a dead worker's pipe: the loop tries again and says why
+                self._work_hint = True
+            finally:
+                self._lock.release()
+        self.wake()
 
     def start(self) -> None:
         # Jobs left PROCESSING by a previous server that died: their worker is gone too.
@@ -144,13 +163,14 @@ class Supervisor:
                 self._proc.kill()
         self.status.state = WorkerStatus.STOPPED
         # The jobs it held go back to the queue now rather than waiting to be found stale.
-        for job_id in list(self.status.in_flight):
-            self._job_finished(job_id)
-            try:
-                outcome = self.store.release(job_id, "the worker was stopped")
-                log.info("job %s on stop: %s", job_id, outcome.value)
-            except StoreError as exc:
-                log.warning("could not release job %s on stop: %s", job_id, exc)
+        with self._lock:
+            for job_id in list(self.status.in_flight):
+                self._job_finished(job_id)
+                try:
+                    outcome = self.store.release(job_id, "the worker was stopped")
+                    log.info("job %s on stop: %s", job_id, outcome.value)
+                except StoreError as exc:
+                    log.warning("could not release job %s on stop: %s", job_id, exc)
 
     def _spawn(self) -> None:
         parent, child = self._ctx.Pipe()
@@ -167,18 +187,19 @@ class Supervisor:
         reclaim_after = self.store.reclaim_after
         while not self._stop.is_set():
             try:
-                if self._proc is None:
-                    self._spawn()
-                if time.monotonic() >= next_purge:
-                    next_purge = time.monotonic() + self.purge_interval
-                    removed = self.store.purge_expired()
-                    if removed:
-                        log.info("purged %d expired requests", removed)
-                if self.ready:
-                    self._dispatch()
-                if reclaim_after is not None and time.monotonic() >= next_keep_alive:
-                    next_keep_alive = time.monotonic() + reclaim_after / 4
-                    self._keep_alive(reclaim_after)
+                with self._lock:
+                    if self._proc is None:
+                        self._spawn()
+                    if time.monotonic() >= next_purge:
+                        next_purge = time.monotonic() + self.purge_interval
+                        removed = self.store.purge_expired()
+                        if removed:
+                            log.info("purged %d expired requests", removed)
+                    if self.ready:
+                        self._dispatch()
+                    if reclaim_after is not None and time.monotonic() >= next_keep_alive:
+                        next_keep_alive = time.monotonic() + reclaim_after / 4
+                        self._keep_alive(reclaim_after)
                 wake_at = next_purge if reclaim_after is None else min(next_purge, next_keep_alive)
                 self._pump(max(0.0, wake_at - time.monotonic()))
             except StoreError as exc:
@@ -197,6 +218,12 @@ class Supervisor:
             with contextlib.suppress(BlockingIOError):
                 while self._wake_r.recv(4096):
                     pass
+        with self._lock:
+            self._take(ready)
+
+    def _take(self, ready: list[Any]) -> None:
+        """What the worker said, or its death."""
+        assert self._proc is not None and self._conn is not None
         if self._conn in ready:
             self._last_heard = time.monotonic()
             try:
