@@ -1,7 +1,9 @@
 """The supervisor: feeds ready jobs to the worker process and keeps it alive.
 
 It runs in a thread of the API process and sleeps until something happens: a message or the death
-of the worker, a job becoming ready (the store wakes it), or the next purge of expired results.
+of the worker, a job becoming ready (the store wakes it), or the next purge of expired results. A job
+that becomes ready while the loop sleeps is claimed and sent by the thread that made it ready, under
+the same lock, so a request does not wait for the loop's thread to wake.
 It keeps the worker fed ahead: up to two batches' worth of jobs in flight (the running batch and
 the next, which the worker prepares meanwhile), claimed in queue order; on a store shared with other
 workers, one batch, taken when the worker is free, so that no job waits here while another worker
