@@ -167,9 +167,12 @@ async def wait_finished(services: Services, job_id: str, request: Request | None
         with services.store.events.watch(job_id) as watch:
             timed_out = False
             while True:
-                # Read only when the writer did not say what happened: the end of a job finished in this
-                # process comes with the job, a step of progress needs no look at all.
-                if (watch.clear() or timed_out) and watch.outcome is None:
+                news = watch.clear() or timed_out
+                # The end of a job finished in this process comes with its event, and a step of progress
+                # needs no look at all: the store is read only when the writer did not say what happened.
+                if watch.outcome is not None:
+                    return watch.outcome
+                if news:
                     state = services.store.state(job_id)
                     if state is None:
                         raise NotFound(f"request {job_id!r} not found")
@@ -178,8 +181,6 @@ async def wait_finished(services: Services, job_id: str, request: Request | None
                         if job is None:
                             raise NotFound(f"request {job_id!r} not found")
                         return job
-                if watch.outcome is not None:
-                    return watch.outcome
                 left = deadline - time.monotonic()
                 if left <= 0:
                     await run_in_threadpool(services.store.request_cancel, job_id)
