@@ -126,10 +126,9 @@ def load_image(value: str, limits: ImageLimits) -> Image.Image:
     return decode_image(read_bytes(value, limits), limits)
 
 
-def check_canvas(size: tuple[int, int], params: dict, limits: ImageLimits) -> None:
+def check_canvas(canvas: tuple[int, int], limits: ImageLimits) -> None:
     """The padded canvas must fit the limit too: padding can multiply a small image's pixels."""
-    width = size[0] + params["left"] + params["right"]
-    height = size[1] + params["top"] + params["bottom"]
+    width, height = canvas
     if width * height > limits.max_canvas_pixels:
         raise InputImageError(
             f"{width}x{height} = {width * height} pixels after padding; the limit is {limits.max_canvas_pixels}",

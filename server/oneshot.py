@@ -251,7 +251,7 @@ def _outpaint(args: argparse.Namespace) -> int:
     paths = output_paths(input_path, args.output, params.samples)
     image = read_input(input_path, limits)
     try:
-        check_canvas(image.size, params.to_json(), limits)
+        check_canvas(params.canvas_size(*image.size), limits)
     except InputImageError as exc:
         raise UsageError(_one_line(str(exc))) from None
     check_model(settings.model, settings.tokenizer_dir)

@@ -44,7 +44,7 @@ def _prepare_input(
             return ImageSource(url=value.strip()), None, None
         data = decode_base64(value, services.limits)
         size = decode_image(data, services.limits).size
-        check_canvas(size, params.to_json(), services.limits)
+        check_canvas(params.canvas_size(*size), services.limits)
         return ImageSource(), data, size
     except InputImageError as exc:
         raise BadRequest(str(exc)) from None

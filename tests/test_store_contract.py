@@ -169,7 +169,8 @@ def test_writes_are_fenced_by_attempt(store: JobStore) -> None:
     assert store.fail(job.id, "late", FailureKind.ENGINE, 1) is False
     assert store.get(job.id).status == JobStatus.PROCESSING
     assert store.set_progress(job.id, 2, 0.5) is False
-    store.mark_started(job.id, 2)
+    assert store.mark_started(job.id, 1) is True  # the late worker, starting: told to stop
+    assert store.mark_started(job.id, 2) is False
     running = store.get(job.id)
     assert running.progress == 0.5 and running.started_at is not None
     assert store.complete(job.id, 2, RESULT, {"output-0.jpg": b"jpg"}) is True
@@ -220,9 +221,20 @@ def test_cancel(store: JobStore) -> None:
 
 def test_a_job_claimed_but_not_started_is_cancelled_at_once(store: JobStore) -> None:
     job = queue(store)
-    store.claim_next()
+    claimed = store.claim_next()
     cancelled = store.request_cancel(job.id)
     assert cancelled.status == JobStatus.FAILED and cancelled.cancelled
+    # Its worker, starting it late, is told to stop; the ended job stays as it is.
+    assert store.mark_started(job.id, claimed.attempts) is True
+    assert store.get(job.id).started_at is None
+
+
+def test_a_job_cancelled_while_it_runs_tells_its_worker_when_it_starts(store: JobStore) -> None:
+    job = queue(store)
+    claimed = store.claim_next()
+    assert store.mark_started(job.id, claimed.attempts) is False
+    assert store.request_cancel(job.id).cancel_requested
+    assert store.mark_started(job.id, claimed.attempts) is True
 
 
 def test_url_jobs_wait_for_their_input(store: JobStore) -> None:

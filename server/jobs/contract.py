@@ -6,7 +6,7 @@ Each has one JSON form (`to_json` / `from_json`), the one the store writes and t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
@@ -66,7 +66,8 @@ class JobParams:
     bottom: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        # Flat fields: a shallow copy does (asdict's deep copy costs ~25 us on every request's path).
+        data = dict(vars(self))
         data["styles"] = list(self.styles)
         return data
 
@@ -117,7 +118,7 @@ class Delivery:
         return OUTPUT_FORMATS[self.output_format][1]
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v != getattr(Delivery, k, None)}
+        return {k: v for k, v in vars(self).items() if v != getattr(Delivery, k, None)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Delivery:
@@ -142,9 +143,10 @@ class JobResult:
     gpu_peak_memory: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = dict(vars(self))
         for name in ("outputs", "seeds", "working_size", "positive_prompts", "negative_prompts", "styles"):
             data[name] = list(data[name])
+        data["notes"] = dict(self.notes)
         return data
 
     @classmethod

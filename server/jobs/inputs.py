@@ -43,7 +43,7 @@ class InputStage:
 
     def _check(self, job: Job, data: bytes) -> None:
         image = decode_image(data, self.limits)
-        check_canvas(image.size, job.params.to_json(), self.limits)
+        check_canvas(job.params.canvas_size(*image.size), self.limits)
 
     async def _prepare(self, job: Job) -> None:
         assert job.source.url is not None

@@ -808,9 +808,10 @@ class RedisJobStore:
             self.events.job_changed(job.id)
         return job
 
-    def mark_started(self, job_id: str, attempt: int) -> None:
-        self._run("touch", job_id, attempt, self.consumer, "", 1)
+    def mark_started(self, job_id: str, attempt: int) -> bool:
+        cancel = self._run("touch", job_id, attempt, self.consumer, "", 1)
         self.events.job_changed(job_id)
+        return bool(cancel)
 
     def set_progress(self, job_id: str, attempt: int, progress: float) -> bool:
         """Record progress and show the job's worker is alive; True when its cancellation was asked for

@@ -439,20 +439,19 @@ class SqliteJobStore:
             self.events.job_changed(job.id)
         return job
 
-    def mark_started(self, job_id: str, attempt: int) -> None:
-        self._execute(
-            "UPDATE jobs SET started_at = ? WHERE id = ? AND attempts = ? AND status = ?",
-            (time.time(), job_id, attempt, JobStatus.PROCESSING.value),
-        )
-        self.events.job_changed(job_id)
+    def mark_started(self, job_id: str, attempt: int) -> bool:
+        return self._touch(job_id, attempt, "started_at", time.time())
 
     def set_progress(self, job_id: str, attempt: int, progress: float) -> bool:
-        """Record progress; True when the job's cancellation was asked for meanwhile."""
+        return self._touch(job_id, attempt, "progress", progress)
+
+    def _touch(self, job_id: str, attempt: int, column: str, value: float) -> bool:
+        """A running attempt's write; True when its worker should stop (cancelled, or not its job now)."""
         row = self._execute(
-            "UPDATE jobs SET progress = ? WHERE id = ? AND attempts = ? AND status = ? RETURNING cancel_requested",
-            (progress, job_id, attempt, JobStatus.PROCESSING.value),
+            f"UPDATE jobs SET {column} = ? WHERE id = ? AND attempts = ? AND status = ? RETURNING cancel_requested",
+            (value, job_id, attempt, JobStatus.PROCESSING.value),
         ).fetchone()
-        self.events.job_changed(job_id, progress=row is not None)
+        self.events.job_changed(job_id, progress=row is not None and column == "progress")
         return row is None or bool(row[0])
 
     def _finish(self, job_id: str, status: JobStatus, attempt: int | None, **columns: Any) -> bool:

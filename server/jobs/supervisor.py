@@ -251,14 +251,7 @@ class Supervisor:
         elif isinstance(message, Started):
             if message.job_id in self.status.in_flight:
                 self.status.started.add(message.job_id)
-            store.mark_started(message.job_id, message.attempt)
-            job = store.get(message.job_id)
-            if (
-                job is None
-                or job.cancel_requested
-                or job.status != JobStatus.PROCESSING
-                or job.attempts != message.attempt
-            ):
+            if store.mark_started(message.job_id, message.attempt):
                 # Cancelled while it waited, before the worker heard (or taken over by another node): it
                 # stops at its first step.
                 self._send_cancel(message.job_id)

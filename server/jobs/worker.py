@@ -250,9 +250,8 @@ class Worker:
         job = entry.job
         if job.job_id in self.cancelled:
             raise Cancelled()
-        params = job.params.to_json()
         image = decode_image(job.image, self.config.limits)
-        check_canvas(image.size, params, self.config.limits)
+        check_canvas(job.params.canvas_size(*image.size), self.config.limits)
         with self._on_side_stream():
             entry.prepared = self.engine.prepare(engine_request(image, job.params))
             if self._side_stream is not None:
@@ -484,9 +483,8 @@ class Worker:
         try:
             if job.job_id in self.cancelled:
                 raise Cancelled()
-            params = job.params.to_json()
             image = decode_image(job.image, self.config.limits)
-            check_canvas(image.size, params, self.config.limits)
+            check_canvas(job.params.canvas_size(*image.size), self.config.limits)
             self.send(Started(job.job_id, job.attempt))
             return self._done(job, self.engine.run(engine_request(image, job.params), on_step))
         except Exception as exc:  # one job's failure must not end the worker; the client gets our words only
