@@ -18,7 +18,10 @@ uvicorn (uvloop, httptools) from the same Python environment, and measures:
   parsing and image check, queueing, hand-over to the worker, reading the input, JPEG encoding,
   the store, and v1's wait. Measured through httpx and through the standard library's http.client
   (requests alternating), beside each client's round trip to the trivial endpoint: what the client
-  itself costs is part of every overhead figure.
+  itself costs is part of every overhead figure. Then, through http.client, a request with nothing
+  to outpaint (the same path, no denoising), back to back, and each right after as much CPU work in
+  another process as a denoising takes: the serving path's own cost, and what a CPU engine's work just
+  before it adds (the caches hold the engine's data, not the API's; a GPU engine leaves them be).
 - status polls per second at a few concurrencies (asyncio + httpx, bounded by count and time).
 
 The client runs on the same machine as the server, so on a small CPU it competes with it: the
@@ -31,6 +34,7 @@ import argparse
 import asyncio
 import http.client
 import json
+import os
 import re
 import shutil
 import statistics
@@ -103,11 +107,50 @@ def v1_overhead(post: Callable[[], tuple[int, dict[str, str]]]) -> tuple[float, 
     return elapsed - inference, inference
 
 
+# Another process's CPU work, as a CPU engine's denoising is: one thread of matrix products over a few
+# MB, which leaves the caches holding its data rather than the API's.
+CPU_LOAD = """
+import sys, time
+import numpy as np
+a = np.random.rand(512, 512)
+for line in sys.stdin:
+    end = time.perf_counter() + float(line)
+    while time.perf_counter() < end:
+        a = a @ a
+        a /= np.abs(a).max()
+    print(flush=True)
+"""
+
+
+class CpuLoad:
+    """A one-thread CPU load in another process, run for a given time when asked."""
+
+    def __enter__(self) -> CpuLoad:
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CPU_LOAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+        return self
+
+    def run(self, seconds: float) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{seconds}\n")
+        self.proc.stdin.flush()
+        if not self.proc.stdout.readline():
+            raise RuntimeError("the CPU load process ended")
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
 def v1_overheads(server_url: str, client: httpx.Client, body: dict, count: int) -> dict[str, list[float]]:
-    """v1 overheads through httpx and through the lean client, requests alternating between them; and the
-    round trip of each client to the trivial endpoint: the part of an overhead that is the client's."""
+    """v1 overheads through httpx and through the lean client, requests alternating between them; the same
+    with nothing to outpaint, alone and after CPU load; and the round trip of each client to the trivial
+    endpoint: the part of an overhead that is the client's."""
     lean = LeanClient(server_url)
     encoded = json.dumps(body).encode()
+    plain = json.dumps({**body, "left": 0, "right": 0, "top": 0, "bottom": 0}).encode()
 
     def by_httpx() -> tuple[int, dict[str, str]]:
         response = client.post("/v1/seg-beyond", json=body)
@@ -117,13 +160,26 @@ def v1_overheads(server_url: str, client: httpx.Client, body: dict, count: int) 
         status, headers, _ = lean.request("POST", "/v1/seg-beyond", encoded)
         return status, headers
 
-    found: dict[str, list[float]] = {"httpx": [], "lean": [], "engine": [], "httpx floor": [], "lean floor": []}
+    def by_lean_plain() -> tuple[int, dict[str, str]]:
+        status, headers, _ = lean.request("POST", "/v1/seg-beyond", plain)
+        return status, headers
+
+    found: dict[str, list[float]] = {
+        name: [] for name in ("httpx", "lean", "engine", "plain", "plain after load", "httpx floor", "lean floor")
+    }
     try:
         for _ in range(count):
             for name, post in (("httpx", by_httpx), ("lean", by_lean)):
                 overhead, inference = v1_overhead(post)
                 found[name].append(overhead)
                 found["engine"].append(inference)
+        for _ in range(3):  # the API's code and data back in the caches
+            v1_overhead(by_lean_plain)
+        found["plain"] = [v1_overhead(by_lean_plain)[0] for _ in range(count)]
+        with CpuLoad() as load:
+            for _ in range(count):
+                load.run(statistics.median(found["engine"]))
+                found["plain after load"].append(v1_overhead(by_lean_plain)[0])
         with TrivialApp() as trivial_url, httpx.Client(timeout=30) as plain:
             trivial = LeanClient(trivial_url)
             path = urllib.parse.urlsplit(trivial_url).path
@@ -223,6 +279,8 @@ def status_throughput(status_url: str, rounds: int, seconds: float) -> list[list
 V1_ROWS = (
     ("v1 round trip minus x-inference-time (httpx)", "httpx"),
     ("v1 round trip minus x-inference-time (http.client)", "lean"),
+    ("the same, nothing to outpaint (no denoising), back to back", "plain"),
+    ("the same, each after a denoising's time of CPU work elsewhere", "plain after load"),
     ("trivial GET round trip (httpx)", "httpx floor"),
     ("trivial GET round trip (http.client)", "lean floor"),
 )
