@@ -7,7 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-from models.names import DEFAULT_MODEL
 from server import hubcache, oneshot, worker_node
 from server.settings import Settings
 from server.version import package_version
@@ -21,11 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Each option defaults to its BEYOND_* variable; Settings reads both, the option wins.
     serve.add_argument("--host", help="interface to listen on (BEYOND_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (BEYOND_PORT, default 8000)")
-    serve.add_argument(
-        "--model",
-        help=f"random:tiny, random:sdxl, a diffusers folder, a .safetensors file or a hub id "
-        f"(BEYOND_MODEL, default {DEFAULT_MODEL})",
-    )
+    serve.add_argument("--model", help=worker_node.MODEL_HELP)
     serve.add_argument("--data-dir", help="where jobs and images are kept (BEYOND_DATA_DIR, default ./data)")
     serve.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (BEYOND_DEVICE, default auto)")
     serve.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="compute precision (BEYOND_DTYPE)")

@@ -20,15 +20,16 @@ from types import FrameType
 from models.names import DEFAULT_MODEL
 
 log = logging.getLogger("beyond.worker_node")
+# Also `beyond serve`'s.
+MODEL_HELP = (
+    "random:tiny, random:sdxl, a diffusers folder, a .safetensors file or a hub id"
+    f" (BEYOND_MODEL, default {DEFAULT_MODEL})"
+)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
     worker = commands.add_parser("worker", help="run one engine that takes jobs from the shared Redis store")
-    worker.add_argument(
-        "--model",
-        help=f"random:tiny, random:sdxl, a diffusers folder, a .safetensors file or a hub id "
-        f"(BEYOND_MODEL, default {DEFAULT_MODEL})",
-    )
+    worker.add_argument("--model", help=MODEL_HELP)
     worker.add_argument("--data-dir", help="local scratch space only: jobs live in Redis (BEYOND_DATA_DIR)")
     worker.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps: one worker per GPU (BEYOND_DEVICE)")
     worker.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="compute precision (BEYOND_DTYPE)")
