@@ -34,7 +34,6 @@ import json
 import math
 import platform
 import re
-import statistics
 import time
 import traceback
 from collections.abc import Iterator
@@ -151,29 +150,6 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def measurement_rows(results: list[eb.Measurement], label: dict[str, str]) -> list[list[Any]]:
-    baseline = {m.case: m.median_s for m in results if m.engine == "diffusers"}
-    rows = []
-    for m in results:
-        loop = statistics.median(m.loop_steps_per_s) if m.loop_steps_per_s else None
-        tflop = m.flops / 1e12 if m.flops else None
-        rows.append(
-            [
-                m.case,
-                label.get(m.engine, m.engine),
-                f"{m.working_size[0]}x{m.working_size[1]}",
-                m.median_s,
-                loop,
-                m.peak_bytes / 2**30 if m.peak_bytes is not None else None,
-                tflop,
-                tflop / m.median_s if tflop else None,
-                m.first_s,
-                f"{baseline[m.case] / m.median_s:.2f}x" if m.case in baseline else None,
-            ]
-        )
-    return rows
-
-
 SAMPLER_HEADERS = [
     "sampler",
     "finite",
@@ -256,7 +232,7 @@ def section_engines(opts: argparse.Namespace, report: Report, device: torch.devi
                     if m.engine == "ours" and m.case == eb.CASES["seed"].name:
                         m.flops = total()
             labels = {"diffusers": "diffusers", "ours-plain": "ours, knobs off", "ours": "ours, auto knobs"}
-            rec["rows"] = measurement_rows(results, labels)
+            rec["rows"] = eb.measurement_rows(results, MEASUREMENT_HEADERS, labels)
             print(table(MEASUREMENT_HEADERS, rec["rows"]), flush=True)
     ours = runners.pop("ours")
     runners.clear()
@@ -287,7 +263,9 @@ def section_compile(opts: argparse.Namespace, report: Report, device: torch.devi
         if m.times:
             rec["measurement"] = measurement_json(m)
             rec["compile_s"] = rec["first_run_s"] - m.median_s
-            rec["rows"] = measurement_rows([m], {"ours-compile": f"ours + torch.compile ({opts.compile_mode})"})
+            rec["rows"] = eb.measurement_rows(
+                [m], MEASUREMENT_HEADERS, {"ours-compile": f"ours + torch.compile ({opts.compile_mode})"}
+            )
             print(table(MEASUREMENT_HEADERS, rec["rows"]), flush=True)
         del runner
     release(device)

@@ -25,6 +25,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -325,45 +326,53 @@ def run_benchmark(args: argparse.Namespace) -> list[Measurement]:
     return results
 
 
-def report(results: list[Measurement]) -> str:
+MEASUREMENT_HEADERS = [
+    "case",
+    "engine",
+    "working size",
+    "s/request",
+    "min s",
+    "steps",
+    "steps/s (request)",
+    "steps/s (loop)",
+    "peak GiB",
+    "TFLOP/request",
+    "TFLOP/s",
+    "first run s",
+    "vs diffusers",
+]
+
+
+def measurement_rows(
+    results: list[Measurement], headers: list[str] = MEASUREMENT_HEADERS, label: dict[str, str] | None = None
+) -> list[list[Any]]:
+    """A row per measurement with the columns named in `headers` (of MEASUREMENT_HEADERS); `label` renames
+    engines."""
     baseline = {m.case: m.median_s for m in results if m.engine == "diffusers"}
     rows = []
     for m in results:
-        loop = statistics.median(m.loop_steps_per_s) if m.loop_steps_per_s else None
         tflop = m.flops / 1e12 if m.flops else None
-        rows.append(
-            [
-                m.case,
-                m.engine,
-                f"{m.working_size[0]}x{m.working_size[1]}",
-                m.median_s,
-                min(m.times),
-                m.steps_run,
-                m.steps_run / m.median_s,
-                loop,
-                m.peak_bytes / 2**30 if m.peak_bytes is not None else None,
-                tflop,
-                tflop / m.median_s if tflop else None,
-                m.first_s,
-                f"{baseline[m.case] / m.median_s:.2f}x" if m.case in baseline else None,
-            ]
-        )
-    headers = [
-        "case",
-        "engine",
-        "working size",
-        "s/request",
-        "min s",
-        "steps",
-        "steps/s (request)",
-        "steps/s (loop)",
-        "peak GiB",
-        "TFLOP/request",
-        "TFLOP/s",
-        "first run s",
-        "vs diffusers",
-    ]
-    return table(headers, rows)
+        cells = {
+            "case": m.case,
+            "engine": (label or {}).get(m.engine, m.engine),
+            "working size": f"{m.working_size[0]}x{m.working_size[1]}",
+            "s/request": m.median_s,
+            "min s": min(m.times),
+            "steps": m.steps_run,
+            "steps/s (request)": m.steps_run / m.median_s,
+            "steps/s (loop)": statistics.median(m.loop_steps_per_s) if m.loop_steps_per_s else None,
+            "peak GiB": m.peak_bytes / 2**30 if m.peak_bytes is not None else None,
+            "TFLOP/request": tflop,
+            "TFLOP/s": tflop / m.median_s if tflop else None,
+            "first run s": m.first_s,
+            "vs diffusers": f"{baseline[m.case] / m.median_s:.2f}x" if m.case in baseline else None,
+        }
+        rows.append([cells[name] for name in headers])
+    return rows
+
+
+def report(results: list[Measurement]) -> str:
+    return table(MEASUREMENT_HEADERS, measurement_rows(results))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
