@@ -19,7 +19,15 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from server.images import ImageLimits
+from server.jobs.messages import WorkerConfig
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_worker_config(**fields: object) -> WorkerConfig:
+    """The engine process's settings for the tiny random-weight model on the CPU."""
+    return WorkerConfig(model="random:tiny", device="cpu", dtype="auto", limits=ImageLimits(), **fields)  # type: ignore[arg-type]
 
 
 def free_port() -> int:

@@ -340,11 +340,10 @@ def test_sigterm_while_the_model_loads_stops_within_2_s(tmp_path: Path) -> None:
 
 def test_worker_failures_reach_clients_in_our_words() -> None:
     from models.errors import NonFiniteOutput, OutOfMemory
-    from server.images import ImageLimits
     from server.jobs.contract import JobParams
-    from server.jobs.messages import JobFailed, RunJob, WorkerConfig
+    from server.jobs.messages import JobFailed, RunJob
     from server.jobs.worker import UNKNOWN_FAILURE, Worker
-    from tests.helpers import encode
+    from tests.helpers import encode, tiny_worker_config
 
     class Broken:
         def __init__(self, exc: Exception) -> None:
@@ -357,7 +356,7 @@ def test_worker_failures_reach_clients_in_our_words() -> None:
         def send(self, message: object) -> None:
             pass
 
-    worker = Worker(Pipe(), WorkerConfig(model="random:tiny", device="cpu", dtype="auto", limits=ImageLimits()))  # type: ignore[arg-type]
+    worker = Worker(Pipe(), tiny_worker_config())  # type: ignore[arg-type]
     job = RunJob("j", 1, JobParams(prompt="p", left=8), encode(smooth_image(16, 16)))
     cases = {
         RuntimeError("/srv/secret/path <object at 0x7f>"): ("engine", UNKNOWN_FAILURE),

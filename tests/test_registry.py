@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from server.images import ImageLimits
-from server.jobs.messages import WorkerConfig
 from server.jobs.registry import (
     KEY_PREFIX,
     EmbeddedRegistry,
@@ -26,6 +24,7 @@ from server.jobs.sqlite_store import SqliteJobStore
 from server.jobs.store import StoreUnavailable
 from server.jobs.supervisor import Supervisor, WorkerStatus
 from server.routes.health import _primary
+from tests.helpers import tiny_worker_config
 from tests.redis_helpers import RedisServer
 
 
@@ -48,8 +47,7 @@ def card(name: str, state: str = "ready", **fields: object) -> WorkerInfo:
 
 
 def supervisor(tmp_path: Path) -> Supervisor:
-    config = WorkerConfig(model="random:tiny", device="cpu", dtype="auto", limits=ImageLimits())
-    return Supervisor(SqliteJobStore(tmp_path, ttl=60), config)
+    return Supervisor(SqliteJobStore(tmp_path, ttl=60), tiny_worker_config())
 
 
 def test_cards_are_listed_until_their_ttl_passes_or_they_are_removed(redis: RedisServer) -> None:

@@ -13,11 +13,11 @@ from types import SimpleNamespace
 import pytest
 
 import server.submission as submission
-from server.images import ImageLimits
 from server.jobs.contract import ImageSource, Job, JobParams, JobResult, JobStatus
-from server.jobs.messages import RunJob, WorkerConfig
+from server.jobs.messages import RunJob
 from server.jobs.sqlite_store import SqliteJobStore
 from server.jobs.supervisor import Supervisor, WorkerStatus
+from tests.helpers import tiny_worker_config
 
 RESULT = JobResult(outputs=("output-0.jpg",), seeds=(1,), width=8, height=8, working_size=(8, 8), inference_time=0.1)
 FILES = {"output-0.jpg": b"\xff\xd8 not really a jpeg"}
@@ -111,8 +111,7 @@ def test_an_end_whose_event_was_lost_is_found_by_the_idle_look(
 def idle_supervisor(tmp_path: Path) -> tuple[SqliteJobStore, Supervisor, object]:
     """A supervisor whose loop is not running, with a ready worker at the other end of a pipe."""
     store = SqliteJobStore(tmp_path)
-    config = WorkerConfig(model="random:tiny", device="cpu", dtype="auto", limits=ImageLimits())
-    supervisor = Supervisor(store, config)
+    supervisor = Supervisor(store, tiny_worker_config())
     parent, child = Pipe()
     supervisor._conn = parent
     supervisor.status.state = WorkerStatus.READY

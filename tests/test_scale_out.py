@@ -22,12 +22,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.images import ImageLimits
 from server.jobs.contract import FailureKind, ImageSource, Job, JobParams, JobStatus
-from server.jobs.messages import WorkerConfig
 from server.jobs.redis_store import RedisJobStore
 from server.jobs.supervisor import Supervisor
-from tests.helpers import ROOT, ServerProcess, encode, jpeg, request_body, smooth_image
+from tests.helpers import ROOT, ServerProcess, encode, jpeg, request_body, smooth_image, tiny_worker_config
 from tests.redis_helpers import RedisServer
 
 WORKERS = ("w1", "w2", "w3")
@@ -159,8 +157,7 @@ def local_node(redis_server: RedisServer) -> Iterator[LocalNode]:
     prefix = f"keep{time.monotonic_ns()}:"
     store = RedisJobStore(redis_server.url, prefix=prefix, reclaim_after=1.0)
     other = RedisJobStore(redis_server.url, prefix=prefix, reclaim_after=1.0)
-    config = WorkerConfig(model="random:tiny", device="cpu", dtype="auto", limits=ImageLimits(), cpu_threads=1)
-    supervisor = Supervisor(store, config)
+    supervisor = Supervisor(store, tiny_worker_config(cpu_threads=1))
     supervisor.start()
     try:
         deadline = time.monotonic() + 120
