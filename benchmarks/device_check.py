@@ -162,7 +162,7 @@ SAMPLER_HEADERS = [
     "peak GiB",
 ]
 
-# The engine benchmark's columns, less those the steps/s (loop) column makes redundant here.
+# The engine benchmark's columns but three, for a narrower table of the device run.
 MEASUREMENT_HEADERS = [h for h in eb.MEASUREMENT_HEADERS if h not in ("min s", "steps", "steps/s (request)")]
 
 
