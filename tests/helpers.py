@@ -135,6 +135,15 @@ class ServerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+def wait_until_nothing_waits(server: ServerProcess, timeout: float = 120) -> None:
+    """Until /health counts no job waiting: none queued, none handed to the worker and not started yet
+    (the queue's bound counts those too)."""
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{server.url}/health", timeout=10).json()["queued"] != 0:
+        assert time.monotonic() < deadline, "jobs still waiting"
+        time.sleep(0.05)
+
+
 def serve_expecting_exit(data_dir: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     """Run `beyond serve` where it must refuse to start; returns its exit code and output."""
     return subprocess.run(

@@ -13,7 +13,15 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tests.helpers import ServerProcess, b64, encode, noise_image, request_body, smooth_image
+from tests.helpers import (
+    ServerProcess,
+    b64,
+    encode,
+    noise_image,
+    request_body,
+    smooth_image,
+    wait_until_nothing_waits,
+)
 
 KEY_A, KEY_B = "SG_aaaaaaaaaaaaaaaa", "SG_bbbbbbbbbbbbbbbb"
 
@@ -94,11 +102,7 @@ def test_keys_never_reach_the_store_or_the_log(guarded: ServerProcess) -> None:
 
 
 def test_a_flooded_queue_answers_429_and_keeps_what_it_accepted(guarded: ServerProcess) -> None:
-    # An earlier test's job still being prepared counts as waiting: the bound below needs an empty queue.
-    deadline = time.monotonic() + 120
-    while get(guarded, "/health", None).json()["queued"] != 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until_nothing_waits(guarded)  # an earlier test's job, still being prepared, would count
     accepted, refused = [], None
     for i in range(12):
         response = v2(guarded, KEY_A, steps=100, seed=100 + i)

@@ -23,7 +23,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import ROOT, ServerProcess, request_body, serve_expecting_exit, smooth_image
+from tests.helpers import (
+    ROOT,
+    ServerProcess,
+    request_body,
+    serve_expecting_exit,
+    smooth_image,
+    wait_until_nothing_waits,
+)
 from tests.test_queue import finished, status, submit, wait_for
 
 
@@ -80,6 +87,7 @@ def test_a_slow_input_url_delays_only_its_own_job(tight: ServerProcess, dribble:
 def test_the_queue_bound_holds_under_concurrent_submits(tight: ServerProcess) -> None:
     running = submit(tight, steps=100)
     wait_for(tight, running["request_id"], lambda b: b["status"] == "PROCESSING")
+    wait_until_nothing_waits(tight)  # PROCESSING is also a job handed to the worker but not started
 
     def one(i: int) -> int:
         response = httpx.post(f"{tight.url}/v2/seg-beyond", json=request_body(seed=i, steps=100), timeout=60)
