@@ -20,8 +20,8 @@ uvicorn (uvloop, httptools) from the same Python environment, and measures:
   (requests alternating), beside each client's round trip to the trivial endpoint: what the client
   itself costs is part of every overhead figure. Then, through http.client, a request with nothing
   to outpaint (the same path, no denoising), back to back, and each right after as much CPU work in
-  another process as a denoising takes: the serving path's own cost, and what a CPU engine's work just
-  before it adds (the caches hold the engine's data, not the API's; a GPU engine leaves them be).
+  another process as a denoising takes: the serving path's own cost, and what CPU work just before it
+  adds (most likely the caches then hold the other process's data, not the API's).
 - status polls per second at a few concurrencies (asyncio + httpx, bounded by count and time).
 
 The client runs on the same machine as the server, so on a small CPU it competes with it: the
@@ -107,8 +107,7 @@ def v1_overhead(post: Callable[[], tuple[int, dict[str, str]]]) -> tuple[float, 
     return elapsed - inference, inference
 
 
-# Another process's CPU work, as a CPU engine's denoising is: one thread of matrix products over a few
-# MB, which leaves the caches holding its data rather than the API's.
+# Another process's CPU work, as a CPU engine's denoising is: one thread of matrix products over a few MB.
 CPU_LOAD = """
 import sys, time
 import numpy as np
@@ -146,11 +145,11 @@ class CpuLoad:
 
 def v1_overheads(server_url: str, client: httpx.Client, body: dict, count: int) -> dict[str, list[float]]:
     """v1 overheads through httpx and through the lean client, requests alternating between them; the same
-    with nothing to outpaint, alone and after CPU load; and the round trip of each client to the trivial
+    with nothing to outpaint, back to back and after CPU load; and the round trip of each client to the trivial
     endpoint: the part of an overhead that is the client's."""
     lean = LeanClient(server_url)
     encoded = json.dumps(body).encode()
-    plain = json.dumps({**body, "left": 0, "right": 0, "top": 0, "bottom": 0}).encode()
+    unpadded = json.dumps({**body, "left": 0, "right": 0, "top": 0, "bottom": 0}).encode()
 
     def by_httpx() -> tuple[int, dict[str, str]]:
         response = client.post("/v1/seg-beyond", json=body)
@@ -161,7 +160,7 @@ def v1_overheads(server_url: str, client: httpx.Client, body: dict, count: int) 
         return status, headers
 
     def by_lean_plain() -> tuple[int, dict[str, str]]:
-        status, headers, _ = lean.request("POST", "/v1/seg-beyond", plain)
+        status, headers, _ = lean.request("POST", "/v1/seg-beyond", unpadded)
         return status, headers
 
     found: dict[str, list[float]] = {

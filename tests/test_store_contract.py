@@ -229,7 +229,7 @@ def test_a_job_claimed_but_not_started_is_cancelled_at_once(store: JobStore) -> 
     assert store.get(job.id).started_at is None
 
 
-def test_a_job_cancelled_while_it_runs_tells_its_worker_when_it_starts(store: JobStore) -> None:
+def test_starting_a_job_whose_cancel_was_asked_says_stop(store: JobStore) -> None:
     job = queue(store)
     claimed = store.claim_next()
     assert store.mark_started(job.id, claimed.attempts) is False
