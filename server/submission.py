@@ -164,23 +164,22 @@ async def wait_finished(services: Services, job_id: str, request: Request | None
     deadline = time.monotonic() + services.settings.sync_timeout
     gone = asyncio.ensure_future(_disconnected(request)) if request is not None else None
     try:
-        with services.store.events.watch(job_id) as watch:
-            timed_out = False
+        with services.store.events.watch(job_id, ends_only=True) as watch:
             while True:
-                news = watch.clear() or timed_out
-                # The end of a job finished in this process comes with its event, and a step of progress
-                # needs no look at all: the store is read only when the writer did not say what happened.
+                watch.clear()
+                # The end of a job finished in this process comes with its event. Anything else that wakes
+                # this watch may have ended it (as may the idle look), and so may what happened before the
+                # watch began: the store is read then.
                 if watch.outcome is not None:
                     return watch.outcome
-                if news:
-                    state = services.store.state(job_id)
-                    if state is None:
+                state = services.store.state(job_id)
+                if state is None:
+                    raise NotFound(f"request {job_id!r} not found")
+                if state.finished:
+                    job = services.store.get(job_id)
+                    if job is None:
                         raise NotFound(f"request {job_id!r} not found")
-                    if state.finished:
-                        job = services.store.get(job_id)
-                        if job is None:
-                            raise NotFound(f"request {job_id!r} not found")
-                        return job
+                    return job
                 left = deadline - time.monotonic()
                 if left <= 0:
                     await run_in_threadpool(services.store.request_cancel, job_id)
@@ -191,7 +190,6 @@ async def wait_finished(services: Services, job_id: str, request: Request | None
                 changed = asyncio.ensure_future(watch.wait(min(left, IDLE_WAKE)))
                 waiting = {changed} if gone is None else {changed, gone}
                 await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                timed_out = changed.done() and not changed.result()
                 if gone is not None and gone.done():
                     changed.cancel()
                     log.info("v1 client of %s went away: cancelling it", job_id, extra={"request_id": job_id})

@@ -78,6 +78,27 @@ def test_a_job_finished_in_this_process_reaches_its_waiter_without_a_store_read(
     assert finished == store.get(job.id)
 
 
+def test_a_v1_waiter_is_woken_by_its_jobs_end_only(tmp_path: Path) -> None:
+    store = CountingStore(tmp_path)
+    job = store.create(JobParams(prompt="x"), ImageSource(), image=b"input", base64=False, owner=None)
+
+    def run_it() -> None:
+        claimed = store.claim_next()
+        assert claimed is not None
+        store.mark_started(job.id, claimed.attempts)
+        for step in range(1, 21):
+            store.set_progress(job.id, claimed.attempts, step / 20)
+            time.sleep(0.01)
+        store.complete(job.id, claimed.attempts, RESULT, FILES)
+
+    thread = later(run_it)
+    finished = wait_for(store, job.id)
+    thread.join()
+    # Being claimed, starting and moving on do not end a job: its waiter reads nothing for them.
+    assert store.reads == 1
+    assert finished.status == JobStatus.COMPLETED
+
+
 def test_an_end_written_elsewhere_is_read_when_its_event_comes(tmp_path: Path) -> None:
     store = CountingStore(tmp_path)
     job = queue_one(store)

@@ -288,6 +288,24 @@ def test_the_store_wakes_its_waiters(store: JobStore) -> None:
     assert asyncio.run(wait_for_change())
 
 
+async def woken_while_it_runs(watching: JobStore, running: JobStore, job: Job) -> tuple[bool, bool, bool]:
+    """Whether a watch on `watching`'s events is woken while `running` claims, starts and moves `job` on
+    (one watch waiting only for its end, one for any change), then whether the end-only one is by its end."""
+    with watching.events.watch(job.id, ends_only=True) as end, watching.events.watch(job.id) as any_change:
+        claimed = start_next(running)
+        running.set_progress(job.id, claimed.attempts, 0.5)
+        changed = await any_change.wait(5)
+        early = await end.wait(0.5)
+        running.complete(job.id, claimed.attempts, RESULT, {"output-0.jpg": b"jpg"})
+        return early, changed, await end.wait(5)
+
+
+def test_a_watch_for_the_end_is_not_woken_while_the_job_runs(store: JobStore) -> None:
+    job = queue(store)
+    early, changed, ended = asyncio.run(woken_while_it_runs(store, store, job))
+    assert changed and not early and ended
+
+
 def test_health_says_none_when_the_store_works(store: JobStore) -> None:
     assert store.health() is None
 
@@ -343,6 +361,14 @@ def test_another_nodes_writes_wake_this_nodes_waiters(nodes) -> None:
 
     assert asyncio.run(wait_for_end()) == JobStatus.COMPLETED
     assert api.read_file(job.id, "output-0.jpg") == b"jpg"  # any node serves any result
+
+
+def test_another_nodes_running_job_does_not_wake_a_watch_for_its_end(nodes) -> None:
+    api, worker = nodes(), nodes()
+    job = queue(api)
+    early, changed, ended = asyncio.run(woken_while_it_runs(api, worker, job))
+    assert changed, "the API's node was not told of the other node's progress at all"
+    assert not early and ended
 
 
 def test_a_cancel_asked_on_one_node_reaches_the_worker_on_another(nodes) -> None:

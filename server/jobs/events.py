@@ -19,34 +19,30 @@ class Watch:
     """A wake-up signal for one asyncio waiter (made on its loop), set from any thread. Clear, re-read
     the state, then wait.
 
-    A writer in this process may hand over what it wrote: the finished job itself (`outcome`, kept once
-    set: a job ends once), or word that only its progress moved. A v1 waiter then needs no store read
-    to see its job end, nor one per step to see it go on."""
+    A writer in this process may hand over the finished job itself (`outcome`, kept once set: a job ends
+    once), so a v1 waiter needs no store read to see its job end. A watch that waits only for the end
+    (`ends_only`) is not woken at all while its job runs on (claimed, started, a step further)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ends_only: bool = False) -> None:
         self.loop = asyncio.get_running_loop()
         self.event = asyncio.Event()
         self.outcome: Job | None = None
-        self._news = True  # something other than progress may have changed since the last clear
+        self.ends_only = ends_only
 
-    def set(self, outcome: Job | None = None, progress: bool = False) -> None:
+    def set(self, outcome: Job | None = None, running: bool = False) -> None:
+        if running and self.ends_only:
+            return
         with contextlib.suppress(RuntimeError):  # its loop has closed: nobody waits any more
-            self.loop.call_soon_threadsafe(self._wake, outcome, progress)
+            self.loop.call_soon_threadsafe(self._wake, outcome)
 
-    def _wake(self, outcome: Job | None, progress: bool) -> None:
+    def _wake(self, outcome: Job | None) -> None:
         # On the waiter's loop, so clear() never races a wake-up.
         if outcome is not None:
             self.outcome = outcome
-        if not progress:
-            self._news = True
         self.event.set()
 
-    def clear(self) -> bool:
-        """Clear the signal; True when the job may have changed in more than its progress since the
-        last clear (so its state should be read again)."""
-        news, self._news = self._news, False
+    def clear(self) -> None:
         self.event.clear()
-        return news
 
     async def wait(self, timeout: float | None) -> bool:
         """True when it was set, False when `timeout` seconds (None: no limit) passed first."""
@@ -65,8 +61,8 @@ class JobEvents:
         self._changes: list[Callable[[str], None]] = []
 
     @contextlib.contextmanager
-    def watch(self, job_id: str) -> Iterator[Watch]:
-        watch = Watch()
+    def watch(self, job_id: str, *, ends_only: bool = False) -> Iterator[Watch]:
+        watch = Watch(ends_only)
         with self._lock:
             self._watches.setdefault(job_id, set()).add(watch)
         try:
@@ -79,13 +75,14 @@ class JobEvents:
                     if not watchers:
                         del self._watches[job_id]
 
-    def job_changed(self, job_id: str, outcome: Job | None = None, progress: bool = False) -> None:
-        """`outcome`: the job as its writer just finished it; `progress`: only its progress moved."""
+    def job_changed(self, job_id: str, outcome: Job | None = None, running: bool = False) -> None:
+        """`outcome`: the job as its writer just finished it; `running`: the job runs on (it was claimed,
+        started, or moved a step): nothing that may have ended it."""
         with self._lock:
             watchers = list(self._watches.get(job_id, ()))
             changes = list(self._changes)
         for watch in watchers:
-            watch.set(outcome, progress)
+            watch.set(outcome, running)
         for callback in changes:
             callback(job_id)
 

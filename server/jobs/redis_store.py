@@ -85,6 +85,8 @@ local function fileskey(id) return P .. 'files:' .. id end
 local function ownerkey(owner) if owner then return P .. 'owner:=' .. owner end return P .. 'owner:-' end
 local function stamp(x) return string.format('%.6f', x) end
 local function notify(id) redis.call('PUBLISH', P .. 'events', ORIGIN .. ' j ' .. id) end
+-- A running job was claimed, started or moved on: nothing that may have ended it.
+local function notify_running(id) redis.call('PUBLISH', P .. 'events', ORIGIN .. ' r ' .. id) end
 local function notify_work() redis.call('PUBLISH', P .. 'events', ORIGIN .. ' w') end
 local function drop_entry(id)
   local entry = redis.call('HGET', jobkey(id), 'entry')
@@ -205,7 +207,7 @@ local function take(entry, id, reclaimed)
   redis.call('HDEL', k, 'started_at')
   -- It stays in `queued` until its worker starts it: handed to a worker ahead of its turn, it still waits.
   redis.call('ZADD', P .. 'processing', redis.call('HGET', k, 'seq'), id)
-  notify(id)
+  notify_running(id)
   return redis.call('HGETALL', k)
 end
 local cursor = '0-0'
@@ -242,7 +244,7 @@ if started then
 end
 local entry = redis.call('HGET', k, 'entry')
 if entry then redis.call('XCLAIM', STREAM, GROUP, consumer, 0, entry, 'JUSTID') end
-notify(id)
+notify_running(id)
 if redis.call('HGET', k, 'cancel_requested') == '1' then return 1 end
 return 0
 """
@@ -612,8 +614,8 @@ class RedisJobStore:
         kind, _, job_id = rest.partition(" ")
         if kind == "w":
             self.events.work_available()
-        elif kind == "j" and job_id:
-            self.events.job_changed(job_id)
+        elif kind in ("j", "r") and job_id:
+            self.events.job_changed(job_id, running=kind == "r")
 
     def close(self) -> None:
         self._stop.set()
@@ -805,19 +807,19 @@ class RedisJobStore:
             return None
         job = self._job(_pairs(fields))
         if job is not None:
-            self.events.job_changed(job.id)
+            self.events.job_changed(job.id, running=True)
         return job
 
     def mark_started(self, job_id: str, attempt: int) -> bool:
         cancel = self._run("touch", job_id, attempt, self.consumer, "", 1)
-        self.events.job_changed(job_id)
+        self.events.job_changed(job_id, running=not cancel)
         return bool(cancel)
 
     def set_progress(self, job_id: str, attempt: int, progress: float) -> bool:
         """Record progress and show the job's worker is alive; True when its cancellation was asked for
         (on any node), or when this attempt is no longer the job's."""
         cancel = self._run("touch", job_id, attempt, self.consumer, repr(float(progress)), 0)
-        self.events.job_changed(job_id, progress=not cancel)
+        self.events.job_changed(job_id, running=not cancel)
         return bool(cancel)
 
     def _finish(

@@ -436,7 +436,7 @@ class SqliteJobStore:
         ).fetchone()
         job = self._job(row)
         if job is not None:
-            self.events.job_changed(job.id)
+            self.events.job_changed(job.id, running=True)
         return job
 
     def mark_started(self, job_id: str, attempt: int) -> bool:
@@ -451,7 +451,7 @@ class SqliteJobStore:
             f"UPDATE jobs SET {column} = ? WHERE id = ? AND attempts = ? AND status = ? RETURNING cancel_requested",
             (value, job_id, attempt, JobStatus.PROCESSING.value),
         ).fetchone()
-        self.events.job_changed(job_id, progress=row is not None and column == "progress")
+        self.events.job_changed(job_id, running=row is not None)
         return row is None or bool(row[0])
 
     def _finish(self, job_id: str, status: JobStatus, attempt: int | None, **columns: Any) -> bool:
