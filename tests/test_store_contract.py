@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -304,6 +305,23 @@ def test_a_watch_for_the_end_is_not_woken_while_the_job_runs(store: JobStore) ->
     job = queue(store)
     early, changed, ended = asyncio.run(woken_while_it_runs(store, store, job))
     assert changed and not early and ended
+
+
+def test_a_job_ended_here_is_handed_to_its_waiters_as_it_ended(store: JobStore) -> None:
+    done, failed = queue(store, seed=1), queue(store, seed=2)
+
+    async def outcome(job: Job, end: Callable[[Job], object]) -> Job | None:
+        with store.events.watch(job.id, ends_only=True) as watch:
+            end(start_next(store))
+            await watch.wait(5)
+            return watch.outcome
+
+    completed = asyncio.run(outcome(done, lambda j: store.complete(j.id, j.attempts, RESULT, {"output-0.jpg": b"j"})))
+    assert completed is not None and completed.status == JobStatus.COMPLETED and completed.result == RESULT
+    assert completed == store.get(done.id)
+    gone = asyncio.run(outcome(failed, lambda j: store.fail(j.id, "boom", FailureKind.ENGINE, j.attempts)))
+    assert gone is not None and (gone.status, gone.error) == (JobStatus.FAILED, "boom")
+    assert gone == store.get(failed.id)
 
 
 def test_health_says_none_when_the_store_works(store: JobStore) -> None:

@@ -260,7 +260,7 @@ local fields = {}
 for i = 9, 8 + 2 * nfields do fields[#fields + 1] = ARGV[i] end
 for i = 9 + 2 * nfields, #ARGV, 2 do redis.call('HSET', fileskey(id), ARGV[i], ARGV[i + 1]) end
 finish(id, status, ttl, fields)
-return 1
+return redis.call('HGETALL', k)
 """
 FAIL = "#!lua flags=allow-oom\n" + PRELUDE + FINISH_BODY
 COMPLETE = PRELUDE + FINISH_BODY
@@ -831,9 +831,11 @@ class RedisJobStore:
             args += [name, value]
         for name, data in (files or {}).items():
             args += [name, data]
-        done = bool(self._run(script, *args))
-        self.events.job_changed(job_id)
-        return done
+        answer = self._run(script, *args)
+        # The job as it ended, for this process's waiters: a v1 waiter here needs no read of its own.
+        job = self._job(_pairs(answer)) if answer else None
+        self.events.job_changed(job_id, job)
+        return job is not None
 
     def complete(self, job_id: str, attempt: int, result: JobResult, files: dict[str, bytes]) -> bool:
         """The result and its files, stored together and only for the job's current attempt."""
