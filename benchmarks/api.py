@@ -19,9 +19,12 @@ uvicorn (uvloop, httptools) from the same Python environment, and measures:
   the store, and v1's wait. Measured through httpx and through the standard library's http.client
   (requests alternating), beside each client's round trip to the trivial endpoint: what the client
   itself costs is part of every overhead figure. Then, through http.client, a request with nothing
-  to outpaint (the same path, no denoising), back to back, and each right after as much CPU work in
-  another process as a denoising takes: the serving path's own cost, and what CPU work just before it
-  adds (most likely the caches then hold the other process's data, not the API's).
+  to outpaint (the same path, no denoising): back to back, each after as long idle as a denoising takes,
+  and each right after as much CPU work in another process: the serving path's own cost, and what a
+  second of the server's threads asleep adds to it.
+- hand-overs: a round trip between two processes over a pipe (as between the API and its worker),
+  back to back and the first one after the same idle time. On a VM each thread woken on an idle
+  (halted) CPU pays for its wake-up; the v1 path wakes a sleeping thread at each of its hand-overs.
 - status polls per second at a few concurrencies (asyncio + httpx, bounded by count and time).
 
 The client runs on the same machine as the server, so on a small CPU it competes with it: the
@@ -34,6 +37,7 @@ import argparse
 import asyncio
 import http.client
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -43,6 +47,7 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 
 import httpx
 
@@ -143,6 +148,38 @@ class CpuLoad:
         self.proc.wait(10)
 
 
+def _echo(conn: Connection) -> None:
+    while (message := conn.recv_bytes()) != b"":
+        conn.send_bytes(message)
+
+
+def hand_overs(count: int, idle: float) -> dict[str, list[float]]:
+    """Round trips over a pipe to another process: back to back, and each the first after `idle` seconds."""
+    context = multiprocessing.get_context("spawn")
+    here, there = context.Pipe()
+    echo = context.Process(target=_echo, args=(there,), daemon=True)
+    echo.start()
+
+    def round_trip() -> float:
+        started = time.perf_counter()
+        here.send_bytes(b"x")
+        here.recv_bytes()
+        return time.perf_counter() - started
+
+    found: dict[str, list[float]] = {"warm": [], "after idle": []}
+    try:
+        for _ in range(20):
+            round_trip()
+        found["warm"].extend(round_trip() for _ in range(max(200, count)))
+        for _ in range(count):
+            time.sleep(idle)
+            found["after idle"].append(round_trip())
+    finally:
+        here.send_bytes(b"")
+        echo.join(10)
+    return found
+
+
 def v1_overheads(server_url: str, client: httpx.Client, body: dict, count: int) -> dict[str, list[float]]:
     """v1 overheads through httpx and through the lean client, requests alternating between them; the same
     with nothing to outpaint, back to back and after CPU load; and the round trip of each client to the trivial
@@ -164,9 +201,8 @@ def v1_overheads(server_url: str, client: httpx.Client, body: dict, count: int) 
 
     by_lean_plain = by_lean(unpadded)
 
-    found: dict[str, list[float]] = {
-        name: [] for name in ("httpx", "lean", "engine", "plain", "plain after load", "httpx floor", "lean floor")
-    }
+    names = ("httpx", "lean", "engine", "plain", "plain after idle", "plain after load", "httpx floor", "lean floor")
+    found: dict[str, list[float]] = {name: [] for name in names}
     try:
         for _ in range(count):
             for name, post in (("httpx", by_httpx), ("lean", by_lean(encoded))):
@@ -177,6 +213,9 @@ def v1_overheads(server_url: str, client: httpx.Client, body: dict, count: int) 
             v1_overhead(by_lean_plain)
         found["plain"].extend(v1_overhead(by_lean_plain)[0] for _ in range(count))
         denoising = statistics.median(found["engine"])
+        for _ in range(count):
+            time.sleep(denoising)
+            found["plain after idle"].append(v1_overhead(by_lean_plain)[0])
         with CpuLoad() as load:
             for _ in range(count):
                 load.run(denoising)
@@ -281,6 +320,7 @@ V1_ROWS = (
     ("v1 round trip minus x-inference-time (httpx)", "httpx"),
     ("v1 round trip minus x-inference-time (http.client)", "lean"),
     ("the same, nothing to outpaint (no denoising), back to back", "plain"),
+    ("the same, each after a denoising's time idle", "plain after idle"),
     ("the same, each after a denoising's time of CPU work elsewhere", "plain after load"),
     ("trivial GET round trip (httpx)", "httpx floor"),
     ("trivial GET round trip (http.client)", "lean floor"),
@@ -317,6 +357,7 @@ def run(args: argparse.Namespace) -> None:
             wait_done(client, request_id)
 
         v1 = v1_overheads(server.url, client, body, args.v1)
+        pipe = hand_overs(args.v1, statistics.median(v1["engine"]))
         throughput = status_throughput(f"{server.url}/v2/requests/{done}/status", args.rounds, args.wrk_seconds)
 
         rates = []
@@ -333,6 +374,8 @@ def run(args: argparse.Namespace) -> None:
                 latency_row("status poll, worker busy", busy),
                 *(latency_row(label, v1[key]) for label, key in V1_ROWS),
                 latency_row("(engine time, x-inference-time)", v1["engine"], mean=False),
+                latency_row("round trip to another process (pipe), back to back", pipe["warm"]),
+                latency_row("the same, each the first after a denoising's time idle", pipe["after idle"]),
             ],
         )
     )

@@ -24,7 +24,8 @@ Key layout (prefix `beyond:` by default):
     owner:=<owner>      zset of an owner's job ids by seq (`owner:-` for jobs without a key)
     expiry              zset of "<id> <owner key>" by expires_at: what purge_expired cleans up
     credits, granted    hashes owner -> balance units, owner -> granted units
-    events              pub/sub channel: "<origin> w" (work available), "<origin> j <id>" (job changed)
+    events              pub/sub channel: "<origin> w" (work available), "<origin> j <id>" (job changed),
+                        "<origin> r <id>" (job claimed, started or a step further: still running)
 Finished jobs and their files carry a Redis TTL (the result TTL); live jobs never expire.
 """
 
