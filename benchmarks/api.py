@@ -23,7 +23,7 @@ uvicorn (uvloop, httptools) from the same Python environment, and measures:
   and each right after as much CPU work in another process: the serving path's own cost, and what a
   second of the server's threads asleep adds to it.
 - hand-overs: a round trip between two processes over a pipe (as between the API and its worker),
-  back to back and the first one after the same idle time. On a VM each thread woken on an idle
+  back to back and the first one after 1, 5 and 30 ms and a denoising's time idle. On a VM each thread woken on an idle
   (halted) CPU pays for its wake-up; the v1 path wakes a sleeping thread at each of its hand-overs.
 - status polls per second at a few concurrencies (asyncio + httpx, bounded by count and time).
 
@@ -153,8 +153,9 @@ def _echo(conn: Connection) -> None:
         conn.send_bytes(message)
 
 
-def hand_overs(count: int, idle: float) -> dict[str, list[float]]:
-    """Round trips over a pipe to another process: back to back, and each the first after `idle` seconds."""
+def hand_overs(count: int, idles: tuple[float, ...]) -> dict[float, list[float]]:
+    """Round trips over a pipe to another process: back to back (key 0), and each the first after one of
+    `idles` seconds asleep."""
     context = multiprocessing.get_context("spawn")
     here, there = context.Pipe()
     echo = context.Process(target=_echo, args=(there,), daemon=True)
@@ -166,14 +167,15 @@ def hand_overs(count: int, idle: float) -> dict[str, list[float]]:
         here.recv_bytes()
         return time.perf_counter() - started
 
-    found: dict[str, list[float]] = {"warm": [], "after idle": []}
+    found: dict[float, list[float]] = {idle: [] for idle in (0.0, *idles)}
     try:
         for _ in range(20):
             round_trip()
-        found["warm"].extend(round_trip() for _ in range(max(200, count)))
+        found[0.0].extend(round_trip() for _ in range(max(200, count)))
         for _ in range(count):
-            time.sleep(idle)
-            found["after idle"].append(round_trip())
+            for idle in idles:
+                time.sleep(idle)
+                found[idle].append(round_trip())
     finally:
         here.send_bytes(b"")
         echo.join(10)
@@ -209,7 +211,7 @@ def v1_overheads(server_url: str, client: httpx.Client, body: dict, count: int) 
                 overhead, inference = v1_overhead(post)
                 found[name].append(overhead)
                 found["engine"].append(inference)
-        for _ in range(3):  # the API's code and data back in the caches
+        for _ in range(3):  # the CPUs awake again after the denoised requests
             v1_overhead(by_lean_plain)
         found["plain"].extend(v1_overhead(by_lean_plain)[0] for _ in range(count))
         denoising = statistics.median(found["engine"])
@@ -357,7 +359,8 @@ def run(args: argparse.Namespace) -> None:
             wait_done(client, request_id)
 
         v1 = v1_overheads(server.url, client, body, args.v1)
-        pipe = hand_overs(args.v1, statistics.median(v1["engine"]))
+        denoising = statistics.median(v1["engine"])
+        pipe = hand_overs(args.v1, (0.001, 0.005, 0.03, denoising))
         throughput = status_throughput(f"{server.url}/v2/requests/{done}/status", args.rounds, args.wrk_seconds)
 
         rates = []
@@ -374,8 +377,12 @@ def run(args: argparse.Namespace) -> None:
                 latency_row("status poll, worker busy", busy),
                 *(latency_row(label, v1[key]) for label, key in V1_ROWS),
                 latency_row("(engine time, x-inference-time)", v1["engine"], mean=False),
-                latency_row("round trip to another process (pipe), back to back", pipe["warm"]),
-                latency_row("the same, each the first after a denoising's time idle", pipe["after idle"]),
+                latency_row("round trip to another process (pipe), back to back", pipe[0.0]),
+                *(
+                    latency_row(f"the same, each the first after {idle * 1000:.0f} ms idle", pipe[idle])
+                    for idle in list(pipe)[1:-1]
+                ),
+                latency_row("the same, each the first after a denoising's time idle", pipe[denoising]),
             ],
         )
     )
