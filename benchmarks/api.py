@@ -23,8 +23,9 @@ uvicorn (uvloop, httptools) from the same Python environment, and measures:
   and each right after as much CPU work in another process: the serving path's own cost, and what a
   second of the server's threads asleep adds to it.
 - hand-overs: a round trip between two processes over a pipe (as between the API and its worker),
-  back to back and the first one after 1, 5 and 30 ms and a denoising's time idle. On a VM each thread woken on an idle
-  (halted) CPU pays for its wake-up; the v1 path wakes a sleeping thread at each of its hand-overs.
+  back to back and the first one after 1, 5 and 30 ms and a denoising's time idle. On a VM a thread
+  woken on an idle (halted) CPU pays for its wake-up; the v1 path wakes a sleeping thread at each of
+  its hand-overs.
 - status polls per second at a few concurrencies (asyncio + httpx, bounded by count and time).
 
 The client runs on the same machine as the server, so on a small CPU it competes with it: the
@@ -184,8 +185,8 @@ def hand_overs(count: int, idles: tuple[float, ...]) -> dict[float, list[float]]
 
 def v1_overheads(server_url: str, client: httpx.Client, body: dict, count: int) -> dict[str, list[float]]:
     """v1 overheads through httpx and through the lean client, requests alternating between them; the same
-    with nothing to outpaint, back to back and after CPU load; and the round trip of each client to the trivial
-    endpoint: the part of an overhead that is the client's."""
+    with nothing to outpaint, back to back, after idle time and after CPU load; and the round trip of each client
+    to the trivial endpoint: the part of an overhead that is the client's."""
     lean = LeanClient(server_url)
     encoded = json.dumps(body).encode()
     unpadded = json.dumps({**body, "left": 0, "right": 0, "top": 0, "bottom": 0}).encode()
