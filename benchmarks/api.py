@@ -154,6 +154,10 @@ def _echo(conn: Connection) -> None:
         conn.send_bytes(message)
 
 
+# Idle times (seconds) after which a hand-over is timed, besides a denoising's time.
+SHORT_IDLES = (0.001, 0.005, 0.03)
+
+
 def hand_overs(count: int, idles: tuple[float, ...]) -> dict[float, list[float]]:
     """Round trips over a pipe to another process: back to back (key 0), and each the first after one of
     `idles` seconds asleep."""
@@ -202,13 +206,13 @@ def v1_overheads(server_url: str, client: httpx.Client, body: dict, count: int) 
 
         return post
 
-    by_lean_plain = by_lean(unpadded)
+    by_lean_padded, by_lean_plain = by_lean(encoded), by_lean(unpadded)
 
     names = ("httpx", "lean", "engine", "plain", "plain after idle", "plain after load", "httpx floor", "lean floor")
     found: dict[str, list[float]] = {name: [] for name in names}
     try:
         for _ in range(count):
-            for name, post in (("httpx", by_httpx), ("lean", by_lean(encoded))):
+            for name, post in (("httpx", by_httpx), ("lean", by_lean_padded)):
                 overhead, inference = v1_overhead(post)
                 found[name].append(overhead)
                 found["engine"].append(inference)
@@ -361,7 +365,7 @@ def run(args: argparse.Namespace) -> None:
 
         v1 = v1_overheads(server.url, client, body, args.v1)
         denoising = statistics.median(v1["engine"])
-        pipe = hand_overs(args.v1, (0.001, 0.005, 0.03, denoising))
+        pipe = hand_overs(args.v1, (*SHORT_IDLES, denoising))
         throughput = status_throughput(f"{server.url}/v2/requests/{done}/status", args.rounds, args.wrk_seconds)
 
         rates = []
@@ -381,7 +385,7 @@ def run(args: argparse.Namespace) -> None:
                 latency_row("round trip to another process (pipe), back to back", pipe[0.0]),
                 *(
                     latency_row(f"the same, each the first after {idle * 1000:.0f} ms idle", pipe[idle])
-                    for idle in list(pipe)[1:-1]
+                    for idle in SHORT_IDLES
                 ),
                 latency_row("the same, each the first after a denoising's time idle", pipe[denoising]),
             ],

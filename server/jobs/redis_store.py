@@ -812,16 +812,17 @@ class RedisJobStore:
         return job
 
     def mark_started(self, job_id: str, attempt: int) -> bool:
-        cancel = self._run("touch", job_id, attempt, self.consumer, "", 1)
-        self.events.job_changed(job_id, running=not cancel)
-        return bool(cancel)
+        return self._touch(job_id, attempt, "", started=True)
 
     def set_progress(self, job_id: str, attempt: int, progress: float) -> bool:
-        """Record progress and show the job's worker is alive; True when its cancellation was asked for
-        (on any node), or when this attempt is no longer the job's."""
-        cancel = self._run("touch", job_id, attempt, self.consumer, repr(float(progress)), 0)
+        return self._touch(job_id, attempt, repr(float(progress)), started=False)
+
+    def _touch(self, job_id: str, attempt: int, progress: str, started: bool) -> bool:
+        """A running attempt's write, which also shows its worker is alive; True when its worker should stop
+        (cancellation asked for on any node, or this attempt no longer the job's)."""
+        cancel = bool(self._run("touch", job_id, attempt, self.consumer, progress, int(started)))
         self.events.job_changed(job_id, running=not cancel)
-        return bool(cancel)
+        return cancel
 
     def _finish(
         self, script: str, job_id: str, status: JobStatus, attempt: int | None, fields: dict[str, Any],
