@@ -9,21 +9,26 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import ApiError, error_response
 from server.jobs.contract import from_units
 from server.jobs.store import StoreError
 from server.metrics import Metrics
+from server.routes.v1 import PATH as V1_PATH
+from server.routes.v1 import answer_v1
+from server.routes.v2 import answer_status
 
 access = logging.getLogger("beyond.access")
-# The status poll is answered here, ahead of FastAPI's routing and dependency resolution, which cost
-# as much as the answer itself; the route in server/routes/v2.py documents it and shares its code.
+# The status poll and the v1 request are answered here, ahead of FastAPI's routing and dependency
+# resolution, which cost as much as the status answer itself, and as much as all the rest of this
+# server's share of a small v1 request. Their routes in server/routes/ document them and share their code.
 STATUS_PATH = re.compile(r"/v2/requests/([^/]+)/status")
-STATUS_ROUTE = "/v2/requests/{request_id}/status"
 
 
 class ServingMiddleware:
@@ -65,22 +70,20 @@ class ServingMiddleware:
                     message = {**message, "headers": headers}
             await send(message)
 
-        status_poll = STATUS_PATH.fullmatch(scope["path"]) if scope["method"] == "GET" else None
+        fast = fast_route(scope)
         try:
-            if status_poll is None:
+            if fast is None:
                 await self.app(scope, receive, send_with_headers)
             else:
-                await self.answer_status(scope, receive, send_with_headers, status_poll.group(1))
+                await answer(fast, scope, receive, send_with_headers)
         finally:
             # The route template, not the path: request ids would make every path its own series.
-            route = STATUS_ROUTE if status_poll else getattr(scope.get("route"), "path", "unmatched")
+            route = getattr(scope.get("route"), "path", "unmatched")
             seconds = time.perf_counter() - started
             method = scope["method"]
             self.metrics.observe_request(method, route, status, seconds)
             caller = state.get("caller")
             request_id = request_id or (scope.get("path_params") or {}).get("request_id")
-            if status_poll:
-                request_id = status_poll.group(1)
             access.info(
                 "%s %s %s %.1fms%s",
                 method,
@@ -99,12 +102,39 @@ class ServingMiddleware:
                 },
             )
 
-    async def answer_status(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
-        from server.routes.v2 import answer_status  # the routes import this module's app wiring
 
-        request = Request(scope, receive)  # scope["app"] is the application: Starlette set it
-        try:
-            response = await answer_status(request, request_id)
-        except (ApiError, StoreError) as exc:
-            response = error_response(exc)
-        await response(scope, receive, send)
+@dataclass(frozen=True)
+class RouteTemplate:
+    """A fast route's entry in the scope, where Starlette's router puts the route it matched: the logs,
+    the metrics and the 500 handler read its path."""
+
+    path: str
+
+
+STATUS_ROUTE = RouteTemplate("/v2/requests/{request_id}/status")
+V1_ROUTE = RouteTemplate(V1_PATH)
+
+
+def fast_route(scope: Scope) -> Callable[[Request], Awaitable[Response]] | None:
+    """The answer to a status poll or a v1 request (marked in the scope as the router would), else None."""
+    method, path = scope["method"], scope["path"]
+    if method == "GET" and (poll := STATUS_PATH.fullmatch(path)):
+        request_id = poll.group(1)
+        scope["route"], scope["path_params"] = STATUS_ROUTE, {"request_id": request_id}
+        return lambda request: answer_status(request, request_id)
+    if method == "POST" and path == V1_PATH:
+        scope["route"] = V1_ROUTE
+        return answer_v1
+    return None
+
+
+async def answer(
+    route: Callable[[Request], Awaitable[Response]], scope: Scope, receive: Receive, send: Send
+) -> None:
+    """Through the same code as the documented route, without FastAPI's routing and dependency resolution."""
+    request = Request(scope, receive)  # scope["app"] is the application: Starlette set it
+    try:
+        response = await route(request)
+    except (ApiError, StoreError) as exc:
+        response = error_response(exc)
+    await response(scope, receive, send)

@@ -223,6 +223,32 @@ def test_json_access_logs_carry_the_request_id_and_no_payload(guarded: ServerPro
     assert payload[:64] not in log and KEY_A not in log
 
 
+def test_a_v1_request_is_logged_and_counted_under_its_route(guarded: ServerProcess) -> None:
+    # v1 is answered ahead of FastAPI's router: its log line and its metric still name the route and the caller.
+    wait_until_nothing_waits(guarded)
+    logged_before = len(guarded.log_path.read_text(errors="replace").splitlines())
+    body = request_body(image=smooth_image(48, 48), left=16, guidance_scale=1.0)
+    response = httpx.post(f"{guarded.url}/v1/seg-beyond", json=body, headers={"x-api-key": KEY_A}, timeout=60)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    assert response.headers["X-RateLimit-Limit"] == "40"
+    request_id = response.headers["x-request-id"]
+    refused = httpx.post(f"{guarded.url}/v1/seg-beyond", json=body, timeout=30)
+    assert refused.status_code == 401 and "x-api-key" in refused.json()["error"]
+    deadline = time.monotonic() + 10
+    records: list[dict] = []
+    while time.monotonic() < deadline and len(records) < 2:
+        lines = guarded.log_path.read_text(errors="replace").splitlines()[logged_before:]
+        records = [json.loads(line) for line in lines if line.startswith("{") and '"request"' in line]
+        records = [r for r in records if r.get("event") == "request" and r.get("route") == "/v1/seg-beyond"]
+        time.sleep(0.1)
+    answered = next(r for r in records if r["request_id"] == request_id)
+    assert answered["status"] == 200 and answered["method"] == "POST" and answered["caller"].startswith("key-")
+    assert any(r["status"] == 401 and r["request_id"] is None for r in records)
+    text = get(guarded, "/metrics", None).text
+    assert 'beyond_http_requests_total{method="POST",route="/v1/seg-beyond",status="200"}' in text
+    assert 'beyond_http_requests_total{method="POST",route="/v1/seg-beyond",status="401"}' in text
+
+
 def test_oversized_images_are_400_naming_the_limit(guarded: ServerProcess) -> None:
     heavy = encode(noise_image(200, 200))  # ~120 kB of PNG, under the body limit even in base64
     assert len(heavy) > 100_000 and len(b64(heavy)) < 300_000
