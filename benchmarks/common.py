@@ -67,7 +67,26 @@ def machine_line() -> str:
         parts.append(f"GPU {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
     else:
         parts.append("no GPU")
+    idle = cpu_idle()
+    if idle:
+        parts.append(idle)
     return "; ".join(parts)
+
+
+def cpu_idle() -> str | None:
+    """How idle CPUs wait, where Linux says: what a sleeping thread's wake-up costs depends on it (a VM that
+    halts its virtual CPUs at once, as with haltpoll's guest_halt_poll_ns=0, pays the host for each wake-up)."""
+    try:
+        driver = Path("/sys/devices/system/cpu/cpuidle/current_driver").read_text().strip()
+    except OSError:
+        return None
+    words = f"cpuidle {driver}"
+    try:
+        poll = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns").read_text().strip()
+        words += f", guest_halt_poll_ns={poll}"
+    except OSError:
+        pass
+    return words
 
 
 @contextlib.contextmanager
