@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -204,19 +204,27 @@ def test_prometheus_metrics(guarded: ServerProcess) -> None:
     assert 'beyond_job_failures_total{reason="cancelled"}' in text  # from the flood test's cancels
 
 
+def access_log(
+    server: ServerProcess, pick: Callable[[list[dict]], list[dict]], since: int = 0, count: int = 1
+) -> list[dict]:
+    """The access-log records (JSON lines, from line `since` on) that `pick` keeps, once it keeps `count` of
+    them: the access log is written in batches (at least every half second), so its lines come late."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = server.log_path.read_text(errors="replace").splitlines()[since:]
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        picked = pick([r for r in records if r.get("event") == "request"])
+        if len(picked) >= count or time.monotonic() > deadline:
+            return picked
+        time.sleep(0.1)
+
+
 def test_json_access_logs_carry_the_request_id_and_no_payload(guarded: ServerProcess) -> None:
     response = v2(guarded, KEY_A, seed=31)
     request_id = response.json()["request_id"]
     payload = request_body(image=smooth_image(48, 48))["input_image"]
-    deadline = time.monotonic() + 10
-    records: list[dict] = []
-    while time.monotonic() < deadline and not records:
-        lines = guarded.log_path.read_text(errors="replace").splitlines()
-        records = [json.loads(line) for line in lines if line.startswith("{") and request_id in line]
-        # The access log is written in batches (at least every half second): wait for its line.
-        records = records if any(r.get("event") == "request" for r in records) else []
-        time.sleep(0.1)
-    submit = next(r for r in records if r.get("event") == "request" and r["method"] == "POST")
+    records = access_log(guarded, lambda found: [r for r in found if r["request_id"] == request_id])
+    submit = next(r for r in records if r["method"] == "POST")
     assert submit["request_id"] == request_id and submit["status"] == 200
     assert submit["route"] == "/v2/seg-beyond" and submit["caller"].startswith("key-")
     log = guarded.log_path.read_text(errors="replace")
@@ -234,13 +242,9 @@ def test_a_v1_request_is_logged_and_counted_under_its_route(guarded: ServerProce
     request_id = response.headers["x-request-id"]
     refused = httpx.post(f"{guarded.url}/v1/seg-beyond", json=body, timeout=30)
     assert refused.status_code == 401 and "x-api-key" in refused.json()["error"]
-    deadline = time.monotonic() + 10
-    records: list[dict] = []
-    while time.monotonic() < deadline and len(records) < 2:
-        lines = guarded.log_path.read_text(errors="replace").splitlines()[logged_before:]
-        records = [json.loads(line) for line in lines if line.startswith("{") and '"request"' in line]
-        records = [r for r in records if r.get("event") == "request" and r.get("route") == "/v1/seg-beyond"]
-        time.sleep(0.1)
+    records = access_log(
+        guarded, lambda found: [r for r in found if r["route"] == "/v1/seg-beyond"], since=logged_before, count=2
+    )
     answered = next(r for r in records if r["request_id"] == request_id)
     assert answered["status"] == 200 and answered["method"] == "POST" and answered["caller"].startswith("key-")
     assert any(r["status"] == 401 and r["request_id"] is None for r in records)
