@@ -121,7 +121,9 @@ def test_a_flooded_queue_answers_429_and_keeps_what_it_accepted(guarded: ServerP
 
 
 def test_a_v1_request_past_the_sync_timeout_is_504_and_cancelled(guarded: ServerProcess) -> None:
-    body = request_body(image=smooth_image(96, 96), left=64, steps=100)
+    # A slow request (four images, a two-evaluation sampler, 100 steps): about 15 s on
+    # this 2-core machine, so well past the 3 s timeout on a machine several times faster.
+    body = request_body(image=smooth_image(96, 96), left=64, steps=100, samples=4, sampler="heun")
     started = time.monotonic()
     response = httpx.post(f"{guarded.url}/v1/seg-beyond", json=body, headers={"x-api-key": KEY_A}, timeout=60)
     assert response.status_code == 504 and "cancelled" in response.json()["error"]
