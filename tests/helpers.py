@@ -8,6 +8,7 @@ import io
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -142,6 +143,33 @@ def wait_until_nothing_waits(server: ServerProcess, timeout: float = 120) -> Non
     while httpx.get(f"{server.url}/health", timeout=10).json()["queued"] != 0:
         assert time.monotonic() < deadline, "jobs still waiting"
         time.sleep(0.05)
+
+
+def sqlite_files(data_dir: Path) -> dict[str, set[str]]:
+    """The files the embedded store in `data_dir` keeps, by job: rows of its files table (small files) and
+    files in the jobs' folders (large ones)."""
+    kept: dict[str, set[str]] = {}
+    database = data_dir / "jobs.sqlite3"
+    if database.exists():
+        with contextlib.closing(sqlite3.connect(database, timeout=30)) as db:
+            for job_id, name in db.execute("SELECT job_id, name FROM files"):
+                kept.setdefault(job_id, set()).add(name)
+    folders = data_dir / "jobs"
+    for folder in folders.iterdir() if folders.is_dir() else ():
+        if folder.is_dir():
+            kept.setdefault(folder.name, set()).update(f.name for f in folder.iterdir() if not f.name.startswith("."))
+    return kept
+
+
+def drop_sqlite_files(data_dir: Path, job_id: str, prefix: str) -> int:
+    """Deletes the files of a job in the embedded store whose names start with `prefix`, as a person clearing
+    space by hand would; how many there were."""
+    with contextlib.closing(sqlite3.connect(data_dir / "jobs.sqlite3", timeout=30)) as db, db:
+        dropped = db.execute("DELETE FROM files WHERE job_id = ? AND name LIKE ?", (job_id, prefix + "%")).rowcount
+    for file in (data_dir / "jobs" / job_id).glob(prefix + "*"):
+        file.unlink()
+        dropped += 1
+    return dropped
 
 
 def serve_expecting_exit(data_dir: Path, env: dict[str, str]) -> subprocess.CompletedProcess:

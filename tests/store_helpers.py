@@ -12,6 +12,7 @@ import redis
 from server.jobs.redis_store import RedisJobStore
 from server.jobs.sqlite_store import SqliteJobStore
 from server.jobs.store import JobStore
+from tests.helpers import sqlite_files
 from tests.redis_helpers import RedisServer
 
 KINDS = ["sqlite", "redis"]
@@ -36,7 +37,7 @@ class Stores:
     def stored_inputs(self) -> int:
         """How many jobs have files kept (a refused submission must leave none)."""
         if self.kind == "sqlite":
-            return len(list((self.folder / "jobs").iterdir()))
+            return len(sqlite_files(self.folder))
         assert self.server is not None
         client = redis.Redis.from_url(self.server.url)
         try:

@@ -26,9 +26,11 @@ import pytest
 from tests.helpers import (
     ROOT,
     ServerProcess,
+    drop_sqlite_files,
     request_body,
     serve_expecting_exit,
     smooth_image,
+    sqlite_files,
     wait_until_nothing_waits,
 )
 from tests.test_queue import finished, status, submit, wait_for
@@ -143,8 +145,7 @@ def test_a_stored_file_that_is_gone_is_404_and_the_connection_stays_usable(serve
             wait_for(server, job["request_id"], finished)
         output = client.get(f"/v2/requests/{jobs[0]['request_id']}").json()["output"]
         for job in jobs:
-            for file in (server.data_dir / "jobs" / job["request_id"]).glob("output-*"):
-                file.unlink()
+            assert drop_sqlite_files(server.data_dir, job["request_id"], "output-") == 1
         for path in (output, f"/v2/requests/{jobs[1]['request_id']}"):
             gone = client.get(path)
             assert gone.status_code == 404 and "no longer stored" in gone.json()["error"]
@@ -174,10 +175,11 @@ def test_a_full_disk_is_507_reported_and_recovered_from(small_disk: Path, tmp_pa
         with contextlib.suppress(OSError), open(ballast, "wb") as f:
             while True:
                 f.write(b"\0" * 65536)
-        before = sorted(p.name for p in (data / "jobs").iterdir())
+        before = sorted(p.name for p in (data / "jobs").iterdir()), sqlite_files(data)
         response = httpx.post(f"{server.url}/v2/seg-beyond", json=request_body(), timeout=60)
         assert response.status_code == 507 and "disk is full" in response.json()["error"]
-        assert sorted(p.name for p in (data / "jobs").iterdir()) == before  # nothing left behind
+        # Nothing left behind
+        assert (sorted(p.name for p in (data / "jobs").iterdir()), sqlite_files(data)) == before
         health = httpx.get(f"{server.url}/health", timeout=10)
         assert health.status_code == 503 and "disk is full" in health.json()["error"]
         ballast.unlink()
@@ -198,15 +200,33 @@ def test_serve_on_a_corrupt_store_exits_2_naming_the_file(tmp_path: Path) -> Non
 
 def test_a_deleted_store_is_not_silently_replaced_by_an_empty_one(tmp_path: Path) -> None:
     from server.jobs.contract import ImageSource, JobParams
-    from server.jobs.sqlite_store import SqliteJobStore
+    from server.jobs.sqlite_store import INLINE_MAX, SqliteJobStore
 
-    SqliteJobStore(tmp_path).create(JobParams(prompt="p"), ImageSource(), image=b"x", base64=False, owner=None)
+    store = SqliteJobStore(tmp_path)
+    # A small input is kept in the database, a large one in its job's folder.
+    for image in (b"x", b"x" * (INLINE_MAX + 1)):
+        store.create(JobParams(prompt="p"), ImageSource(), image=image, base64=False, owner=None)
+    kept = sorted(tmp_path.joinpath("jobs").iterdir())
     for file in tmp_path.glob("jobs.sqlite3*"):
         file.unlink()
     out = serve_expecting_exit(tmp_path, {})
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"the job store {tmp_path / 'jobs.sqlite3'} is missing" in out.stderr and "Put it back" in out.stderr
-    assert len(list((tmp_path / "jobs").iterdir())) == 1  # nothing was thrown away
+    assert sorted(tmp_path.joinpath("jobs").iterdir()) == kept and len(kept) == 2  # nothing was thrown away
+
+
+def test_a_deleted_store_of_small_requests_only_is_not_replaced_either(tmp_path: Path) -> None:
+    from server.jobs.contract import ImageSource, JobParams
+    from server.jobs.sqlite_store import SqliteJobStore
+
+    # Every file of these jobs is in the database: only the store's mark in its folder says it was here.
+    SqliteJobStore(tmp_path).create(JobParams(prompt="p"), ImageSource(), image=b"x", base64=False, owner=None)
+    assert sqlite_files(tmp_path) and not [p for p in tmp_path.joinpath("jobs").iterdir() if p.is_dir()]
+    for file in tmp_path.glob("jobs.sqlite3*"):
+        file.unlink()
+    out = serve_expecting_exit(tmp_path, {})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"the job store {tmp_path / 'jobs.sqlite3'} is missing" in out.stderr and "Put it back" in out.stderr
 
 
 def test_a_store_replaced_under_a_running_server_is_503(tmp_path: Path) -> None:

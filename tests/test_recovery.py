@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from models.random_models import build_random
-from tests.helpers import ServerProcess, request_body, smooth_image
+from tests.helpers import ServerProcess, request_body, smooth_image, sqlite_files
 from tests.redis_helpers import RedisServer
 from tests.test_queue import finished, result, status, submit, wait_for
 
@@ -31,7 +31,7 @@ class Backend:
 
     def has_output(self, job_id: str) -> bool:
         if self.redis is None:
-            return (self.data_dir / "jobs" / job_id / "output-0.jpg").exists()
+            return "output-0.jpg" in sqlite_files(self.data_dir).get(job_id, set())
         client = redis.Redis.from_url(self.redis.url)
         try:
             return client.hexists(f"beyond:files:{job_id}", "output-0.jpg")

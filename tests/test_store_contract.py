@@ -4,6 +4,8 @@ own guarantees (delivery across nodes, reclaim of a dead worker's job, a Redis r
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +17,7 @@ import redis
 
 from server.jobs.contract import Delivery, FailureKind, ImageSource, Job, JobParams, JobResult, JobStatus, to_units
 from server.jobs.redis_store import RedisJobStore
+from server.jobs.sqlite_store import INLINE_MAX
 from server.jobs.store import (
     MAX_ATTEMPTS,
     DiskFull,
@@ -24,6 +27,7 @@ from server.jobs.store import (
     QueueFull,
     StoreUnavailable,
 )
+from tests.helpers import sqlite_files
 from tests.redis_helpers import RedisServer
 from tests.store_helpers import Stores
 
@@ -154,6 +158,55 @@ def test_files_beside_a_job(store: JobStore) -> None:
     binary = bytes(range(256)) * 64
     assert store.complete(job.id, claimed.attempts, RESULT, {"output-0.jpg": binary})
     assert store.read_file(job.id, "output-0.jpg") == binary
+
+
+def test_small_and_large_files_read_back_whole_and_the_newest_write_wins(stores: Stores) -> None:
+    store = stores.open(ttl=0.3)
+    small, large = b"\xff\xd8small", bytes(range(256)) * (INLINE_MAX // 256 + 1)
+    job = store.create(JobParams(prompt="x"), ImageSource(), image=large, base64=False, owner=None)
+    assert store.read_file(job.id, "input") == large
+    for data in (small, large, small):
+        store.put_file(job.id, "preview.jpg", data)
+        assert store.read_file(job.id, "preview.jpg") == data and store.has_file(job.id, "preview.jpg")
+    claimed = store.claim_next()
+    outputs = {"output-0.png": large, "output-1.png": small}
+    assert store.complete(job.id, claimed.attempts, RESULT, outputs)
+    assert all(store.read_file(job.id, name) == data for name, data in outputs.items())
+    time.sleep(0.4)
+    assert store.purge_expired() == 1
+    for name in ("input", "preview.jpg", *outputs):
+        assert not store.has_file(job.id, name)
+        with pytest.raises(FileGone):
+            store.read_file(job.id, name)
+
+
+def test_sqlite_keeps_small_files_in_its_database_and_large_ones_in_job_folders(tmp_path: Path) -> None:
+    store = Stores("sqlite", tmp_path).open(ttl=0.3)
+    small = queue(store, seed=1)
+    large = store.create(JobParams(prompt="x"), ImageSource(), image=b"L" * (INLINE_MAX + 1), base64=False, owner=None)
+    folders = {p.name for p in (tmp_path / "jobs").iterdir() if p.is_dir()}
+    assert folders == {large.id}  # a small request costs no folder and no file
+    assert sqlite_files(tmp_path) == {small.id: {"input"}, large.id: {"input"}}
+    for _ in range(2):
+        claimed = store.claim_next()
+        assert store.complete(claimed.id, claimed.attempts, RESULT, {"output-0.jpg": b"jpg"})
+    assert sqlite_files(tmp_path) == {job.id: {"input", "output-0.jpg"} for job in (small, large)}
+    time.sleep(0.4)
+    assert store.purge_expired() == 2
+    assert sqlite_files(tmp_path) == {} and not [p for p in (tmp_path / "jobs").iterdir() if p.is_dir()]
+
+
+def test_sqlite_reads_the_job_folders_of_an_older_release_and_drops_rows_without_a_job(tmp_path: Path) -> None:
+    store = Stores("sqlite", tmp_path).open()
+    job = queue(store)
+    # An older release kept every file in the job's folder.
+    (tmp_path / "jobs" / job.id).mkdir()
+    (tmp_path / "jobs" / job.id / "output-0.jpg").write_bytes(b"old")
+    assert store.read_file(job.id, "output-0.jpg") == b"old" and store.has_file(job.id, "output-0.jpg")
+    with contextlib.closing(sqlite3.connect(tmp_path / "jobs.sqlite3")) as db, db:
+        db.execute("INSERT INTO files (job_id, name, data) VALUES ('0123abcd', 'input', x'00')")
+    Stores("sqlite", tmp_path).open()  # a restart
+    assert set(sqlite_files(tmp_path)) == {job.id}
 
 
 # -- the worker side: fencing, release and retry -------------------------------------------------------

@@ -1,7 +1,9 @@
-"""The embedded job store: SQLite in WAL mode, each job's files in a folder beside it.
+"""The embedded job store: SQLite in WAL mode, with each job's files beside its row.
 
-The database is the only state the API and the supervisor share. A row exists only once its input
-file is written; a file area without a row (a crash between the two) is removed at start.
+The database is the only state the API and the supervisor share. A job's files up to INLINE_MAX bytes
+(a small request's input, output and previews) are rows of the `files` table, written in the same
+transaction as the job's own row. Larger ones are files in a folder per job, written before the row
+that points to them; a folder without a row (a crash between the two) is removed at start.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ CREATE TABLE IF NOT EXISTS credits (owner TEXT PRIMARY KEY, granted_units INTEGE
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at);
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, seq);
+CREATE TABLE IF NOT EXISTS files (job_id TEXT NOT NULL, name TEXT NOT NULL, data BLOB NOT NULL, UNIQUE (job_id, name));
 """
 # Columns added since the first release, and the older column (credits as REAL) each is filled from.
 ADDED_COLUMNS = (
@@ -78,6 +81,12 @@ ADDED_COLUMNS = (
     ("jobs", "delivery", "TEXT NOT NULL DEFAULT '{}'", None),
 )
 STATE_COLUMNS = "id, seq, status, owner, progress, error, error_kind, expires_at, started_at"
+# Files up to this size live in the database: creating a file and its folder costs a small request more
+# than the rest of its store work together, and SQLite keeps blobs of this size as fast as a file system.
+INLINE_MAX = 256 * 1024
+# In the files folder: a store was made here, so a data directory whose database is gone is not taken
+# for a new one (that would forget every request and reset every credit balance).
+MARKER = ".store"
 LIVE = (JobStatus.QUEUED.value, JobStatus.PROCESSING.value)
 
 
@@ -90,10 +99,11 @@ class SqliteJobStore:
         self.events = events or JobEvents()
         self._local = threading.local()
         self.files.mkdir(parents=True, exist_ok=True)
-        kept = sum(1 for _ in self.files.iterdir())
-        if kept and not self.path.exists():
+        kept = sum(1 for entry in self.files.iterdir() if entry.name != MARKER)
+        if not self.path.exists() and (kept or (self.files / MARKER).exists()):
             # Deleted or moved away: an empty new store would silently forget every request.
-            raise StoreCorrupt(str(self.path), f"{kept} requests' files are in {self.files}", problem="missing")
+            detail = f"{kept} requests' files are in {self.files}" if kept else f"{self.files} shows it was here"
+            raise StoreCorrupt(str(self.path), detail, problem="missing")
         try:
             db = self._connect()
             problem = db.execute("PRAGMA quick_check").fetchone()[0]
@@ -106,6 +116,7 @@ class SqliteJobStore:
         stat = os.stat(self.path)
         self._identity = (stat.st_dev, stat.st_ino)
         self._local.db = db
+        (self.files / MARKER).touch()
         self._remove_orphans()
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -225,8 +236,32 @@ class SqliteJobStore:
     def _remove_orphans(self) -> None:
         known = {row[0] for row in self._execute("SELECT id FROM jobs")}
         for folder in self.files.iterdir():
-            if folder.name not in known:
+            if folder.name not in known and folder.name != MARKER:
                 shutil.rmtree(folder, ignore_errors=True)
+        self._execute("DELETE FROM files WHERE job_id NOT IN (SELECT id FROM jobs)")
+
+    def _write_files(self, db: sqlite3.Connection, job_id: str, files: Mapping[str, bytes]) -> None:
+        """A job's files, inside the transaction that writes its row; the large ones are written to its
+        folder first (by `_write_large`), so here they only replace a smaller one of the same name."""
+        for name, data in files.items():
+            if len(data) <= INLINE_MAX:
+                db.execute("INSERT OR REPLACE INTO files (job_id, name, data) VALUES (?, ?, ?)", (job_id, name, data))
+            else:
+                db.execute("DELETE FROM files WHERE job_id = ? AND name = ?", (job_id, name))
+
+    def _write_large(self, job_id: str, files: Mapping[str, bytes]) -> None:
+        """The files too large for the database, in the job's folder, each written whole then moved into place
+        (a reader never sees half a file). Before the row that points to them."""
+        large = {name: data for name, data in files.items() if len(data) > INLINE_MAX}
+        if not large:
+            return
+        folder = self.job_dir(job_id)
+        with self._errors():
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, data in large.items():
+                temporary = folder / f".{name}.part"
+                temporary.write_bytes(data)
+                os.replace(temporary, folder / name)
 
     # -- submission -------------------------------------------------------------------------------
 
@@ -246,13 +281,10 @@ class SqliteJobStore:
         max_queued, a full queue raises QueueFull. Both in the one transaction that queues the job,
         so concurrent submissions can neither overdraw an account nor overfill the queue."""
         job_id = uuid.uuid4().hex
-        folder = self.job_dir(job_id)
+        files = {} if image is None else {"input": image}
         try:
-            with self._errors():
-                folder.mkdir(parents=True)
-                if image is not None:
-                    # Written before the row exists, so a listed job always has its input.
-                    (folder / "input").write_bytes(image)
+            # A large input is written before the row exists, so a listed job always has its input.
+            self._write_large(job_id, files)
             with self._transaction() as db:
                 if max_queued is not None and self._queued(db) >= max_queued:
                     raise QueueFull()
@@ -280,8 +312,9 @@ class SqliteJobStore:
                         json.dumps((delivery or Delivery()).to_json()),
                     ),
                 ).fetchone()
+                self._write_files(db, job_id, files)
         except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
             raise
         job = self._job(row)
         assert job is not None
@@ -380,23 +413,25 @@ class SqliteJobStore:
             return self._queued(self._db())
 
     def read_file(self, job_id: str, name: str) -> bytes:
+        row = self._execute("SELECT data FROM files WHERE job_id = ? AND name = ?", (job_id, name)).fetchone()
+        if row is not None:
+            return row[0]
         try:
             return (self.job_dir(job_id) / name).read_bytes()
         except FileNotFoundError:
             raise FileGone(name) from None
 
     def has_file(self, job_id: str, name: str) -> bool:
-        return (self.job_dir(job_id) / name).is_file()
+        row = self._execute("SELECT 1 FROM files WHERE job_id = ? AND name = ?", (job_id, name)).fetchone()
+        return row is not None or (self.job_dir(job_id) / name).is_file()
 
     def put_file(self, job_id: str, name: str, data: bytes) -> None:
-        """A file beside a live job (its preview): written whole, then moved into place."""
-        folder = self.job_dir(job_id)
-        if not folder.is_dir():
+        """A file beside a job that is still kept (its preview); nothing once the job is gone."""
+        if self._execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is None:
             return
-        temporary = folder / f".{name}.part"
-        with self._errors():
-            temporary.write_bytes(data)
-            os.replace(temporary, folder / name)
+        self._write_large(job_id, {name: data})
+        with self._transaction() as db:
+            self._write_files(db, job_id, {name: data})
 
     def health(self) -> str | None:
         """None when the store works; else what is wrong, in words for /health."""
@@ -416,14 +451,17 @@ class SqliteJobStore:
 
     def attach_input(self, job_id: str, image: bytes) -> bool:
         """The fetched input of a URL job: it becomes ready to run. False if the job ended meanwhile."""
-        with self._errors():
-            (self.job_dir(job_id) / "input").write_bytes(image)
-        cursor = self._execute(
-            "UPDATE jobs SET input_ready = 1 WHERE id = ? AND status = ?", (job_id, JobStatus.QUEUED.value)
-        )
-        if cursor.rowcount:
+        files = {"input": image}
+        self._write_large(job_id, files)
+        with self._transaction() as db:
+            ready = db.execute(
+                "UPDATE jobs SET input_ready = 1 WHERE id = ? AND status = ?", (job_id, JobStatus.QUEUED.value)
+            ).rowcount
+            if ready:
+                self._write_files(db, job_id, files)
+        if ready:
             self.events.work_available()
-        return bool(cursor.rowcount)
+        return bool(ready)
 
     # -- the worker side ---------------------------------------------------------------------------
 
@@ -454,7 +492,14 @@ class SqliteJobStore:
         self.events.job_changed(job_id, running=row is not None)
         return row is None or bool(row[0])
 
-    def _finish(self, job_id: str, status: JobStatus, attempt: int | None, **columns: Any) -> bool:
+    def _finish(
+        self,
+        job_id: str,
+        status: JobStatus,
+        attempt: int | None,
+        files: Mapping[str, bytes] | None = None,
+        **columns: Any,
+    ) -> bool:
         now = time.time()
         columns.update(status=status.value, finished_at=now, expires_at=now + self.ttl)
         assignments = ", ".join(f"{name} = ?" for name in columns)
@@ -464,6 +509,8 @@ class SqliteJobStore:
                 f"UPDATE jobs SET {assignments} WHERE id = ? AND status IN (?, ?){fence} RETURNING *",
                 (*columns.values(), job_id, *LIVE, *args),
             ).fetchone()
+            if row is not None and files:
+                self._write_files(db, job_id, files)
             # Every way a job can fail passes here, once: that is where its charge is refunded.
             if row is not None and status == JobStatus.FAILED and row["cost_units"] > 0:
                 db.execute(
@@ -474,17 +521,15 @@ class SqliteJobStore:
         return row is not None
 
     def complete(self, job_id: str, attempt: int, result: JobResult, files: dict[str, bytes]) -> bool:
-        folder = self.job_dir(job_id)
+        """The outputs and the COMPLETED row in one transaction (large outputs in the job's folder first)."""
         try:
-            with self._errors():
-                for name, data in files.items():
-                    (folder / name).write_bytes(data)
+            self._write_large(job_id, files)
+            return self._finish(
+                job_id, JobStatus.COMPLETED, attempt, files, result=json.dumps(result.to_json()), progress=1.0
+            )
         except DiskFull:
             self.fail(job_id, "the server's disk is full; the images could not be kept", FailureKind.ENGINE, attempt)
             raise
-        return self._finish(
-            job_id, JobStatus.COMPLETED, attempt, result=json.dumps(result.to_json()), progress=1.0
-        )
 
     def fail(self, job_id: str, error: str, kind: FailureKind, attempt: int | None = None) -> bool:
         return self._finish(job_id, JobStatus.FAILED, attempt, error=error, error_kind=kind.value)
@@ -548,5 +593,7 @@ class SqliteJobStore:
         ids = [r[0] for r in self._execute("SELECT id FROM jobs WHERE expires_at <= ?", (now,)).fetchall()]
         for job_id in ids:
             shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
-            self._execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            with self._transaction() as db:
+                db.execute("DELETE FROM files WHERE job_id = ?", (job_id,))
+                db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         return len(ids)
