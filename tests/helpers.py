@@ -254,6 +254,13 @@ def request_body(image: Image.Image | None = None, **fields: object) -> dict:
     return {"input_image": b64(encode(image)), "prompt": "a quiet beach", "steps": 20, "left": 32, **fields}
 
 
+# Fields for a job that must still be queued or running when a test acts on it (cancels it, kills its
+# worker, lets its client time out): 100 steps of a two-evaluation sampler with guidance, 6.1 s alone on the
+# default canvas on a 2-core Xeon VM, where 100 one-evaluation steps take 3.2 s
+# (and a faster machine had finished them inside a test's 3 s timeout).
+LONG_JOB = {"steps": 100, "sampler": "heun"}
+
+
 def jpeg(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     assert image.format == "JPEG"

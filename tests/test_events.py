@@ -15,7 +15,7 @@ from server.app import create_app
 from server.jobs.contract import ImageSource, JobParams
 from server.routes import events as events_route
 from server.settings import Settings
-from tests.helpers import ImageServer, ServerProcess, request_body
+from tests.helpers import LONG_JOB, ImageServer, ServerProcess, request_body
 
 KEYS = "SG_aaaaaaaaaaaaaaaa,SG_bbbbbbbbbbbbbbbb"
 
@@ -108,8 +108,8 @@ def test_an_unknown_id_is_a_json_404_before_any_stream(server: ServerProcess) ->
 
 
 def test_a_client_that_goes_away_ends_the_stream(server: ServerProcess) -> None:
-    blocker = submit(server, steps=100)
-    waiting = submit(server, steps=100)
+    blocker = submit(server, **LONG_JOB)
+    waiting = submit(server, **LONG_JOB)
     url = f"{server.url}/v2/requests/{waiting}/events"
     with httpx.stream("GET", url, timeout=30) as response:
         first = next(sse_events(response.iter_lines()))

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from tests.helpers import (
+    LONG_JOB,
     ServerProcess,
     b64,
     encode,
@@ -105,7 +106,7 @@ def test_a_flooded_queue_answers_429_and_keeps_what_it_accepted(guarded: ServerP
     wait_until_nothing_waits(guarded)  # an earlier test's job, still being prepared, would count
     accepted, refused = [], None
     for i in range(12):
-        response = v2(guarded, KEY_A, steps=100, seed=100 + i)
+        response = v2(guarded, KEY_A, seed=100 + i, **LONG_JOB)
         if response.status_code == 429:
             refused = response
             break
@@ -121,9 +122,9 @@ def test_a_flooded_queue_answers_429_and_keeps_what_it_accepted(guarded: ServerP
 
 
 def test_a_v1_request_past_the_sync_timeout_is_504_and_cancelled(guarded: ServerProcess) -> None:
-    # A slow request (four images, a two-evaluation sampler, 100 steps): about 15 s on
+    # A slow request (four images of the long job): about 15 s on
     # this 2-core machine, so well past the 3 s timeout on a machine several times faster.
-    body = request_body(image=smooth_image(96, 96), left=64, steps=100, samples=4, sampler="heun")
+    body = request_body(image=smooth_image(96, 96), left=64, samples=4, **LONG_JOB)
     started = time.monotonic()
     response = httpx.post(f"{guarded.url}/v1/seg-beyond", json=body, headers={"x-api-key": KEY_A}, timeout=60)
     assert response.status_code == 504 and "cancelled" in response.json()["error"]

@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from tests.helpers import (
+    LONG_JOB,
     ROOT,
     ServerProcess,
     drop_sqlite_files,
@@ -87,7 +88,7 @@ def test_a_slow_input_url_delays_only_its_own_job(tight: ServerProcess, dribble:
 
 
 def test_the_queue_bound_holds_under_concurrent_submits(tight: ServerProcess) -> None:
-    running = submit(tight, steps=100)
+    running = submit(tight, **LONG_JOB)
     wait_for(tight, running["request_id"], lambda b: b["status"] == "PROCESSING")
     wait_until_nothing_waits(tight)  # PROCESSING is also a job handed to the worker but not started
 
@@ -286,7 +287,7 @@ def next_accepted(server: ServerProcess, before: int, timeout: float = 60) -> st
 def test_a_v1_client_that_leaves_gets_its_job_cancelled(server: ServerProcess) -> None:
     before = len(accepted(server))
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.url}/v1/seg-beyond", json=request_body(steps=100, seed=91), timeout=3)
+        httpx.post(f"{server.url}/v1/seg-beyond", json=request_body(seed=91, **LONG_JOB), timeout=3)
     left = time.monotonic()
     # A client that gave up never heard the request id: the server's log has it.
     job_id = next_accepted(server, before)
@@ -299,7 +300,7 @@ def test_a_v1_request_cancelled_through_v2_is_409(server: ServerProcess) -> None
     answer: dict = {}
 
     def run() -> None:
-        answer["response"] = httpx.post(f"{server.url}/v1/seg-beyond", json=request_body(steps=100), timeout=120)
+        answer["response"] = httpx.post(f"{server.url}/v1/seg-beyond", json=request_body(**LONG_JOB), timeout=120)
 
     before = len(accepted(server))
     thread = threading.Thread(target=run)

@@ -14,7 +14,7 @@ import pytest
 import segmind
 from segmind.v2 import InferenceFailed
 
-from tests.helpers import ServerProcess, jpeg, request_body, smooth_image
+from tests.helpers import LONG_JOB, ServerProcess, jpeg, request_body, smooth_image
 from tests.redis_helpers import RedisServer
 
 
@@ -156,8 +156,8 @@ def test_queue_position_progress_and_one_order_for_v1_and_v2(server: ServerProce
 
 
 def test_cancel_a_queued_and_a_running_job(server: ServerProcess) -> None:
-    running = submit(server, steps=100)
-    queued = submit(server, steps=100)
+    running = submit(server, **LONG_JOB)
+    queued = submit(server, **LONG_JOB)
     cancelled = httpx.post(f"{server.url}/v2/requests/{queued['request_id']}/cancel", timeout=30)
     assert cancelled.status_code == 200
     response = status(server, queued["request_id"])

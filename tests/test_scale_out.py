@@ -25,15 +25,15 @@ import pytest
 from server.jobs.contract import FailureKind, ImageSource, Job, JobParams, JobStatus
 from server.jobs.redis_store import RedisJobStore
 from server.jobs.supervisor import Supervisor
-from tests.helpers import ROOT, ServerProcess, encode, jpeg, request_body, smooth_image, tiny_worker_config
+from tests.helpers import LONG_JOB, ROOT, ServerProcess, encode, jpeg, request_body, smooth_image, tiny_worker_config
 from tests.redis_helpers import RedisServer
 
 WORKERS = ("w1", "w2", "w3")
 # Fast jobs: the tiny model, a small canvas, the fewest steps, no CFG batch.
 QUICK = {"image": smooth_image(48, 48), "left": 16, "steps": 20, "guidance_scale": 1.0}
-# Jobs long enough to be caught running: 100 steps of a two-evaluation sampler with guidance, 4.3 s alone on a
-# 2-core machine that does the same 100 steps without guidance, one evaluation each, in 1.6 s.
-SLOW = {"image": smooth_image(192, 192), "left": 64, "steps": 100, "sampler": "heun"}
+# Jobs long enough to be caught running: the shared long job on a larger canvas, 4.3 s alone on a 2-core
+# machine that does the same 100 steps without guidance, one evaluation each, in 1.6 s.
+SLOW = {"image": smooth_image(192, 192), "left": 64, **LONG_JOB}
 
 
 @dataclass
