@@ -31,8 +31,9 @@ from tests.redis_helpers import RedisServer
 WORKERS = ("w1", "w2", "w3")
 # Fast jobs: the tiny model, a small canvas, the fewest steps, no CFG batch.
 QUICK = {"image": smooth_image(48, 48), "left": 16, "steps": 20, "guidance_scale": 1.0}
-# Jobs long enough to be caught running: the shared long job on a larger canvas, 4.3 s alone on a 2-core
-# machine that does the same 100 steps without guidance, one evaluation each, in 1.6 s.
+# Jobs long enough to be caught running (also the local node's): the shared long job on a larger canvas,
+# 4.3 s alone on a 2-core machine that does the same 100 steps without guidance, one evaluation each, in
+# 1.6 s (too close to the 1 s a test waits while its job must still run).
 SLOW = {"image": smooth_image(192, 192), "left": 64, **LONG_JOB}
 
 
@@ -145,8 +146,9 @@ class LocalNode:
     supervisor: Supervisor
 
     def submit(self, count: int) -> list[Job]:
-        image = encode(smooth_image(192, 192))
-        params = JobParams(prompt="x", steps=100, guidance_scale=1.0, left=64)
+        """`count` SLOW jobs, straight into this node's store."""
+        image = encode(SLOW["image"])
+        params = JobParams(prompt="x", left=SLOW["left"], **LONG_JOB)
         return [
             self.store.create(replace(params, seed=i), ImageSource(), image=image, base64=True, owner=None)
             for i in range(count)
