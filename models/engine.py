@@ -15,35 +15,26 @@ from models.canvas import Padding, build_canvas, paste_back, working_size
 from models.composer import ComposedPrompts, PromptComposer
 from models.devices import resolve_device, resolve_dtype
 from models.errors import Cancelled, OutOfMemory
-from models.names import DEFAULT_SAMPLER, DEFAULT_SCHEDULER, SAMPLERS, SCHEDULERS
+from models.names import SAMPLERS, SCHEDULERS
+from models.params import OutpaintParams
 from models.pipeline import LatentInputs, OutpaintPipeline, StepCallback, check_finite
 from models.prompts import encode_prompts
+from models.sampling.registry import SAMPLER_SPECS
 from models.seeds import draw_seed
 from models.speed import SpeedOptions
 
 __all__ = ["Cancelled", "OutOfMemory", "OutpaintEngine", "OutpaintRequest", "OutpaintResult", "PreparedJob"]
 
-# dpm_adaptive picks its step sizes from an error norm over the whole batch: batched, a job's
-# images would depend on its partners.
-UNBATCHED_SAMPLERS = frozenset({"dpm_adaptive"})
 
+@dataclass(frozen=True, kw_only=True)
+class OutpaintRequest(OutpaintParams):
+    """The parameters (models/params.py) and the image they apply to."""
 
-@dataclass
-class OutpaintRequest:
     image: Image.Image
-    prompt: str
-    negative_prompt: str = ""
-    steps: int = 30
-    samples: int = 1
-    styles: list[str] = field(default_factory=lambda: ["V2", "Enhance", "Sharp"])
-    seed: int = -1
-    guidance_scale: float = 4.0
-    scheduler: str = DEFAULT_SCHEDULER
-    sampler: str = DEFAULT_SAMPLER
-    left: int = 0
-    right: int = 0
-    top: int = 0
-    bottom: int = 0
+
+    @classmethod
+    def of(cls, image: Image.Image, params: OutpaintParams) -> OutpaintRequest:
+        return cls(image=image, **params.values())
 
     @property
     def padding(self) -> Padding:
@@ -81,9 +72,10 @@ class PreparedJob:
     def batch_key(self) -> tuple | None:
         """Jobs with equal keys can be denoised in one batch; None: this one runs alone."""
         r = self.request
-        if self.inputs is None or r.sampler in UNBATCHED_SAMPLERS:
+        if self.inputs is None or not SAMPLER_SPECS[r.sampler].batchable:
             return None
-        return (self.inputs.size, self.inputs.tokens, r.steps, r.sampler, r.scheduler, float(r.guidance_scale))
+        # Every parameter but the per-job ones (prompts, seeds, padding: each row has its own).
+        return (self.inputs.size, self.inputs.tokens, *r.batch_values())
 
 
 @dataclass
@@ -138,9 +130,7 @@ class OutpaintEngine:
             "native_area": self.pipeline.native_area,
         }
 
-    def run(
-        self, request: OutpaintRequest, on_step: Callable[[int, int], None] | None = None
-    ) -> OutpaintResult:
+    def run(self, request: OutpaintRequest, on_step: Callable[[int, int], None] | None = None) -> OutpaintResult:
         """One request alone: prepare, denoise, finish."""
         job = self.prepare(request)
         (images,) = self.denoise([job], [on_step])
@@ -276,9 +266,7 @@ class OutpaintEngine:
         pixels = np.asarray(canvas.resize((work_w, work_h), Image.Resampling.LANCZOS), dtype=np.float32)
         image = torch.from_numpy(pixels / 127.5 - 1.0).permute(2, 0, 1)[None]
         # Bilinear then "any part new" keeps the overlap band inside the mask after downscaling.
-        mask_small = Image.fromarray((mask * 255).astype(np.uint8)).resize(
-            (work_w, work_h), Image.Resampling.BILINEAR
-        )
+        mask_small = Image.fromarray((mask * 255).astype(np.uint8)).resize((work_w, work_h), Image.Resampling.BILINEAR)
         mask_t = torch.from_numpy((np.asarray(mask_small) > 0).astype(np.float32))[None, None]
         embeddings = encode_prompts(self.pipeline.c, composed.positives, composed.negatives, self.device, self.dtype)
         return canvas.size, self.pipeline.prepare(image, mask_t, embeddings, seeds)
