@@ -130,7 +130,9 @@ class OutpaintEngine:
             "native_area": self.pipeline.native_area,
         }
 
-    def run(self, request: OutpaintRequest, on_step: Callable[[int, int], None] | None = None) -> OutpaintResult:
+    def run(
+        self, request: OutpaintRequest, on_step: Callable[[int, int], None] | None = None
+    ) -> OutpaintResult:
         """One request alone: prepare, denoise, finish."""
         job = self.prepare(request)
         (images,) = self.denoise([job], [on_step])
@@ -266,7 +268,9 @@ class OutpaintEngine:
         pixels = np.asarray(canvas.resize((work_w, work_h), Image.Resampling.LANCZOS), dtype=np.float32)
         image = torch.from_numpy(pixels / 127.5 - 1.0).permute(2, 0, 1)[None]
         # Bilinear then "any part new" keeps the overlap band inside the mask after downscaling.
-        mask_small = Image.fromarray((mask * 255).astype(np.uint8)).resize((work_w, work_h), Image.Resampling.BILINEAR)
+        mask_small = Image.fromarray((mask * 255).astype(np.uint8)).resize(
+            (work_w, work_h), Image.Resampling.BILINEAR
+        )
         mask_t = torch.from_numpy((np.asarray(mask_small) > 0).astype(np.float32))[None, None]
         embeddings = encode_prompts(self.pipeline.c, composed.positives, composed.negatives, self.device, self.dtype)
         return canvas.size, self.pipeline.prepare(image, mask_t, embeddings, seeds)
