@@ -37,6 +37,7 @@ import re
 import time
 import traceback
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,6 @@ def engine_args(opts: argparse.Namespace, device: torch.device) -> argparse.Name
     args.compile_mode = opts.compile_mode
     args.resident = {}
     return args
-
 
 
 def build_timed(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[Any, float]:
@@ -345,9 +345,8 @@ def section_throughput(opts: argparse.Namespace, report: Report, ours: Any) -> N
             if report.clock.left() < depth * opts.per_request_s * 1.5:
                 report.note(f"throughput: depth {depth} skipped, budget spent")
                 break
-            queue = [eb.case_request(eb.CASES["seed"], opts.steps, "dpmpp_2m_sde_gpu") for _ in range(depth)]
-            for i, r in enumerate(queue):
-                r.seed = eb.SEED + i
+            request = eb.case_request(eb.CASES["seed"], opts.steps, "dpmpp_2m_sde_gpu")
+            queue = [replace(request, seed=eb.SEED + i) for i in range(depth)]  # requests are frozen
             sync(device)
             started = time.perf_counter()
             run_queue(engine, queue)

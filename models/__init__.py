@@ -4,6 +4,9 @@
     engine = OutpaintEngine.load("random:tiny")
     result = engine.run(OutpaintRequest(image=img, prompt="a beach", left=64))
 
+An `OutpaintRequest` is the image plus the parameters of `models.params.OutpaintParams`, the one list
+of a request's parameters with their defaults and ranges.
+
 Heavy imports (torch, diffusers) happen on first use of these names, so light modules such as
 `models.names` stay cheap to import for the HTTP process. The errors (`models.errors`) are torch-free.
 """

@@ -15,35 +15,26 @@ from models.canvas import Padding, build_canvas, paste_back, working_size
 from models.composer import ComposedPrompts, PromptComposer
 from models.devices import resolve_device, resolve_dtype
 from models.errors import Cancelled, OutOfMemory
-from models.names import DEFAULT_SAMPLER, DEFAULT_SCHEDULER, SAMPLERS, SCHEDULERS
+from models.names import SAMPLERS, SCHEDULERS
+from models.params import OutpaintParams
 from models.pipeline import LatentInputs, OutpaintPipeline, StepCallback, check_finite
 from models.prompts import encode_prompts
+from models.sampling.registry import SAMPLER_SPECS
 from models.seeds import draw_seed
 from models.speed import SpeedOptions
 
 __all__ = ["Cancelled", "OutOfMemory", "OutpaintEngine", "OutpaintRequest", "OutpaintResult", "PreparedJob"]
 
-# dpm_adaptive picks its step sizes from an error norm over the whole batch: batched, a job's
-# images would depend on its partners.
-UNBATCHED_SAMPLERS = frozenset({"dpm_adaptive"})
 
+@dataclass(frozen=True, kw_only=True)
+class OutpaintRequest(OutpaintParams):
+    """The parameters (models/params.py) and the image they apply to."""
 
-@dataclass
-class OutpaintRequest:
     image: Image.Image
-    prompt: str
-    negative_prompt: str = ""
-    steps: int = 30
-    samples: int = 1
-    styles: list[str] = field(default_factory=lambda: ["V2", "Enhance", "Sharp"])
-    seed: int = -1
-    guidance_scale: float = 4.0
-    scheduler: str = DEFAULT_SCHEDULER
-    sampler: str = DEFAULT_SAMPLER
-    left: int = 0
-    right: int = 0
-    top: int = 0
-    bottom: int = 0
+
+    @classmethod
+    def of(cls, image: Image.Image, params: OutpaintParams) -> OutpaintRequest:
+        return cls(image=image, **params.values())
 
     @property
     def padding(self) -> Padding:
@@ -81,9 +72,10 @@ class PreparedJob:
     def batch_key(self) -> tuple | None:
         """Jobs with equal keys can be denoised in one batch; None: this one runs alone."""
         r = self.request
-        if self.inputs is None or r.sampler in UNBATCHED_SAMPLERS:
+        if self.inputs is None or not SAMPLER_SPECS[r.sampler].batchable:
             return None
-        return (self.inputs.size, self.inputs.tokens, r.steps, r.sampler, r.scheduler, float(r.guidance_scale))
+        # Every parameter but the per-job ones (prompts, seeds, padding: each row has its own).
+        return (self.inputs.size, self.inputs.tokens, *r.batch_values())
 
 
 @dataclass

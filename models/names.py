@@ -4,26 +4,10 @@ These live apart from their implementations so that request validation (in `serv
 engine agree on one list without importing torch.
 """
 
-SAMPLERS: tuple[str, ...] = (
-    "euler",
-    "euler_ancestral",
-    "heun",
-    "heunpp2",
-    "dpm_2",
-    "dpm_2_ancestral",
-    "lms",
-    "dpm_fast",
-    "dpm_adaptive",
-    "dpmpp_2s_ancestral",
-    "dpmpp_sde",
-    "dpmpp_sde_gpu",
-    "dpmpp_2m",
-    "dpmpp_2m_sde",
-    "dpmpp_2m_sde_gpu",
-    "dpmpp_3m_sde",
-    "dpmpp_3m_sde_gpu",
-    "ddpm",
-)
+from models.sampling.registry import SAMPLER_SPECS
+
+# One entry per sampler in models/sampling/registry.py, which holds its facts.
+SAMPLERS: tuple[str, ...] = tuple(SAMPLER_SPECS)
 
 SCHEDULERS: tuple[str, ...] = ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform")
 

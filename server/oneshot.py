@@ -11,10 +11,12 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import MISSING
 from pathlib import Path
 from typing import Any, NoReturn
 
 from models.names import DEFAULT_MODEL
+from models.params import PARAMETERS
 
 PROG = "beyond outpaint"
 # Output format by extension; the options are those the server uses for its JPEGs.
@@ -24,37 +26,22 @@ FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     ".png": ("PNG", {}),
     ".webp": ("WEBP", {"quality": 95}),
 }
-# Option name -> the request field it fills, and how the text becomes a value.
-NUMBERS: dict[str, type] = {
-    "left": int,
-    "right": int,
-    "top": int,
-    "bottom": int,
-    "steps": int,
-    "seed": int,
-    "samples": int,
-    "guidance_scale": float,
-}
-TEXTS = ("prompt", "negative_prompt", "sampler", "scheduler", "styles")
+# The metavar of an engine parameter's option, by its type (a parameter with choices: NAME).
+METAVARS: dict[Any, str] = {int: "N", float: "X", str: "TEXT", tuple[str, ...]: "LIST"}
 
 
 class UsageError(Exception):
     """Bad input from the command line: one line for the user, exit status 2."""
 
 
-def _field_help(name: str) -> str:
-    """'default X, A..B' read from the request model, so the help text cannot drift from the rules."""
-    from annotated_types import Ge, Le
-
-    from server.schemas import SegBeyondRequest
-
-    info = SegBeyondRequest.model_fields[name]
-    low = next((m.ge for m in info.metadata if isinstance(m, Ge)), None)
-    high = next((m.le for m in info.metadata if isinstance(m, Le)), None)
-    text = f"default {info.default}"
-    if low is not None and high is not None:
-        text += f", {low}..{high}"
-    return text
+def _parameter_help(name: str) -> str:
+    """A parameter's help: what it is, its default and range, all from the engine's list."""
+    _, default, info = PARAMETERS[name]
+    if default is MISSING or default == "":
+        return info.description
+    shown = ",".join(default) if isinstance(default, tuple) else default
+    limits = f", {info.ge}..{info.le}" if info.ge is not None and info.le is not None else ""
+    return f"{info.description} (default {shown}{limits})"
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -66,17 +53,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     # argparse's own errors (a missing option, say) as one line too, like every other bad input.
     parser.error = _usage_exit  # type: ignore[method-assign]
     parser.add_argument("input", metavar="INPUT", help="the image to extend (PNG, JPEG or WebP)")
-    for side in ("left", "right", "top", "bottom"):
-        parser.add_argument(f"--{side}", metavar="N", help=f"pixels to add on the {side} ({_field_help(side)})")
-    parser.add_argument("--prompt", required=True, metavar="TEXT", help="what the new area shows")
-    parser.add_argument("--negative-prompt", metavar="TEXT", help="what it should not show")
-    parser.add_argument("--steps", metavar="N", help=f"denoising steps ({_field_help('steps')})")
-    parser.add_argument("--seed", metavar="N", help=f"first seed, -1 for a random one ({_field_help('seed')})")
-    parser.add_argument("--samples", metavar="N", help=f"how many images ({_field_help('samples')})")
-    parser.add_argument("--sampler", metavar="NAME", help=f"ComfyUI sampler name ({_field_help('sampler')})")
-    parser.add_argument("--scheduler", metavar="NAME", help=f"ComfyUI schedule name ({_field_help('scheduler')})")
-    parser.add_argument("--styles", metavar="LIST", help=f"comma-separated styles ({_field_help('styles')})")
-    parser.add_argument("--guidance-scale", metavar="G", help=f"guidance scale ({_field_help('guidance_scale')})")
+    # One option per engine parameter (models/params.py), in the list's order.
+    for name, (kind, default, info) in PARAMETERS.items():
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            required=default is MISSING,
+            metavar="NAME" if info.choices else METAVARS[kind],
+            help=_parameter_help(name),
+        )
     parser.add_argument(
         "--model", metavar="SPEC", help=f"model spec, as for serve (BEYOND_MODEL, default {DEFAULT_MODEL})"
     )
@@ -102,18 +87,18 @@ def _one_line(text: str) -> str:
 def request_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The command line as request fields; only the options given, so the model's defaults apply."""
     fields: dict[str, Any] = {}
-    for name, kind in NUMBERS.items():
+    for name, (kind, _, _) in PARAMETERS.items():
         text = getattr(args, name)
         if text is None:
+            continue
+        if kind not in (int, float):
+            fields[name] = text  # text, or a comma-separated list as in the request body
             continue
         try:
             fields[name] = kind(text)
         except ValueError:
             what = "an integer" if kind is int else "a number"
             raise UsageError(f"--{name.replace('_', '-')}: expected {what}, got {text!r}") from None
-    for name in TEXTS:
-        if getattr(args, name) is not None:
-            fields[name] = getattr(args, name)
     return fields
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from dataclasses import MISSING
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -14,22 +15,52 @@ from pydantic import (
     StrictInt,
     StrictStr,
     ValidationInfo,
+    create_model,
     field_validator,
 )
 
-from models.names import DEFAULT_SAMPLER, DEFAULT_SCHEDULER, DEFAULT_STYLES, SAMPLERS, SCHEDULERS
-from models.seeds import MAX_SEED
+from models.names import DEFAULT_STYLES
+from models.params import PARAMETERS
 from models.styles import StyleRegistry, UnknownStyle, default_registry
 from server.jobs.contract import OUTPUT_FORMATS, Delivery, JobParams
 
-# The one place the API checks sampler, scheduler and style names (styles: against the registry).
-Sampler = enum.Enum("Sampler", {name: name for name in SAMPLERS}, type=str)  # type: ignore[misc]
-Scheduler = enum.Enum("Scheduler", {name: name for name in SCHEDULERS}, type=str)  # type: ignore[misc]
-Side = Annotated[StrictInt, Field(ge=0, le=1024, description="pixels to add on this side")]
 # Field descriptions of what the hosted API does not have start with this (docs/extensions.md).
 EXTENSION = "Extension of the hosted API: "
 OutputFormat = Literal["jpeg", "png", "webp"]
 assert set(OutputFormat.__args__) == set(OUTPUT_FORMATS)  # type: ignore[attr-defined]
+
+# The engine's parameters (models/params.py) in the request body. A parameter's JSON type follows its
+# type; one with choices is an enum named after it (the one place the API checks sampler and scheduler
+# names). Where the hosted API's form is not the engine's, the body has its own field (_HOSTED_FORMS).
+_STRICT: dict[Any, Any] = {int: StrictInt, float: StrictFloat, str: StrictStr, bool: StrictBool}
+_HOSTED_FORMS: dict[str, tuple[Any, Any]] = {
+    "negative_prompt": (StrictStr | None, Field(None, description=PARAMETERS["negative_prompt"][2].description)),
+    # Validated against the registry (styles: built-ins plus BEYOND_STYLES_DIR), then parsed into names.
+    "styles": (
+        StrictStr,
+        Field(DEFAULT_STYLES, description="comma-separated style names (GET /v1/styles); V2 is the prompt expansion"),
+    ),
+}
+
+
+def _body_field(name: str) -> tuple[Any, Any]:
+    """(annotation, FieldInfo) of an engine parameter in the request body."""
+    if name in _HOSTED_FORMS:
+        return _HOSTED_FORMS[name]
+    kind, default, info = PARAMETERS[name]
+    annotation = _STRICT[kind]
+    if info.choices:
+        title = "".join(part.title() for part in name.split("_"))
+        annotation = enum.Enum(title, {choice: choice for choice in info.choices}, type=str)  # type: ignore[misc]
+        default = default if default is MISSING else annotation(default)
+    limits = {key: value for key, value in (("ge", info.ge), ("le", info.le)) if value is not None}
+    description = (EXTENSION if info.extension else "") + info.description
+    return annotation, Field(... if default is MISSING else default, description=description, **limits)
+
+
+_FIELDS = {name: _body_field(name) for name in PARAMETERS}
+_CHOICES = tuple(name for name, (_, _, info) in PARAMETERS.items() if info.choices)
+_TEXTS = tuple(name for name, (annotation, _) in _FIELDS.items() if annotation in (StrictStr, StrictStr | None))
 
 
 def _known(value: Any, names: tuple[str, ...], what: str) -> Any:
@@ -38,29 +69,21 @@ def _known(value: Any, names: tuple[str, ...], what: str) -> Any:
     return value
 
 
-class SegBeyondRequest(BaseModel):
-    """The request body of `POST /v1/seg-beyond` and `POST /v2/seg-beyond`; unknown fields are ignored."""
-
+class _Image(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     input_image: StrictStr = Field(
         min_length=1, description="the image: an http(s) URL, base64 of its bytes, or a data: URL (PNG, JPEG, WebP)"
     )
-    prompt: StrictStr = Field(description="what the new area should show")
-    negative_prompt: StrictStr | None = Field(None, description="what it should not show")
-    steps: Annotated[StrictInt, Field(ge=20, le=100, description="denoising steps")] = 30
-    samples: Annotated[StrictInt, Field(ge=1, le=4, description="number of images, seeds seed, seed+1, ...")] = 1
-    styles: StrictStr = Field(
-        DEFAULT_STYLES, description="comma-separated style names (GET /v1/styles); V2 is the prompt expansion"
-    )
-    seed: Annotated[StrictInt, Field(ge=-1, le=MAX_SEED, description="-1 draws a random seed")] = -1
-    guidance_scale: Annotated[StrictFloat, Field(ge=1, le=25, description="classifier-free guidance")] = 4.0
-    scheduler: Scheduler = Field(Scheduler(DEFAULT_SCHEDULER), description="noise schedule (ComfyUI's names)")
-    sampler: Sampler = Field(Sampler(DEFAULT_SAMPLER), description="sampler (ComfyUI's names)")
-    left: Side = 0
-    right: Side = 0
-    top: Side = 0
-    bottom: Side = 0
+
+
+# input_image, then the engine's parameters in their order, then SegBeyondRequest's own fields.
+_WithParameters = create_model("_WithParameters", __base__=_Image, **_FIELDS)  # type: ignore[call-overload]
+
+
+class SegBeyondRequest(_WithParameters):  # type: ignore[misc,valid-type]
+    """The request body of `POST /v1/seg-beyond` and `POST /v2/seg-beyond`; unknown fields are ignored."""
+
     base64: StrictBool = Field(False, description="true: images inline as base64 instead of bytes (v1) or URLs (v2)")
 
     # Extensions (docs/extensions.md): a request that sends none of them is served exactly as before.
@@ -80,7 +103,7 @@ class SegBeyondRequest(BaseModel):
         " answers), signed per Standard Webhooks; needs BEYOND_WEBHOOK_SECRET on the server",
     )
 
-    @field_validator("input_image", "prompt", "negative_prompt", "styles", "webhook_url")
+    @field_validator("input_image", *_TEXTS, "webhook_url")
     @classmethod
     def _valid_text(cls, value: str | None) -> str | None:
         if value is not None:
@@ -91,15 +114,10 @@ class SegBeyondRequest(BaseModel):
                 raise ValueError("not valid Unicode text (a lone surrogate)") from None
         return value
 
-    @field_validator("scheduler", mode="before")
+    @field_validator(*_CHOICES, mode="before")
     @classmethod
-    def _known_scheduler(cls, value: Any) -> Any:
-        return _known(value, SCHEDULERS, "scheduler")
-
-    @field_validator("sampler", mode="before")
-    @classmethod
-    def _known_sampler(cls, value: Any) -> Any:
-        return _known(value, SAMPLERS, "sampler")
+    def _known_choice(cls, value: Any, info: ValidationInfo) -> Any:
+        return _known(value, PARAMETERS[info.field_name][2].choices, info.field_name)
 
     @field_validator("styles")
     @classmethod
@@ -125,21 +143,14 @@ class SegBeyondRequest(BaseModel):
 
     def job_params(self, registry: StyleRegistry, seed: int) -> JobParams:
         """The job's parameters, built once: stored with the job and echoed in results."""
-        return JobParams(
-            prompt=self.prompt,
-            negative_prompt=self.negative_prompt or "",
-            steps=self.steps,
-            samples=self.samples,
-            styles=tuple(registry.parse(self.styles)),
-            seed=seed,
-            guidance_scale=float(self.guidance_scale),
-            scheduler=self.scheduler.value,
-            sampler=self.sampler.value,
-            left=self.left,
-            right=self.right,
-            top=self.top,
-            bottom=self.bottom,
-        )
+        values = {}
+        for name, (kind, _, _) in PARAMETERS.items():
+            value = getattr(self, name)
+            values[name] = value.value if isinstance(value, enum.Enum) else float(value) if kind is float else value
+        values["negative_prompt"] = self.negative_prompt or ""
+        values["styles"] = tuple(registry.parse(self.styles))
+        values["seed"] = seed
+        return JobParams(**values)
 
 
 Status = Literal["QUEUED", "PROCESSING", "COMPLETED", "FAILED"]

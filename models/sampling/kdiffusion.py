@@ -24,6 +24,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from models.sampling.noise import NoiseSampler, gaussian_like, step_generators
+from models.sampling.registry import SAMPLER_SPECS, Noise, model_evaluations, sampler_spec
 from models.sampling.schedules import model_sigmas, sigma_to_timestep
 
 # What a sampler program yields (latents to evaluate, their sigma) and is sent back
@@ -225,12 +226,6 @@ ADAPTIVE_H_INIT = 0.05
 _MAX_GROWTH = 1.0 + math.pi / 2  # supremum of the controller's step factor 1 + atan(f - 1)
 
 
-def dpm_adaptive_budget(schedule_steps: int) -> int:
-    """Model calls reserved for dpm_adaptive: the schedule's step count rounded up to whole attempts
-    (each attempt of the order-3 embedded pair costs 3 evaluations)."""
-    return 3 * max(1, math.ceil(schedule_steps / 3))
-
-
 def dpm_adaptive(x: torch.Tensor, sigmas: Sequence[float], noise: NoiseSampler, budget: int) -> Program:
     """DPM-Solver-23 with adaptive step size, eta = 0 (ComfyUI sample_dpm_adaptive defaults:
     rtol 0.05, atol 0.0078, h_init 0.05, I-controller, accept_safety 0.81), run within a budget.
@@ -274,6 +269,7 @@ def dpm_adaptive(x: torch.Tensor, sigmas: Sequence[float], noise: NoiseSampler, 
     return x
 
 
+# By name, as the registry's "kdiffusion.<program>" entries name them.
 PROGRAMS: dict[str, ProgramFn] = {
     "heunpp2": heunpp2,
     "dpm_fast": dpm_fast,
@@ -281,14 +277,21 @@ PROGRAMS: dict[str, ProgramFn] = {
     "dpmpp_2s_ancestral": dpmpp_2s_ancestral,
     "ddpm": ddpm,
 }
-GAUSSIAN_NOISE_PROGRAMS = frozenset({"dpmpp_2s_ancestral", "ddpm"})
+
+
+def program_of(sampler: str) -> ProgramFn | None:
+    """The program that runs `sampler`; None: the registry runs it otherwise, or has no such name."""
+    spec = SAMPLER_SPECS.get(sampler)
+    return PROGRAMS.get(spec.implementation) if spec is not None and spec.module == "kdiffusion" else None
 
 
 def dry_run_call_sigmas(sampler: str, sigmas: Sequence[float]) -> list[float]:
     """The sigma of every model call a fixed-plan program makes (it does not depend on the data)."""
-    if sampler == "dpm_adaptive":
-        raise ValueError("dpm_adaptive chooses its evaluation points while it runs")
-    program = PROGRAMS[sampler](torch.zeros(1, dtype=torch.float64), sigmas, lambda a, b: torch.zeros(1), 0)
+    if sampler_spec(sampler).adaptive:
+        raise ValueError(f"{sampler} chooses its evaluation points while it runs")
+    run = program_of(sampler)
+    assert run is not None, sampler
+    program = run(torch.zeros(1, dtype=torch.float64), sigmas, lambda a, b: torch.zeros(1), 0)
     calls: list[float] = []
     try:
         x, sigma = next(program)
@@ -320,7 +323,7 @@ class KDiffusionScheduler(SchedulerMixin, ConfigMixin):
         prediction_type: str = "epsilon",
         sampler: str = "heunpp2",
     ) -> None:
-        if sampler not in PROGRAMS:
+        if program_of(sampler) is None:
             raise ValueError(f"KDiffusionScheduler has no sampler {sampler!r}")
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"unsupported prediction_type {prediction_type!r}")
@@ -356,10 +359,11 @@ class KDiffusionScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = sigmas.to(torch.float64).cpu()
         self.num_inference_steps = len(sigmas) - 1
         self.seeds = [int(s) for s in seeds]
-        self.step_generators = step_generators(self.seeds) if sampler in GAUSSIAN_NOISE_PROGRAMS else []
+        spec = sampler_spec(sampler)
+        self.step_generators = step_generators(self.seeds) if spec.noise is Noise.GAUSSIAN else []
         sig_list = self.sigmas.tolist()
-        if sampler == "dpm_adaptive":
-            self._budget = dpm_adaptive_budget(self.num_inference_steps)
+        if spec.adaptive:
+            self._budget = model_evaluations(spec, self.num_inference_steps)
             s_min, s_max = _fast_bounds(sig_list)
             # Placeholders until each evaluation point is chosen; overwritten in place as the run
             # goes (see `step`). A log-uniform ramp keeps them monotone and plausible.
@@ -405,7 +409,9 @@ class KDiffusionScheduler(SchedulerMixin, ConfigMixin):
     def _start(self, sample: torch.Tensor) -> None:
         x = sample.to(_WORK_DTYPE)
         self._like = x
-        program = PROGRAMS[self.config.sampler](x, self.sigmas.tolist(), self._noise, self._budget)
+        run = program_of(self.config.sampler)
+        assert run is not None
+        program = run(x, self.sigmas.tolist(), self._noise, self._budget)
         self._program = program
         self._pending = next(program)
 
@@ -448,7 +454,7 @@ class KDiffusionScheduler(SchedulerMixin, ConfigMixin):
             self.finished = True
             out = stop.value
         self._calls += 1
-        if self._pending is not None and self.config.sampler == "dpm_adaptive":
+        if self._pending is not None and sampler_spec(self.config.sampler).adaptive:
             # Written in place: iterating a tensor yields views of its storage, so a loop already
             # running over `timesteps` sees the newly chosen point before it calls the UNet.
             t_next = sigma_to_timestep(self._pending[1], self.table_sigmas)

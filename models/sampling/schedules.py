@@ -17,11 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-SCHEDULE_NAMES: tuple[str, ...] = ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform")
+from models.sampling.registry import sampler_spec
 
-# ComfyUI makes these samplers compute one more step than asked and then drop the second-to-last
-# sigma: their last step is a single Euler evaluation, so the extra step keeps the total spread.
-DISCARD_PENULTIMATE_SIGMA: frozenset[str] = frozenset({"dpm_2", "dpm_2_ancestral"})
+SCHEDULE_NAMES: tuple[str, ...] = ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform")
 
 KARRAS_RHO = 7.0
 
@@ -176,8 +174,12 @@ def compute_sigmas(schedule: str, table_or_config: torch.Tensor | Mapping[str, A
 def sampler_sigmas(
     sampler: str, schedule: str, table_or_config: torch.Tensor | Mapping[str, Any], steps: int
 ) -> torch.Tensor:
-    """The sigmas a ComfyUI KSampler hands to `sampler`: the schedule, plus the dpm_2 adjustment."""
-    if sampler in DISCARD_PENULTIMATE_SIGMA:
+    """The sigmas a ComfyUI KSampler hands to `sampler`: the schedule, plus the dpm_2 adjustment.
+
+    ComfyUI makes some samplers (the registry's discard_penultimate_sigma) compute one more step than
+    asked and then drop the second-to-last sigma: their last step is a single Euler evaluation, so the
+    extra step keeps the total spread."""
+    if sampler_spec(sampler).discard_penultimate_sigma:
         sigmas = compute_sigmas(schedule, table_or_config, steps + 1)
         return torch.cat([sigmas[:-2], sigmas[-1:]])
     return compute_sigmas(schedule, table_or_config, steps)

@@ -24,7 +24,7 @@ import copy
 import inspect
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -96,17 +96,28 @@ def _ancestral(sigma_from: torch.Tensor, sigma_to: torch.Tensor) -> tuple[torch.
     return (sigma_to**2 - up**2).sqrt(), up
 
 
-def call_sigmas_for(sampler: str, sigmas: torch.Tensor) -> torch.Tensor:
-    """The sigma of each model call the stock-class mappings make for a schedule (float64)."""
+# Where a two-stage class evaluates the model a second time within the step from sigma to sigma_next.
+SecondCall = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _at_next(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    return sigma_next
+
+
+def _at_ancestral_mid(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    return _geometric_mid(sigma, _ancestral(sigma, sigma_next)[0])
+
+
+def call_sigmas_for(sigmas: torch.Tensor, second: SecondCall | None = None) -> torch.Tensor:
+    """The sigma of each model call a class makes for a schedule (float64): one per step, plus, for a
+    two-stage class, its `second` within every step but the one into sigma 0."""
     s = sigmas.to(torch.float64)
     out: list[torch.Tensor] = []
     for i in range(len(s) - 1):
         out.append(s[i])
         nxt = s[i + 1]
-        if sampler in ("heun", "dpm_2", "dpmpp_sde", "dpmpp_sde_gpu") and nxt > 0:
-            out.append(nxt if sampler == "heun" else _geometric_mid(s[i], nxt))
-        elif sampler == "dpm_2_ancestral" and nxt > 0:
-            out.append(_geometric_mid(s[i], _ancestral(s[i], nxt)[0]))
+        if second is not None and nxt > 0:
+            out.append(second(s[i], nxt))
     return torch.stack(out)
 
 
@@ -172,7 +183,7 @@ class ComfyEulerAncestral(ComfySchedule, EulerAncestralDiscreteScheduler):
     ) -> None:
         self.sigmas = sigmas.to(torch.float32).cpu()
         self.step_generators = step_generators(seeds)
-        self._attach(sigmas, call_sigmas_for("euler_ancestral", sigmas), table_sigmas, seeds, device)
+        self._attach(sigmas, call_sigmas_for(sigmas), table_sigmas, seeds, device)
 
     def step(  # type: ignore[override]
         self,
@@ -198,7 +209,7 @@ class ComfyHeun(ComfySchedule, HeunDiscreteScheduler):
         self.prev_derivative = None
         self.dt = None
         self.sample = None
-        self._attach(sigmas, call_sigmas_for("heun", sigmas), table_sigmas, seeds, device)
+        self._attach(sigmas, call_sigmas_for(sigmas, _at_next), table_sigmas, seeds, device)
 
     def step(  # type: ignore[override]
         self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, return_dict: bool = True
@@ -217,7 +228,7 @@ class ComfyKDPM2(ComfySchedule, KDPM2DiscreteScheduler):
         self.sigmas = _interleave(s, drop_last_pair=False)
         self.sigmas_interpol = _interleave(interpol, drop_last_pair=False)
         self.sample = None
-        self._attach(sigmas, call_sigmas_for("dpm_2", sigmas), table_sigmas, seeds, device)
+        self._attach(sigmas, call_sigmas_for(sigmas, _geometric_mid), table_sigmas, seeds, device)
 
     def step(  # type: ignore[override]
         self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, return_dict: bool = True
@@ -245,7 +256,7 @@ class ComfyKDPM2Ancestral(ComfySchedule, KDPM2AncestralDiscreteScheduler):
         self.sigmas_down = _interleave(down, drop_last_pair=False)
         self.sample = None
         self.step_generators = step_generators(seeds)
-        self._attach(sigmas, call_sigmas_for("dpm_2_ancestral", sigmas), table_sigmas, seeds, device)
+        self._attach(sigmas, call_sigmas_for(sigmas, _at_ancestral_mid), table_sigmas, seeds, device)
 
     def step(  # type: ignore[override]
         self,
@@ -269,7 +280,7 @@ class ComfyLMS(ComfySchedule, LMSDiscreteScheduler):
     ) -> None:
         self.sigmas = sigmas.to(torch.float32).cpu()
         self.derivatives = []
-        self._attach(sigmas, call_sigmas_for("lms", sigmas), table_sigmas, seeds, device)
+        self._attach(sigmas, call_sigmas_for(sigmas), table_sigmas, seeds, device)
 
     def step(  # type: ignore[override]
         self,
@@ -300,7 +311,7 @@ class ComfyDPMSolverSDE(ComfySchedule, DPMSolverSDEScheduler):
         self.sample = None
         self.mid_point_sigma = None
         self.noise_sampler: NoiseSampler | None = None
-        self._attach(sigmas, call_sigmas_for("dpmpp_sde", sigmas), table_sigmas, seeds, device)
+        self._attach(sigmas, call_sigmas_for(sigmas, _geometric_mid), table_sigmas, seeds, device)
 
     def step(  # type: ignore[override]
         self,
@@ -342,7 +353,7 @@ class ComfyDPMSolverMultistep(ComfySchedule, DPMSolverMultistepScheduler):
         self.model_outputs = [None] * self.config.solver_order
         self.lower_order_nums = 0
         self.noise_sampler: NoiseSampler | None = None
-        self._attach(sigmas, call_sigmas_for("dpmpp_2m", sigmas), table_sigmas, seeds, device)
+        self._attach(sigmas, call_sigmas_for(sigmas), table_sigmas, seeds, device)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         sigma = self.latent_sigma
@@ -423,4 +434,4 @@ class ComfyEuler(ComfySchedule, EulerDiscreteScheduler):
         self, sigmas: torch.Tensor, table_sigmas: torch.Tensor, seeds: Sequence[int], device: Any
     ) -> None:
         self.set_timesteps(sigmas=sigmas.to(torch.float32).tolist(), device=device)
-        self._attach(sigmas, call_sigmas_for("euler", sigmas), table_sigmas, seeds, device)
+        self._attach(sigmas, call_sigmas_for(sigmas), table_sigmas, seeds, device)

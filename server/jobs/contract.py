@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
+from models.params import OutpaintParams
+
 # Credits are kept as integers of this many units each, so balances never drift (0.1 + 0.2 != 0.3).
 CREDIT_UNITS = 10_000
 
@@ -47,39 +49,9 @@ class FailureKind(str, Enum):
     TIMEOUT = "timeout"
 
 
-@dataclass(frozen=True)
-class JobParams:
-    """What the engine needs besides the image, as validated from the request (seed already drawn)."""
-
-    prompt: str
-    negative_prompt: str = ""
-    steps: int = 30
-    samples: int = 1
-    styles: tuple[str, ...] = ()
-    seed: int = 0
-    guidance_scale: float = 4.0
-    scheduler: str = "karras"
-    sampler: str = "dpmpp_2m_sde_gpu"
-    left: int = 0
-    right: int = 0
-    top: int = 0
-    bottom: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        # Flat fields: a shallow copy does (asdict's deep copy costs ~25 us on every request's path).
-        data = dict(vars(self))
-        data["styles"] = list(self.styles)
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> JobParams:
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        values["styles"] = tuple(values.get("styles", ()))
-        return cls(**values)
-
-    def canvas_size(self, width: int, height: int) -> tuple[int, int]:
-        return width + self.left + self.right, height + self.top + self.bottom
+# What the engine needs besides the image, as validated from the request (seed already drawn): the
+# engine's one list of parameters, stored as its JSON form (the keys the first release wrote).
+JobParams = OutpaintParams
 
 
 @dataclass(frozen=True)

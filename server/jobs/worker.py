@@ -57,25 +57,10 @@ PREVIEW_SIDE = 256  # the preview's longest side, in pixels
 
 
 def engine_request(image: Image.Image, params: JobParams) -> OutpaintRequest:
-    """The engine's request, field by field from the job's typed parameters."""
+    """The engine's request: the job's parameters (the engine's own type) and its image."""
     from models.engine import OutpaintRequest
 
-    return OutpaintRequest(
-        image=image,
-        prompt=params.prompt,
-        negative_prompt=params.negative_prompt,
-        steps=params.steps,
-        samples=params.samples,
-        styles=list(params.styles),
-        seed=params.seed,
-        guidance_scale=params.guidance_scale,
-        scheduler=params.scheduler,
-        sampler=params.sampler,
-        left=params.left,
-        right=params.right,
-        top=params.top,
-        bottom=params.bottom,
-    )
+    return OutpaintRequest.of(image, params)
 
 
 def encode(picture: Image.Image, delivery: Delivery) -> bytes:
@@ -431,9 +416,7 @@ class Worker:
             self._hand_over(entry)
             self.send(Started(entry.job_id, entry.job.attempt))
         try:
-            images = self.engine.denoise(
-                [e.prepared for e in batch], [on_step_of(e) for e in batch], on_latents
-            )
+            images = self.engine.denoise([e.prepared for e in batch], [on_step_of(e) for e in batch], on_latents)
         except Cancelled:
             for entry in batch:
                 self._answer(entry, failure(entry.job, Cancelled()))

@@ -1,17 +1,6 @@
 // The beyond playground: plain JavaScript, no build step, nothing loaded from anywhere but this server.
 "use strict";
 
-// The names the API accepts. Source: models/names.py (SAMPLERS, SCHEDULERS and the defaults); keep in step.
-const SAMPLERS = [
-  "euler", "euler_ancestral", "heun", "heunpp2", "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive",
-  "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
-  "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm",
-];
-const SCHEDULERS = ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform"];
-const DEFAULT_SAMPLER = "dpmpp_2m_sde_gpu";
-const DEFAULT_SCHEDULER = "karras";
-const DEFAULT_STYLES = ["V2", "Enhance", "Sharp"];
-
 const SIDES = ["left", "right", "top", "bottom"];
 const MAX_EXTENSION = 1024;
 // What the server assumes for an image it fetches itself by URL, when the browser cannot show it.
@@ -363,7 +352,29 @@ function fillSelect(select, names, selected) {
   );
 }
 
-async function loadStyles() {
+// The names a field of the request body takes: its enum, or the enum of the schema it refers to.
+function choices(schemas, property) {
+  if (property.enum) return property.enum;
+  return schemas[property.$ref.split("/").pop()].enum;
+}
+
+// The samplers and schedulers the API accepts and the request's defaults, from the API's own description
+// (/openapi.json), so the page keeps no copy of them; then the styles.
+async function loadOptions() {
+  let defaultStyles = [];
+  try {
+    const schemas = (await api("openapi.json")).components.schemas;
+    const request = schemas.SegBeyondRequest.properties;
+    fillSelect($("sampler"), choices(schemas, request.sampler), [request.sampler.default]);
+    fillSelect($("scheduler"), choices(schemas, request.scheduler), [request.scheduler.default]);
+    defaultStyles = request.styles.default.split(",").filter(Boolean);
+  } catch (error) {
+    showError(`Could not read the API's options: ${error.message}`);
+  }
+  await loadStyles(defaultStyles);
+}
+
+async function loadStyles(defaults) {
   const select = $("styles");
   try {
     const body = await api("v1/styles");
@@ -371,12 +382,12 @@ async function loadStyles() {
       ...body.styles.map((style) => {
         const option = new Option(style.name, style.name);
         option.title = style.description || style.positive || "";
-        option.selected = DEFAULT_STYLES.includes(style.name);
+        option.selected = defaults.includes(style.name);
         return option;
       }),
     );
   } catch (error) {
-    fillSelect(select, DEFAULT_STYLES, DEFAULT_STYLES);
+    fillSelect(select, defaults, defaults);
     showError(`Could not list the styles: ${error.message}`);
   }
 }
@@ -524,8 +535,6 @@ function start() {
     if (apiKey()) localStorage.setItem(KEY_STORAGE, apiKey());
     else localStorage.removeItem(KEY_STORAGE);
   });
-  fillSelect($("sampler"), SAMPLERS, [DEFAULT_SAMPLER]);
-  fillSelect($("scheduler"), SCHEDULERS, [DEFAULT_SCHEDULER]);
   $("file").addEventListener("change", () => useFile($("file").files[0]));
   $("use-url").addEventListener("click", () => useUrl($("url").value));
   $("url").addEventListener("keydown", (event) => {
@@ -538,7 +547,7 @@ function start() {
   $("cancel").addEventListener("click", cancel);
   setUpCanvas();
   draw();
-  loadStyles();
+  loadOptions();
 }
 
 start();
