@@ -87,12 +87,29 @@ def build_canvas(image: Image.Image, pad: Padding) -> tuple[Image.Image, np.ndar
     return canvas, generation_mask(width, height, pad)
 
 
+def side_range(native_area: int, multiple: int = 64) -> tuple[int, int]:
+    """The shortest and longest working side: a quarter and twice the native side (256..2048 for SDXL)."""
+    side = math.sqrt(native_area)
+    low = max(multiple, round(side / 4 / multiple) * multiple)
+    high = max(low, round(side * 2 / multiple) * multiple)
+    return low, high
+
+
 def working_size(width: int, height: int, native_area: int, multiple: int = 64) -> tuple[int, int]:
-    """The model's native pixel area at the canvas's aspect ratio, sides rounded to `multiple`."""
+    """The model's native pixel area at the canvas's aspect ratio, sides rounded to `multiple` and
+    kept within `side_range`.
+
+    Up to 4:1 either way nothing is clamped (the native area at 4:1 is exactly 2 x 1/2 native
+    sides). A thinner canvas is squeezed into the range, its long side at the maximum and its short
+    side as the aspect ratio asks but at least the minimum: it is worked on at most the native area,
+    never the tens of native areas that keeping the area at its aspect ratio would take, and the
+    paste-back stretches the result back to the canvas.
+    """
+    low, high = side_range(native_area, multiple)
     aspect = width / height
-    w = max(multiple, round(math.sqrt(native_area * aspect) / multiple) * multiple)
-    h = max(multiple, round(math.sqrt(native_area / aspect) / multiple) * multiple)
-    return w, h
+    w = round(math.sqrt(native_area * aspect) / multiple) * multiple
+    h = round(math.sqrt(native_area / aspect) / multiple) * multiple
+    return min(max(w, low), high), min(max(h, low), high)
 
 
 def seam_alpha(width: int, height: int, pad: Padding, band: int = SEAM_BAND) -> np.ndarray:
