@@ -18,7 +18,7 @@ from models.errors import Cancelled, OutOfMemory
 from models.names import DEFAULT_SAMPLER, DEFAULT_SCHEDULER, SAMPLERS, SCHEDULERS
 from models.pipeline import LatentInputs, OutpaintPipeline, StepCallback, check_finite
 from models.prompts import encode_prompts
-from models.seeds import draw_seed
+from models.seeds import draw_seed, sample_seeds
 from models.speed import SpeedOptions
 
 __all__ = ["Cancelled", "OutOfMemory", "OutpaintEngine", "OutpaintRequest", "OutpaintResult", "PreparedJob"]
@@ -154,7 +154,7 @@ class OutpaintEngine:
             raise ValueError(f"scheduler: unknown {request.scheduler!r}")
         started = time.perf_counter()
         first = draw_seed() if request.seed == -1 else request.seed
-        seeds = [first + i for i in range(request.samples)]
+        seeds = sample_seeds(first, request.samples)
         original = request.image.convert("RGB")
         pad = request.padding
         composed = self.composer.compose(request.prompt, request.negative_prompt, request.styles, seeds)
