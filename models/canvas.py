@@ -134,8 +134,8 @@ def working_size(width: int, height: int, native_area: int, multiple: int = 64) 
     """The model's native pixel area at the canvas's aspect ratio, sides rounded to `multiple` and
     kept within `side_range`.
 
-    Up to 4:1 either way nothing is clamped (the native area at 4:1 is exactly 2 x 1/2 native
-    sides). A thinner canvas is squeezed into the range, its long side at the maximum and its short
+    Up to 4:1 either way nothing is clamped (at 4:1 the native area is twice the native side by half
+    of it). A thinner canvas is squeezed into the range, its long side at the maximum and its short
     side as the aspect ratio asks but at least the minimum: it is worked on at most the native area,
     never the tens of native areas that keeping the area at its aspect ratio would take, and the
     paste-back stretches the result back to the canvas.

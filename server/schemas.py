@@ -49,7 +49,9 @@ class SegBeyondRequest(BaseModel):
     prompt: StrictStr = Field(description="what the new area should show")
     negative_prompt: StrictStr | None = Field(None, description="what it should not show")
     steps: Annotated[StrictInt, Field(ge=20, le=100, description="denoising steps")] = 30
-    samples: Annotated[StrictInt, Field(ge=1, le=4, description="number of images, seeds seed, seed+1, ...")] = 1
+    samples: Annotated[
+        StrictInt, Field(ge=1, le=4, description="number of images, seeds seed, seed+1, ... (after 999999999999999: 0)")
+    ] = 1
     styles: StrictStr = Field(
         DEFAULT_STYLES, description="comma-separated style names (GET /v1/styles); V2 is the prompt expansion"
     )
