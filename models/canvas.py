@@ -1,6 +1,8 @@
 """Geometry of outpainting: the padded canvas, its mask, the pre-fill, the working size, the paste-back.
 
 All of it is plain array work on the CPU; the diffusion model only ever sees the working-size canvas.
+Transparent pixels of the input are generated like the padding: a fully transparent pixel is new
+area (with a seam band around it), a partly transparent one is blended by its alpha.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from scipy import ndimage
 
 # How far (canvas pixels) the generated area reaches into the original, so the model redraws the
 # border it must blend with; the paste-back feathers over the same band. The contract of the
-# engine is: pixels farther than SEAM_BAND from a padded side are the original, bit for bit.
+# engine is: opaque pixels farther than SEAM_BAND from a padded side and from any fully transparent
+# pixel are the original, bit for bit.
 SEAM_BAND = 16
+# Modes that carry an alpha channel (palette and colour-key transparency is in `Image.info`).
+ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,8 @@ def prefill(pixels: np.ndarray, known: np.ndarray) -> np.ndarray:
 
     Each pyramid level averages only known pixels; unknown pixels take the upsampled coarser level,
     so colours reach far into the new area without hard edges, and known pixels stay untouched.
+    `known` may be fractional (a partly transparent pixel): such a pixel counts for that much in the
+    averages and is its own colour over the fill in that proportion.
     """
     img = torch.from_numpy(pixels).permute(2, 0, 1)[None].float()
     weight = torch.from_numpy(known.astype(np.float32))[None, None]
@@ -71,28 +79,72 @@ def prefill(pixels: np.ndarray, known: np.ndarray) -> np.ndarray:
         trust = (w * 4).clamp(0, 1)  # a cell that is a quarter known already speaks for itself
         filled = trust * mean + (1 - trust) * up
     out = filled[0].permute(1, 2, 0).numpy()
-    return np.where(known[..., None] > 0.5, pixels, out)
+    weight = known[..., None]
+    # For 0/1 weights this is exactly the known pixels or the fill.
+    return np.where(weight >= 1.0, pixels, weight * pixels + (1 - weight) * out)
 
 
-def build_canvas(image: Image.Image, pad: Padding) -> tuple[Image.Image, np.ndarray]:
-    """The padded canvas with its new area pre-filled, and the generation mask (canvas size)."""
+def split_alpha(image: Image.Image) -> tuple[Image.Image, np.ndarray | None]:
+    """The picture in RGB and its alpha ((height, width) uint8); None when no pixel is transparent, so an
+    opaque picture takes exactly the path of one without an alpha channel."""
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        alpha = np.asarray(rgba.getchannel("A"))
+        if alpha.min() < 255:
+            return rgba.convert("RGB"), alpha
+    return image.convert("RGB"), None
+
+
+def build_canvas(
+    image: Image.Image, pad: Padding, alpha: np.ndarray | None = None, weight: np.ndarray | None = None
+) -> tuple[Image.Image, np.ndarray]:
+    """The padded canvas with its new area pre-filled, and the generation mask (canvas size).
+
+    With `alpha`, transparent pixels are new area too: they count for their opacity in the pre-fill,
+    and the mask takes in every pixel the paste-back does not keep whole (`original_weight` < 1);
+    `weight` is that weight when the caller has it already.
+    """
     width, height = image.size
     cw, ch = pad.canvas_size(width, height)
     pixels = np.zeros((ch, cw, 3), dtype=np.float32)
     known = np.zeros((ch, cw), dtype=np.float32)
-    pixels[pad.top : pad.top + height, pad.left : pad.left + width] = np.asarray(image, dtype=np.float32)
-    known[pad.top : pad.top + height, pad.left : pad.left + width] = 1.0
+    region = (slice(pad.top, pad.top + height), slice(pad.left, pad.left + width))
+    pixels[region] = np.asarray(image, dtype=np.float32)
+    known[region] = 1.0 if alpha is None else alpha.astype(np.float32) / 255
     filled = prefill(pixels, known)
     canvas = Image.fromarray(np.clip(filled + 0.5, 0, 255).astype(np.uint8))
-    return canvas, generation_mask(width, height, pad)
+    if alpha is None:
+        return canvas, generation_mask(width, height, pad)
+    mask = np.ones((ch, cw), dtype=np.float32)
+    if weight is None:
+        weight = original_weight(width, height, pad, alpha)
+    mask[region] = (weight < 1.0).astype(np.float32)
+    return canvas, mask
+
+
+def side_range(native_area: int, multiple: int = 64) -> tuple[int, int]:
+    """The shortest and longest working side: a quarter and twice the native side (256..2048 for SDXL)."""
+    side = math.sqrt(native_area)
+    low = max(multiple, round(side / 4 / multiple) * multiple)
+    high = max(low, round(side * 2 / multiple) * multiple)
+    return low, high
 
 
 def working_size(width: int, height: int, native_area: int, multiple: int = 64) -> tuple[int, int]:
-    """The model's native pixel area at the canvas's aspect ratio, sides rounded to `multiple`."""
+    """The model's native pixel area at the canvas's aspect ratio, sides rounded to `multiple` and
+    kept within `side_range`.
+
+    Up to 4:1 either way nothing is clamped (at 4:1 the native area is twice the native side by half
+    of it). A thinner canvas is squeezed into the range, its long side at the maximum and its short
+    side as the aspect ratio asks but at least the minimum: it is worked on at most the native area,
+    never the tens of native areas that keeping the area at its aspect ratio would take, and the
+    paste-back stretches the result back to the canvas.
+    """
+    low, high = side_range(native_area, multiple)
     aspect = width / height
-    w = max(multiple, round(math.sqrt(native_area * aspect) / multiple) * multiple)
-    h = max(multiple, round(math.sqrt(native_area / aspect) / multiple) * multiple)
-    return w, h
+    w = round(math.sqrt(native_area * aspect) / multiple) * multiple
+    h = round(math.sqrt(native_area / aspect) / multiple) * multiple
+    return min(max(w, low), high), min(max(h, low), high)
 
 
 def seam_alpha(width: int, height: int, pad: Padding, band: int = SEAM_BAND) -> np.ndarray:
@@ -108,21 +160,46 @@ def seam_alpha(width: int, height: int, pad: Padding, band: int = SEAM_BAND) -> 
             d = np.minimum(d, n - centres)
         return d
 
-    dist = np.minimum(
-        distance(width, pad.left, pad.right)[None, :], distance(height, pad.top, pad.bottom)[:, None]
-    )
+    dist = np.minimum(distance(width, pad.left, pad.right)[None, :], distance(height, pad.top, pad.bottom)[:, None])
     return np.clip(dist / band, 0.0, 1.0)
 
 
+def original_weight(
+    width: int, height: int, pad: Padding, alpha: np.ndarray | None = None, band: int = SEAM_BAND
+) -> np.ndarray:
+    """Weight of the original for each of its pixels at the paste-back: the seam feather, measured from
+    the padded sides and from fully transparent pixels alike, times the pixel's opacity."""
+    weight = seam_alpha(width, height, pad, band)
+    if alpha is None:
+        return weight
+    clear = alpha == 0
+    if clear.any():
+        # Distance of each pixel's centre to the nearest fully transparent pixel's edge (half a pixel
+        # short of centre to centre), as seam_alpha measures it to a padded side.
+        reach = ndimage.distance_transform_edt(~clear).astype(np.float32) - 0.5
+        weight = np.minimum(weight, np.clip(reach / band, 0.0, 1.0))
+    return weight * (alpha.astype(np.float32) / 255)
+
+
 def paste_back(
-    generated: Image.Image, original: Image.Image, pad: Padding, band: int = SEAM_BAND
+    generated: Image.Image,
+    original: Image.Image,
+    pad: Padding,
+    band: int = SEAM_BAND,
+    weight: np.ndarray | None = None,
 ) -> Image.Image:
-    """Put the original pixels back over a canvas-sized result, feathered across the seam band."""
+    """Put the original pixels back over a canvas-sized result, feathered across the seam band.
+
+    `weight` is the original's weight per pixel when it has transparent ones (`original_weight`);
+    None: the seam feather alone. Pixels of weight 1 are copied, bit for bit.
+    """
     out = np.array(generated.convert("RGB"))
     width, height = original.size
     region = out[pad.top : pad.top + height, pad.left : pad.left + width].astype(np.float32)
     orig = np.asarray(original.convert("RGB"))
-    alpha = seam_alpha(width, height, pad, band)[..., None]
-    blended = np.clip(alpha * orig + (1 - alpha) * region + 0.5, 0, 255).astype(np.uint8)
-    out[pad.top : pad.top + height, pad.left : pad.left + width] = np.where(alpha >= 1.0, orig, blended)
+    if weight is None:
+        weight = seam_alpha(width, height, pad, band)
+    weight = weight[..., None]
+    blended = np.clip(weight * orig + (1 - weight) * region + 0.5, 0, 255).astype(np.uint8)
+    out[pad.top : pad.top + height, pad.left : pad.left + width] = np.where(weight >= 1.0, orig, blended)
     return Image.fromarray(out)

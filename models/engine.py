@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.canvas import Padding, build_canvas, paste_back, working_size
+from models.canvas import Padding, build_canvas, original_weight, paste_back, split_alpha, working_size
 from models.composer import ComposedPrompts, PromptComposer
 from models.devices import resolve_device, resolve_dtype
 from models.errors import Cancelled, OutOfMemory
@@ -20,7 +20,7 @@ from models.params import OutpaintParams
 from models.pipeline import LatentInputs, OutpaintPipeline, StepCallback, check_finite
 from models.prompts import encode_prompts
 from models.sampling.registry import SAMPLER_SPECS
-from models.seeds import draw_seed
+from models.seeds import draw_seed, sample_seeds
 from models.speed import SpeedOptions
 
 __all__ = ["Cancelled", "OutOfMemory", "OutpaintEngine", "OutpaintRequest", "OutpaintResult", "PreparedJob"]
@@ -51,6 +51,8 @@ class PreparedJob:
     composed: ComposedPrompts
     canvas: tuple[int, int]  # the padded canvas (width, height)
     inputs: LatentInputs | None = None  # None: nothing to outpaint
+    # With transparent pixels: the original's weight in the paste-back, per pixel (None: the seam feather).
+    weight: np.ndarray | None = None
     busy: float = 0.0  # seconds of engine work spent on this job so far
 
     @property
@@ -130,9 +132,7 @@ class OutpaintEngine:
             "native_area": self.pipeline.native_area,
         }
 
-    def run(
-        self, request: OutpaintRequest, on_step: Callable[[int, int], None] | None = None
-    ) -> OutpaintResult:
+    def run(self, request: OutpaintRequest, on_step: Callable[[int, int], None] | None = None) -> OutpaintResult:
         """One request alone: prepare, denoise, finish."""
         job = self.prepare(request)
         (images,) = self.denoise([job], [on_step])
@@ -146,15 +146,18 @@ class OutpaintEngine:
             raise ValueError(f"scheduler: unknown {request.scheduler!r}")
         started = time.perf_counter()
         first = draw_seed() if request.seed == -1 else request.seed
-        seeds = [first + i for i in range(request.samples)]
-        original = request.image.convert("RGB")
+        seeds = sample_seeds(first, request.samples)
+        original, alpha = split_alpha(request.image)
         pad = request.padding
         composed = self.composer.compose(request.prompt, request.negative_prompt, request.styles, seeds)
         job = PreparedJob(request, seeds, original, composed, original.size)
-        if pad.any:
+        # Transparent pixels are generated like padding: an image with some has something to outpaint.
+        if pad.any or alpha is not None:
             out_of_memory = None
             try:
-                job.canvas, job.inputs = self._prepare_latents(original, pad, composed, seeds)
+                if alpha is not None:
+                    job.weight = original_weight(*original.size, pad, alpha)
+                job.canvas, job.inputs = self._prepare_latents(original, pad, composed, seeds, alpha, job.weight)
             except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
                 out_of_memory = str(exc) or type(exc).__name__
             if out_of_memory is not None:
@@ -237,7 +240,12 @@ class OutpaintEngine:
             pad = job.request.padding
             arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
             pictures = [
-                paste_back(Image.fromarray(a).resize(job.canvas, Image.Resampling.LANCZOS), job.original, pad)
+                paste_back(
+                    Image.fromarray(a).resize(job.canvas, Image.Resampling.LANCZOS),
+                    job.original,
+                    pad,
+                    weight=job.weight,
+                )
                 for a in arrays
             ]
         job.busy += time.perf_counter() - started
@@ -261,16 +269,20 @@ class OutpaintEngine:
         raise OutOfMemory(str(self.device), samples, canvas, detail)
 
     def _prepare_latents(
-        self, original: Image.Image, pad: Padding, composed: ComposedPrompts, seeds: list[int]
+        self,
+        original: Image.Image,
+        pad: Padding,
+        composed: ComposedPrompts,
+        seeds: list[int],
+        alpha: np.ndarray | None = None,
+        weight: np.ndarray | None = None,
     ) -> tuple[tuple[int, int], LatentInputs]:
-        canvas, mask = build_canvas(original, pad)
+        canvas, mask = build_canvas(original, pad, alpha, weight)
         work_w, work_h = working_size(canvas.width, canvas.height, self.pipeline.native_area)
         pixels = np.asarray(canvas.resize((work_w, work_h), Image.Resampling.LANCZOS), dtype=np.float32)
         image = torch.from_numpy(pixels / 127.5 - 1.0).permute(2, 0, 1)[None]
         # Bilinear then "any part new" keeps the overlap band inside the mask after downscaling.
-        mask_small = Image.fromarray((mask * 255).astype(np.uint8)).resize(
-            (work_w, work_h), Image.Resampling.BILINEAR
-        )
+        mask_small = Image.fromarray((mask * 255).astype(np.uint8)).resize((work_w, work_h), Image.Resampling.BILINEAR)
         mask_t = torch.from_numpy((np.asarray(mask_small) > 0).astype(np.float32))[None, None]
         embeddings = encode_prompts(self.pipeline.c, composed.positives, composed.negatives, self.device, self.dtype)
         return canvas.size, self.pipeline.prepare(image, mask_t, embeddings, seeds)

@@ -56,7 +56,9 @@ class OutpaintParams:
     prompt: str = param(description="what the new area should show", per_job=True)
     negative_prompt: str = param("", description="what it should not show", per_job=True)
     steps: int = param(30, description="denoising steps", ge=20, le=100)
-    samples: int = param(1, description="number of images, seeds seed, seed+1, ...", ge=1, le=4, per_job=True)
+    samples: int = param(
+        1, description="number of images, seeds seed, seed+1, ... (after 999999999999999: 0)", ge=1, le=4, per_job=True
+    )
     styles: tuple[str, ...] = param(
         tuple(DEFAULT_STYLES.split(",")),
         description="the styles applied, by name; V2 is the prompt expansion",

@@ -1,4 +1,4 @@
-"""Reading `input_image`: an http(s) URL, raw base64 or a data: URL, into a clean RGB picture.
+"""Reading `input_image`: an http(s) URL, raw base64 or a data: URL, into a clean RGB (or RGBA) picture.
 
 The URL checks live in server/urlguard.py and the download in server/fetch.py; their names are re-exported
 here for the callers that import them from this module.
@@ -43,7 +43,6 @@ __all__ = [
 
 # The formats the contract promises, told apart by their first bytes rather than by any name.
 MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
-NEUTRAL = (128, 128, 128)
 log = logging.getLogger("beyond.images")
 
 
@@ -79,7 +78,8 @@ def read_bytes(value: str, limits: ImageLimits) -> bytes:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with palettes expanded, 16-bit grey scaled down and transparency on a neutral grey."""
+    """RGB with palettes expanded and 16-bit grey scaled down; RGBA when some pixel is transparent (the engine
+    generates transparent pixels, models/canvas.py), RGB when every pixel is opaque."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
@@ -90,13 +90,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (*NEUTRAL, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        return rgba if rgba.getchannel("A").getextrema()[0] < 255 else rgba.convert("RGB")
     return image.convert("RGB")
 
 
 def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
-    """The picture in `data`, upright and RGB. Client messages are ours alone: the library's detail (which
+    """The picture in `data`, upright, RGB or RGBA (to_rgb). Client messages are ours alone: the library's detail (which
     names objects and its own limits) goes to the log."""
     fmt = sniff_format(data)
     if fmt is None:

@@ -146,7 +146,11 @@ URL_INPUT_SIZE = (1024, 1024)
 
 def request_cost(params: JobParams, image_size: tuple[int, int] | None) -> int:
     """Credit units: samples x steps / 30 x max(1, megapixels of the output canvas), so a default
-    request (1 sample, 30 steps) on a canvas up to 1 MP costs 1 credit."""
+    request (1 sample, 30 steps) on a canvas up to 1 MP costs 1 credit.
+
+    The price follows the work: the 1 is the denoising, which runs at most on the model's native
+    area whatever the canvas's shape (models/canvas.py working_size); a canvas past 1 MP adds the
+    work done at its full size (pre-fill, resizing back, paste-back, encoding)."""
     width, height = params.canvas_size(*(image_size or URL_INPUT_SIZE))
     megapixels = max(1.0, width * height / 1e6)
     return to_units(params.samples * params.steps / 30 * megapixels)

@@ -71,6 +71,25 @@ def test_base64_returns_every_sample_with_consecutive_seeds(server: ServerProces
     assert response.headers["x-seeds"] == "50,51,52"
 
 
+def test_seeds_wrap_to_zero_and_every_reported_seed_gives_its_image_again(server: ServerProcess) -> None:
+    import base64
+
+    def pictures(response: httpx.Response) -> list[np.ndarray]:
+        assert response.status_code == 200, response.text
+        return [
+            np.asarray(Image.open(io.BytesIO(base64.b64decode(item))), dtype=int) for item in response.json()["images"]
+        ]
+
+    fields = {"output_format": "png", "base64": True}
+    batch = post(server, request_body(noise_image(), seed=999999999999999, samples=2, **fields))
+    assert batch.headers["x-seeds"] == "999999999999999,0"
+    assert batch.json()["seeds"] == [999999999999999, 0]
+    for seed, picture in zip(batch.json()["seeds"], pictures(batch), strict=True):
+        (alone,) = pictures(post(server, request_body(noise_image(), seed=seed, **fields)))
+        # The same image, up to the float rounding of a batch of two (tests/test_engine.py).
+        assert np.abs(alone - picture).max() <= 2
+
+
 def test_unknown_fields_are_ignored(server: ServerProcess) -> None:
     assert post(server, request_body(seed=7, webhook="http://x", extra={"a": 1})).status_code == 200
 

@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from models.engine import Cancelled, OutpaintEngine, OutpaintRequest, PreparedJob
 from models.pipeline import OutpaintPipeline
@@ -77,6 +78,18 @@ def test_two_batched_jobs_give_each_the_bytes_it_gets_alone(engine: OutpaintEngi
     assert png_bytes(batched[1].images) == png_bytes(alone_b.images)
     # And the two jobs really differ (the comparison above could not pass by both being the same).
     assert png_bytes(batched[0].images[:1]) != png_bytes(batched[1].images)
+
+
+def test_a_job_with_transparent_pixels_keeps_its_own_mask_in_a_batch(engine: OutpaintEngine) -> None:
+    pixels = np.dstack([np.asarray(noise_image(80, 48, seed=1)), np.full((48, 80), 255, np.uint8)])
+    pixels[16:32, 40:60, 3] = 0  # a transparent hole the engine generates, touching no padded side
+    holed = request_a(image=Image.fromarray(pixels, "RGBA"))
+    a, b = engine.prepare(holed), engine.prepare(request_b())
+    assert a.batch_key == b.batch_key is not None
+    batched = [engine.finish(job, part) for job, part in zip([a, b], engine.denoise([a, b]), strict=True)]
+    assert png_bytes(batched[0].images) == png_bytes(engine.run(holed).images)
+    assert png_bytes(batched[1].images) == png_bytes(engine.run(request_b()).images)
+    assert png_bytes(batched[0].images) != png_bytes(engine.run(request_a()).images)
 
 
 def test_one_fused_unet_call_per_step_agrees_closely(engine: OutpaintEngine) -> None:

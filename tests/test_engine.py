@@ -14,6 +14,7 @@ from models.engine import Cancelled, OutpaintEngine, OutpaintRequest
 from models.errors import EngineError, NonFiniteOutput, OutOfMemory
 from models.pipeline import OutpaintPipeline
 from models.random_models import build_random
+from models.seeds import MAX_SEED
 from tests.helpers import noise_image, smooth_image
 
 
@@ -57,8 +58,9 @@ def test_working_size_keeps_area_and_aspect() -> None:
     for width, height in [(1424, 1024), (1024, 1024), (3072, 200), (200, 3072), (640, 480)]:
         w, h = working_size(width, height, 1024 * 1024)
         assert w % 64 == 0 and h % 64 == 0
-        assert abs(w * h - 1024 * 1024) / (1024 * 1024) < 0.25 or min(w, h) == 64
-        assert abs(w / h - width / height) / (width / height) < 0.2 or min(w, h) == 64
+        # Past 4:1 the long side stops at 2048 (tests/test_working_size.py): less area, squeezed.
+        assert abs(w * h - 1024 * 1024) / (1024 * 1024) < 0.25 or max(w, h) == 2048
+        assert abs(w / h - width / height) / (width / height) < 0.2 or max(w, h) == 2048
     assert working_size(1424, 1024, 1024 * 1024) == (1216, 896)
 
 
@@ -104,6 +106,21 @@ def test_same_seed_same_pixels_and_samples_use_consecutive_seeds(engine: Outpain
     # Sample 1 of the batch used seed 101: equal to seed 101 alone up to batched float rounding.
     assert np.abs(alone.astype(int) - first[1].astype(int)).max() <= 2
     assert not np.array_equal(first[0], first[1])
+
+
+def test_seeds_wrap_past_the_largest_and_each_reproduces_its_image_alone(engine: OutpaintEngine) -> None:
+    batch = engine.run(
+        OutpaintRequest(
+            image=noise_image(80, 48), prompt="a harbour at dusk", steps=20, seed=MAX_SEED - 1, samples=3, left=32
+        )
+    )
+    assert batch.seeds == [MAX_SEED - 1, MAX_SEED, 0]
+    for seed, image in zip(batch.seeds, batch.images, strict=True):
+        alone = run(engine, left=32, seed=seed)[0]
+        # Equal up to batched float rounding, as for any sample (test above).
+        assert np.abs(alone.astype(int) - np.asarray(image).astype(int)).max() <= 2
+    with pytest.raises(ValueError, match="seed"):
+        engine.run(OutpaintRequest(image=noise_image(80, 48), prompt="x", steps=20, seed=MAX_SEED + 1, left=32))
 
 
 def test_seed_minus_one_draws_different_seeds(engine: OutpaintEngine) -> None:

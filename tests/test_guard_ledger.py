@@ -152,6 +152,11 @@ def test_the_cost_formula() -> None:
     assert cost(None, right=1024) == cost((1024, 1024), right=1024)
 
 
+def test_a_thin_canvas_costs_what_a_square_one_does() -> None:
+    # Its denoising is no more work than a square canvas's (tests/test_working_size.py), nor less: 1 credit.
+    assert cost((5000, 1), left=32) == cost((1, 5000), top=32) == cost((64, 64), left=32) == 1.0
+
+
 def test_balances_never_drift() -> None:
     # Thirds of a credit, charged and refunded many times: integer units add up exactly.
     assert to_units(2.0) - 3 * to_units(0.6667) == -1

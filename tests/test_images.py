@@ -36,27 +36,28 @@ def test_palette_png_is_read_as_colours_not_indices() -> None:
     assert rgb.getpixel((0, 0)) == (200, 10, 30)
 
 
-def test_transparent_areas_sit_on_neutral_grey() -> None:
+def test_transparent_areas_keep_their_alpha_for_the_engine() -> None:
+    # The engine generates them (tests/test_transparency.py); nothing is flattened onto a background here.
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 255))
     rgba.putpixel((0, 0), (0, 0, 255, 0))  # fully transparent blue
     rgba.putpixel((1, 0), (0, 0, 0, 128))  # half transparent black
-    rgb = decode_image(encode(rgba), LIMITS)
-    assert rgb.getpixel((0, 0)) == (128, 128, 128)
-    assert rgb.getpixel((1, 0)) == pytest.approx((64, 64, 64), abs=1)
-    assert rgb.getpixel((2, 2)) == (255, 0, 0)
+    kept = decode_image(encode(rgba), LIMITS)
+    assert kept.mode == "RGBA"
+    assert kept.getpixel((0, 0))[3] == 0 and kept.getpixel((1, 0)) == (0, 0, 0, 128)
+    assert kept.getpixel((2, 2)) == (255, 0, 0, 255)
 
 
 def test_la_and_transparent_palette() -> None:
     la = Image.new("LA", (2, 1), (255, 255))
     la.putpixel((0, 0), (0, 0))
-    rgb = decode_image(encode(la), LIMITS)
-    assert rgb.getpixel((0, 0)) == (128, 128, 128) and rgb.getpixel((1, 0)) == (255, 255, 255)
+    rgba = decode_image(encode(la), LIMITS)
+    assert rgba.getpixel((0, 0))[3] == 0 and rgba.getpixel((1, 0)) == (255, 255, 255, 255)
     pal = Image.new("P", (2, 1))
     pal.putpalette([10, 20, 30, 250, 250, 250] + [0] * 762)
     pal.putdata([0, 1])
     data = encode(pal, transparency=0)
-    rgb = decode_image(data, LIMITS)
-    assert rgb.getpixel((0, 0)) == (128, 128, 128) and rgb.getpixel((1, 0)) == (250, 250, 250)
+    rgba = decode_image(data, LIMITS)
+    assert rgba.getpixel((0, 0))[3] == 0 and rgba.getpixel((1, 0)) == (250, 250, 250, 255)
 
 
 def test_greyscale_and_16_bit_greyscale() -> None:
