@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from server.jobs.contract import ImageSource, JobParams
-from server.jobs.redis_connection import RedisRefused, RedisTLS, connect
+from server.jobs.redis_connection import RedisRefused, RedisTLS, connect, probe
 from server.jobs.redis_store import RedisJobStore
 from server.jobs.registry import RedisRegistry, WorkerInfo
 from server.jobs.store import StoreUnavailable
@@ -167,12 +167,8 @@ def test_mutual_tls_sends_the_client_certificate(secured: RedisServer, tmp_path:
             store.close()
         # Without it the handshake fails (in TLS 1.3 the server's alert can arrive after the client wrote,
         # so the failure reads as refused or as a dropped connection).
-        store = RedisJobStore(address, tls=RedisTLS(ca.ca_file), listen=False)
-        try:
-            with pytest.raises(StoreUnavailable):
-                store.queued_count()
-        finally:
-            store.close()
+        with pytest.raises(StoreUnavailable):
+            probe(address, RedisTLS(ca.ca_file), "the job store")
     finally:
         server.stop()
 
