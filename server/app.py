@@ -7,7 +7,7 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
@@ -34,9 +34,19 @@ from server.schemas import SegBeyondRequest
 from server.settings import Settings, get_settings
 from server.webhooks import KEEP_AFTER_EXPIRY, WebhookDispatcher, WebhookOutbox, Webhooks, load_secret
 
+if TYPE_CHECKING:
+    from server.jobs.redis_connection import RedisTLS
+
 log = logging.getLogger("beyond")
 VERSION = "0.1.0"
 REDIS_START_WAIT = 30.0  # seconds
+
+
+def redis_tls(settings: Settings) -> RedisTLS:
+    """The TLS files of the Redis connection (BEYOND_REDIS_CA_FILE, _CERT_FILE, _KEY_FILE)."""
+    from server.jobs.redis_connection import RedisTLS
+
+    return RedisTLS(settings.redis_ca_file, settings.redis_cert_file, settings.redis_key_file)
 
 
 def build_store(settings: Settings) -> JobStore:
@@ -54,6 +64,7 @@ def build_store(settings: Settings) -> JobStore:
             reclaim_after=settings.reclaim_after,
             consumer=consumer,
             wait=REDIS_START_WAIT,
+            tls=redis_tls(settings),
         )
     return SqliteJobStore(settings.data_dir, ttl=settings.result_ttl)
 
@@ -103,7 +114,9 @@ def build_registry(settings: Settings, supervisor: Supervisor | None) -> tuple[W
         if local is None:
             raise ValueError("an API node without a worker (--no-worker) needs BEYOND_REDIS_URL")
         return EmbeddedRegistry(local), None
-    registry = RedisRegistry(settings.redis_url, ttl=3 * settings.heartbeat_interval, local=local)
+    registry = RedisRegistry(
+        settings.redis_url, ttl=3 * settings.heartbeat_interval, local=local, tls=redis_tls(settings)
+    )
     return registry, Heartbeat(registry, local, settings.heartbeat_interval) if local else None
 
 

@@ -28,9 +28,14 @@ class Settings(BaseSettings):
     # e.g. https://gpu.example.com/beyond. Unset: taken from each request.
     public_url: str | None = None
     result_ttl: float = Field(3600.0, gt=0)
-    # A Redis server shared by every node (docs/scaling.md), e.g. redis://127.0.0.1:6379/0. Unset: the
-    # embedded SQLite store in data_dir.
+    # A Redis server shared by every node (docs/scaling.md), e.g. redis://127.0.0.1:6379/0,
+    # redis://user:password@host:6379/0, or rediss://... for TLS. Unset: the embedded SQLite store in data_dir.
     redis_url: str | None = None
+    # With rediss://: the CA bundle that signed Redis's certificate (unset: the system's CAs), and this
+    # node's own certificate and key for a Redis that asks for one (mutual TLS).
+    redis_ca_file: Path | None = None
+    redis_cert_file: Path | None = None
+    redis_key_file: Path | None = None
     # With Redis: a job whose worker shows no sign of life for this long is taken over by another.
     reclaim_after: float = Field(60.0, gt=0)
     purge_interval: float = Field(30.0, gt=0)

@@ -37,7 +37,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.app import build_store, build_supervisor
+    from server.app import build_store, build_supervisor, redis_tls
     from server.cli import load_settings, preflight
     from server.jobs.registry import Heartbeat, LocalWorker, RedisRegistry, worker_name
     from server.jobs.store import StoreError
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     supervisor = build_supervisor(settings, store, None)
     name = worker_name(settings.worker_name)
     heartbeat = Heartbeat(
-        RedisRegistry(settings.redis_url, ttl=3 * settings.heartbeat_interval),
+        RedisRegistry(settings.redis_url, ttl=3 * settings.heartbeat_interval, tls=redis_tls(settings)),
         LocalWorker(supervisor, name, os.getpid()),
         settings.heartbeat_interval,
     )

@@ -41,12 +41,10 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
-import redis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -61,6 +59,7 @@ from server.jobs.contract import (
     JobStatus,
 )
 from server.jobs.events import JobEvents
+from server.jobs.redis_connection import RedisRefused, RedisTLS, connect, probe, store_error, where
 from server.jobs.store import MAX_ATTEMPTS, DiskFull, FileGone, InsufficientBalance, QueueFull, StoreUnavailable
 
 log = logging.getLogger("beyond.redis")
@@ -387,14 +386,6 @@ def _pairs(flat: list[Any]) -> dict[bytes, bytes]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
-def _where(url: str) -> str:
-    """The server's address for messages: host and port only, never a password from the URL."""
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        return parts.path or "a unix socket"
-    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
-
-
 class RedisJobStore:
     def __init__(
         self,
@@ -407,21 +398,26 @@ class RedisJobStore:
         events: JobEvents | None = None,
         listen: bool = True,
         wait: float = 0.0,
+        tls: RedisTLS | None = None,
     ) -> None:
         """`consumer` names this node in the consumer group. A stable name (the default of build_store:
         host and data dir) lets a restarted node release the jobs its previous life was running at once,
         instead of after `reclaim_after`; two live nodes must never share one. With `wait`, a Redis that
-        is not up yet is waited for that many seconds (a node started with it), then StoreUnavailable."""
+        is not up yet is waited for that many seconds (a node started with it), then StoreUnavailable; one
+        that turns this node away (credentials, TLS) is not waited for: RedisRefused at once. `tls`: the
+        files of a rediss:// connection."""
         self.url = url
-        self.where = _where(url)
+        self.tls = tls
+        self.where = where(url)
         self.ttl = ttl
         self.reclaim_after = reclaim_after
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.prefix = prefix
         self.events = events or JobEvents()
         self._origin = uuid.uuid4().hex
-        self.redis = redis.Redis.from_url(
+        self.redis = connect(
             url,
+            tls,
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
             socket_connect_timeout=2.0,
@@ -451,10 +447,13 @@ class RedisJobStore:
         up, deadline, delay = False, time.monotonic() + wait, 0.2
         while not up:
             try:
+                probe(url, tls, f"the job store (Redis at {self.where})")
                 self._ensure_group()
                 self._check_config()
                 up = True
             except StoreUnavailable as exc:  # not up (yet): /health says so; the first claim creates the group
+                if wait > 0 and isinstance(exc, RedisRefused):
+                    raise  # up, but it will not have this node: waiting changes nothing
                 if time.monotonic() + delay > deadline:
                     if wait > 0:
                         raise
@@ -482,15 +481,8 @@ class RedisJobStore:
         """Redis's failures as the store's own (retries with backoff are done by then)."""
         try:
             yield
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            problem = type(exc).__name__
-            raise StoreUnavailable(f"the job store (Redis at {self.where}) is unreachable: {problem}") from None
-        except ResponseError as exc:
-            if isinstance(exc, OutOfMemoryError) or "maxmemory" in str(exc):  # from a script: a plain error
-                raise DiskFull(f"the job store (Redis at {self.where}) is out of memory") from None
-            raise StoreUnavailable(f"the job store (Redis at {self.where}) failed: {str(exc)[:200]}") from None
         except RedisError as exc:
-            raise StoreUnavailable(f"the job store (Redis at {self.where}) failed: {type(exc).__name__}") from None
+            raise store_error(exc, f"the job store (Redis at {self.where})") from None
 
     def _run(self, name: str, *args: Any, now: float | None = None) -> Any:
         argv = [self.prefix, self._origin, "" if now is None else repr(now), *args]
@@ -570,8 +562,12 @@ class RedisJobStore:
         """One thread per store: Redis's messages become this node's JobEvents. Reconnects with backoff;
         after a reconnection the supervisor is woken, since a message may have been missed meanwhile."""
         channel = self._key("events")
-        client = redis.Redis.from_url(
-            self.url, socket_connect_timeout=2.0, health_check_interval=10, retry=Retry(ExponentialBackoff(), 0)
+        client = connect(
+            self.url,
+            self.tls,
+            socket_connect_timeout=2.0,
+            health_check_interval=10,
+            retry=Retry(ExponentialBackoff(), 0),
         )
         delay, lost = LISTENER_BACKOFF[0], False
         nudge_every = max(1.0, self.reclaim_after / 2)

@@ -18,11 +18,14 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from server.jobs.store import StoreUnavailable
 from server.jobs.supervisor import Supervisor, WorkerStatus
 from server.logs import RateLimitedLog
+
+if TYPE_CHECKING:
+    from server.jobs.redis_connection import RedisTLS
 
 log = logging.getLogger("beyond.registry")
 KEY_PREFIX = "beyond:workers:"
@@ -111,14 +114,24 @@ class RedisRegistry:
     """Every node's cards. A node with a worker of its own (`local`) describes that one from its supervisor,
     not from its last card: the card can say "ready" for up to a heartbeat after the engine died."""
 
-    def __init__(self, url: str, *, ttl: float, local: LocalWorker | None = None) -> None:
-        import redis
+    def __init__(self, url: str, *, ttl: float, local: LocalWorker | None = None, tls: RedisTLS | None = None) -> None:
+        # Imported here: a single box (no Redis) never loads the Redis client.
+        from server.jobs.redis_connection import connect, where
 
         self.ttl = ttl
         self.local = local
-        self.client = redis.Redis.from_url(
-            url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT, decode_responses=True
+        self.where = where(url)
+        self.client = connect(
+            url, tls, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT, decode_responses=True
         )
+
+    def _failure(self, exc: Exception, doing: str) -> StoreUnavailable:
+        from server.jobs.redis_connection import RedisRefused, refusal
+
+        refused = refusal(exc)
+        if refused is not None:
+            return RedisRefused(f"the worker registry cannot be {doing}: Redis at {self.where} {refused}")
+        return StoreUnavailable(f"the worker registry cannot be {doing} ({type(exc).__name__})")
 
     def publish(self, info: WorkerInfo) -> None:
         import redis
@@ -129,7 +142,7 @@ class RedisRegistry:
             pipe.sadd(NAMES_KEY, info.name)
             pipe.execute()
         except redis.RedisError as exc:
-            raise StoreUnavailable(f"the worker registry cannot be written ({type(exc).__name__})") from None
+            raise self._failure(exc, "written") from None
 
     def remove(self, name: str) -> None:
         import redis
@@ -138,7 +151,7 @@ class RedisRegistry:
             self.client.delete(KEY_PREFIX + name)
             self.client.srem(NAMES_KEY, name)
         except redis.RedisError as exc:
-            raise StoreUnavailable(f"the worker registry cannot be written ({type(exc).__name__})") from None
+            raise self._failure(exc, "written") from None
 
     def workers(self) -> list[WorkerInfo]:
         import redis
@@ -150,7 +163,7 @@ class RedisRegistry:
             if gone:
                 self.client.srem(NAMES_KEY, *gone)
         except redis.RedisError as exc:
-            raise StoreUnavailable(f"the worker registry cannot be read ({type(exc).__name__})") from None
+            raise self._failure(exc, "read") from None
         workers = [self.local.info()] if self.local else []
         for value in values:
             if value is None:
