@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import shutil
 import sqlite3
@@ -21,6 +20,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from server.jobs.codec import (
+    JOB_FIELDS,
+    STATE_FIELDS,
+    encode_result,
+    job_from_fields,
+    state_from_fields,
+    submitted_fields,
+)
 from server.jobs.contract import (
     CREDIT_UNITS,
     Delivery,
@@ -33,8 +40,8 @@ from server.jobs.contract import (
     JobStatus,
 )
 from server.jobs.events import JobEvents
+from server.jobs.lifecycle import CANCELLED_ERROR, GAVE_UP, LIVE, MAX_ATTEMPTS, expired
 from server.jobs.store import (
-    MAX_ATTEMPTS,
     DiskFull,
     FileGone,
     InsufficientBalance,
@@ -80,14 +87,16 @@ ADDED_COLUMNS = (
     ("jobs", "cost_units", "INTEGER NOT NULL DEFAULT 0", "cost"),
     ("jobs", "delivery", "TEXT NOT NULL DEFAULT '{}'", None),
 )
-STATE_COLUMNS = "id, seq, status, owner, progress, error, error_kind, expires_at, started_at"
+# The codec's fields by their columns: `cost` is kept in integer units since credits stopped being REAL.
+COLUMNS = {name: name for name in JOB_FIELDS} | {"cost": "cost_units"}
+JOB = ", ".join(column if column == name else f"{column} AS {name}" for name, column in COLUMNS.items())
+STATE = ", ".join(STATE_FIELDS)
 # Files up to this size live in the database: creating a file and its folder costs a small request more
 # than the rest of its store work together, and SQLite keeps blobs of this size as fast as a file system.
 INLINE_MAX = 256 * 1024
 # In the files folder: a store was made here, so a data directory whose database is gone is not taken
 # for a new one (that would forget every request and reset every credit balance).
 MARKER = ".store"
-LIVE = (JobStatus.QUEUED.value, JobStatus.PROCESSING.value)
 
 
 class SqliteJobStore:
@@ -204,31 +213,7 @@ class SqliteJobStore:
 
     @staticmethod
     def _job(row: sqlite3.Row | None) -> Job | None:
-        if row is None:
-            return None
-        result = json.loads(row["result"])
-        return Job(
-            id=row["id"],
-            seq=row["seq"],
-            status=JobStatus(row["status"]),
-            params=JobParams.from_json(json.loads(row["params"])),
-            source=ImageSource.from_json(json.loads(row["source"])),
-            base64=bool(row["base64"]),
-            owner=row["owner"],
-            created_at=row["created_at"],
-            started_at=row["started_at"],
-            finished_at=row["finished_at"],
-            attempts=row["attempts"],
-            progress=row["progress"],
-            error=row["error"],
-            error_kind=row["error_kind"],
-            cancel_requested=bool(row["cancel_requested"]),
-            expires_at=row["expires_at"],
-            input_ready=bool(row["input_ready"]),
-            cost=row["cost_units"],
-            delivery=Delivery.from_json(json.loads(row["delivery"])),
-            result=JobResult.from_json(result) if result else None,
-        )
+        return None if row is None else job_from_fields(dict(row))
 
     def job_dir(self, job_id: str) -> Path:
         return self.files / job_id
@@ -281,6 +266,16 @@ class SqliteJobStore:
         max_queued, a full queue raises QueueFull. Both in the one transaction that queues the job,
         so concurrent submissions can neither overdraw an account nor overfill the queue."""
         job_id = uuid.uuid4().hex
+        fields = submitted_fields(
+            job_id,
+            params,
+            source,
+            base64=base64,
+            owner=owner,
+            cost=cost,
+            input_ready=image is not None,
+            delivery=delivery or Delivery(),
+        )
         files = {} if image is None else {"input": image}
         try:
             # A large input is written before the row exists, so a listed job always has its input.
@@ -295,22 +290,13 @@ class SqliteJobStore:
                     raise InsufficientBalance(balance, cost)
                 else:
                     db.execute("UPDATE credits SET balance_units = balance_units - ? WHERE owner = ?", (cost, owner))
+                fields["cost"] = cost
                 row = db.execute(
                     # created_at is taken inside the write lock, so it grows in the order jobs are accepted.
-                    "INSERT INTO jobs (id, status, params, source, base64, owner, cost_units, input_ready, delivery,"
-                    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, (julianday('now') - 2440587.5) * 86400.0)"
-                    " RETURNING *",
-                    (
-                        job_id,
-                        JobStatus.QUEUED.value,
-                        json.dumps(params.to_json()),
-                        json.dumps(source.to_json()),
-                        int(base64),
-                        owner,
-                        cost,
-                        int(image is not None),
-                        json.dumps((delivery or Delivery()).to_json()),
-                    ),
+                    f"INSERT INTO jobs ({', '.join(COLUMNS[name] for name in fields)}, created_at)"
+                    f" VALUES ({', '.join('?' * len(fields))}, (julianday('now') - 2440587.5) * 86400.0)"
+                    f" RETURNING {JOB}",
+                    tuple(fields.values()),
                 ).fetchone()
                 self._write_files(db, job_id, files)
         except BaseException:
@@ -344,26 +330,13 @@ class SqliteJobStore:
     # -- the read side ----------------------------------------------------------------------------
 
     def get(self, job_id: str) -> Job | None:
-        job = self._job(self._execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
-        if job is not None and job.expires_at is not None and job.expires_at <= time.time():
-            return None
-        return job
+        job = self._job(self._execute(f"SELECT {JOB} FROM jobs WHERE id = ?", (job_id,)).fetchone())
+        return None if job is None or expired(job.expires_at, time.time()) else job
 
     def state(self, job_id: str) -> JobState | None:
-        row = self._execute(f"SELECT {STATE_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if row is None or (row["expires_at"] is not None and row["expires_at"] <= time.time()):
-            return None
-        return JobState(
-            id=row["id"],
-            seq=row["seq"],
-            status=JobStatus(row["status"]),
-            owner=row["owner"],
-            progress=row["progress"],
-            error=row["error"],
-            error_kind=row["error_kind"],
-            expires_at=row["expires_at"],
-            started=row["started_at"] is not None,
-        )
+        row = self._execute(f"SELECT {STATE} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        state = None if row is None else state_from_fields(dict(row))
+        return None if state is None or expired(state.expires_at, time.time()) else state
 
     def queue_position(self, seq: int) -> int:
         # Jobs handed to the worker but not started yet are still waiting: they count as queued.
@@ -385,14 +358,14 @@ class SqliteJobStore:
             where.append("seq < ?")
             args.append(before)
         rows = self._execute(
-            f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?", (*args, limit)
+            f"SELECT {JOB} FROM jobs WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?", (*args, limit)
         ).fetchall()
         return [job for job in map(self._job, rows) if job is not None]
 
     def webhook_jobs(self) -> list[Job]:
         """Unexpired jobs with a webhook_url in their delivery, oldest first."""
         rows = self._execute(
-            "SELECT * FROM jobs WHERE json_extract(delivery, '$.webhook_url') IS NOT NULL"
+            f"SELECT {JOB} FROM jobs WHERE json_extract(delivery, '$.webhook_url') IS NOT NULL"
             " AND (expires_at IS NULL OR expires_at > ?) ORDER BY seq",
             (time.time(),),
         ).fetchall()
@@ -445,7 +418,7 @@ class SqliteJobStore:
 
     def awaiting_input(self) -> list[Job]:
         rows = self._execute(
-            "SELECT * FROM jobs WHERE status = ? AND input_ready = 0 ORDER BY seq", (JobStatus.QUEUED.value,)
+            f"SELECT {JOB} FROM jobs WHERE status = ? AND input_ready = 0 ORDER BY seq", (JobStatus.QUEUED.value,)
         ).fetchall()
         return [job for job in map(self._job, rows) if job is not None]
 
@@ -469,7 +442,7 @@ class SqliteJobStore:
         row = self._execute(
             "UPDATE jobs SET status = ?, attempts = attempts + 1, progress = 0"
             " WHERE seq = (SELECT seq FROM jobs WHERE status = ? AND input_ready = 1 ORDER BY seq LIMIT 1)"
-            " AND status = ? RETURNING *",
+            f" AND status = ? RETURNING {JOB}",
             (JobStatus.PROCESSING.value, JobStatus.QUEUED.value, JobStatus.QUEUED.value),
         ).fetchone()
         job = self._job(row)
@@ -506,16 +479,15 @@ class SqliteJobStore:
         fence, args = ("", ()) if attempt is None else (" AND attempts = ?", (attempt,))
         with self._transaction() as db:
             row = db.execute(
-                f"UPDATE jobs SET {assignments} WHERE id = ? AND status IN (?, ?){fence} RETURNING *",
-                (*columns.values(), job_id, *LIVE, *args),
+                f"UPDATE jobs SET {assignments} WHERE id = ? AND status IN (?, ?){fence} RETURNING {JOB}",
+                (*columns.values(), job_id, *(status.value for status in LIVE), *args),
             ).fetchone()
             if row is not None and files:
                 self._write_files(db, job_id, files)
             # Every way a job can fail passes here, once: that is where its charge is refunded.
-            if row is not None and status == JobStatus.FAILED and row["cost_units"] > 0:
+            if row is not None and status == JobStatus.FAILED and row["cost"] > 0:
                 db.execute(
-                    "UPDATE credits SET balance_units = balance_units + ? WHERE owner = ?",
-                    (row["cost_units"], row["owner"]),
+                    "UPDATE credits SET balance_units = balance_units + ? WHERE owner = ?", (row["cost"], row["owner"])
                 )
         self.events.job_changed(job_id, self._job(row))
         return row is not None
@@ -524,9 +496,7 @@ class SqliteJobStore:
         """The outputs and the COMPLETED row in one transaction (large outputs in the job's folder first)."""
         try:
             self._write_large(job_id, files)
-            return self._finish(
-                job_id, JobStatus.COMPLETED, attempt, files, result=json.dumps(result.to_json()), progress=1.0
-            )
+            return self._finish(job_id, JobStatus.COMPLETED, attempt, files, result=encode_result(result), progress=1.0)
         except DiskFull:
             self.fail(job_id, "the server's disk is full; the images could not be kept", FailureKind.ENGINE, attempt)
             raise
@@ -540,12 +510,10 @@ class SqliteJobStore:
         if job is None or job.status != JobStatus.PROCESSING:
             return job.status if job else JobStatus.FAILED
         if job.cancel_requested:
-            self.fail(job_id, "cancelled", FailureKind.CANCELLED)
+            self.fail(job_id, CANCELLED_ERROR, FailureKind.CANCELLED)
             return JobStatus.FAILED
         if job.attempts >= MAX_ATTEMPTS:
-            self.fail(
-                job_id, f"{reason} while running this job, {job.attempts} times; giving up", FailureKind.WORKER_DIED
-            )
+            self.fail(job_id, GAVE_UP % (reason, job.attempts), FailureKind.WORKER_DIED)
             return JobStatus.FAILED
         self._execute(
             "UPDATE jobs SET status = ?, started_at = NULL, progress = 0 WHERE id = ? AND status = ?",
@@ -571,19 +539,22 @@ class SqliteJobStore:
 
     def processing(self) -> list[Job]:
         rows = self._execute(
-            "SELECT * FROM jobs WHERE status = ? ORDER BY seq", (JobStatus.PROCESSING.value,)
+            f"SELECT {JOB} FROM jobs WHERE status = ? ORDER BY seq", (JobStatus.PROCESSING.value,)
         ).fetchall()
         return [job for job in map(self._job, rows) if job is not None]
 
     # -- both sides --------------------------------------------------------------------------------
 
     def request_cancel(self, job_id: str) -> Job | None:
-        self._execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status IN (?, ?)", (job_id, *LIVE))
+        self._execute(
+            "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status IN (?, ?)",
+            (job_id, *(status.value for status in LIVE)),
+        )
         job = self.get(job_id)
         if job is not None and not job.started:
             # Nothing runs it yet (queued, or waiting in the worker): it ends here. The supervisor
             # tells the worker to drop a waiting one, and stops a running one at its next step.
-            self.fail(job_id, "cancelled", FailureKind.CANCELLED)
+            self.fail(job_id, CANCELLED_ERROR, FailureKind.CANCELLED)
             job = self.get(job_id)
         self.events.job_changed(job_id)
         return job

@@ -431,9 +431,7 @@ class Worker:
             self._hand_over(entry)
             self.send(Started(entry.job_id, entry.job.attempt))
         try:
-            images = self.engine.denoise(
-                [e.prepared for e in batch], [on_step_of(e) for e in batch], on_latents
-            )
+            images = self.engine.denoise([e.prepared for e in batch], [on_step_of(e) for e in batch], on_latents)
         except Cancelled:
             for entry in batch:
                 self._answer(entry, failure(entry.job, Cancelled()))
