@@ -156,6 +156,7 @@ class Transition:
     progress: Progress = Progress.KEEP
     started: Started = Started.KEEP
     cancel_requested: bool = False  # the cancel flag is raised
+    keeps_place: bool = False  # queued again ahead of the jobs submitted after it
     # FAILED: the error_kind the job ends with. Several: the caller's, which is one of them.
     kinds: tuple[FailureKind, ...] = ()
     stop: bool | None = None  # START, PROGRESS: the answer; True tells the job's worker to stop
@@ -177,7 +178,7 @@ _ENDS = {"retention": Retention.START}  # every way into COMPLETED or FAILED sta
 _FAILS = {**_ENDS, "credits": Credits.REFUND}  # ... and every way into FAILED refunds the charge
 _CANCELS = {**_FAILS, "cancel_requested": True, "kinds": (FailureKind.CANCELLED,)}
 _COMPLETES = {**_ENDS, "progress": Progress.DONE, "files": Files.OUTPUTS}
-_REQUEUES = {"progress": Progress.RESET, "started": Started.CLEAR}
+_REQUEUES = {"progress": Progress.RESET, "started": Started.CLEAR, "keeps_place": True}
 _DIES = {**_FAILS, "kinds": (FailureKind.WORKER_DIED,)}
 
 LIFECYCLE: tuple[Transition, ...] = (
@@ -186,7 +187,8 @@ LIFECYCLE: tuple[Transition, ...] = (
     # Refused (QueueFull, InsufficientBalance): nothing is stored and nothing is charged.
     Transition(_E.SUBMIT, _S.ABSENT, _S.QUEUED, _G.WITH_IMAGE, credits=Credits.CHARGE, files=Files.INPUT),
     Transition(_E.SUBMIT, _S.ABSENT, _S.AWAITING_INPUT, _G.WITH_URL, credits=Credits.CHARGE),
-    # The fetched URL input is stored: the job may run now, at the place its submission gave it.
+    # The fetched URL input is stored: the job may run now. (Its place: by its submission on SQLite, behind
+    # the jobs already runnable on Redis, whose stream is in the order jobs became runnable.)
     Transition(_E.ATTACH_INPUT, _S.AWAITING_INPUT, _S.QUEUED, files=Files.INPUT),
     # Another node's input stage stored it first: that input stays, and the answer is still "ready".
     Transition(_E.ATTACH_INPUT, _S.QUEUED, _S.QUEUED),

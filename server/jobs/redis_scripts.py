@@ -6,15 +6,15 @@ refund, and the fencing by attempt hold across any number of nodes. server/jobs/
 which keys they use.
 
 The scripts name no status, failure kind or lifecycle constant themselves: `HEADER` declares them as
-Lua locals, written once at import from the contract's enums (QUEUED, ..., KIND_CANCELLED, ...,
-MAX_ATTEMPTS), so a script and the SQLite store cannot disagree on them.
+Lua locals, written once at import from the contract (QUEUED, ..., KIND_CANCELLED, ..., MAX_ATTEMPTS,
+INPUT_NAME), so a script and the SQLite store cannot disagree on them.
 """
 
 from __future__ import annotations
 
 import re
 
-from server.jobs.contract import FailureKind, JobStatus
+from server.jobs.contract import INPUT_NAME, FailureKind, JobStatus
 from server.jobs.lifecycle import CANCELLED_ERROR, GAVE_UP, MAX_ATTEMPTS
 
 GROUP = "workers"  # the stream's consumer group: every node reads the stream in it
@@ -27,6 +27,7 @@ CONSTANTS: dict[str, str | int] = {
     **{f"KIND_{kind.name}": kind.value for kind in FailureKind},
     "MAX_ATTEMPTS": MAX_ATTEMPTS,
     "CANCELLED_ERROR": CANCELLED_ERROR,
+    "INPUT_NAME": INPUT_NAME,
     "GAVE_UP": GAVE_UP,
     "DIED": DIED,
     "GROUP": GROUP,
@@ -139,7 +140,7 @@ redis.call('HSET', k, 'seq', seq, 'created_at', stamp(NOW), 'cost', cost)
 redis.call('ZADD', P .. 'queued', seq, id)
 redis.call('ZADD', ownerkey(owner), seq, id)
 if ready then
-  redis.call('HSET', fileskey(id), 'input', image)
+  redis.call('HSET', fileskey(id), INPUT_NAME, image)
   redis.call('HSET', k, 'entry', redis.call('XADD', STREAM, '*', 'job', id))
   notify_work()
 else
@@ -155,7 +156,7 @@ local id, image = ARGV[4], ARGV[5]
 local k = jobkey(id)
 if redis.call('HGET', k, 'status') ~= QUEUED then return 0 end
 if redis.call('HGET', k, 'input_ready') == '1' then return 1 end
-redis.call('HSET', fileskey(id), 'input', image)
+redis.call('HSET', fileskey(id), INPUT_NAME, image)
 redis.call('HSET', k, 'input_ready', 1)
 redis.call('ZREM', P .. 'awaiting', id)
 redis.call('HSET', k, 'entry', redis.call('XADD', STREAM, '*', 'job', id))
@@ -245,8 +246,10 @@ return 0
 FINISH = """
 local id, status, attempt, ttl, nfields = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
 local k = jobkey(id)
-if not live(redis.call('HGET', k, 'status')) then return 0 end
-if attempt ~= '' and redis.call('HGET', k, 'attempts') ~= attempt then return 0 end
+local current = redis.call('HGET', k, 'status')
+if not live(current) then return 0 end
+-- A worker's write (with its attempt) ends only the job that attempt runs; the server's own any live job.
+if attempt ~= '' and (current ~= PROCESSING or redis.call('HGET', k, 'attempts') ~= attempt) then return 0 end
 local fields = {}
 for i = 9, 8 + 2 * nfields do fields[#fields + 1] = ARGV[i] end
 for i = 9 + 2 * nfields, #ARGV, 2 do redis.call('HSET', fileskey(id), ARGV[i], ARGV[i + 1]) end

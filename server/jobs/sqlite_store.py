@@ -30,6 +30,7 @@ from server.jobs.codec import (
 )
 from server.jobs.contract import (
     CREDIT_UNITS,
+    INPUT_NAME,
     Delivery,
     FailureKind,
     ImageSource,
@@ -276,7 +277,7 @@ class SqliteJobStore:
             input_ready=image is not None,
             delivery=delivery or Delivery(),
         )
-        files = {} if image is None else {"input": image}
+        files = {} if image is None else {INPUT_NAME: image}
         try:
             # A large input is written before the row exists, so a listed job always has its input.
             self._write_large(job_id, files)
@@ -423,18 +424,20 @@ class SqliteJobStore:
         return [job for job in map(self._job, rows) if job is not None]
 
     def attach_input(self, job_id: str, image: bytes) -> bool:
-        """The fetched input of a URL job: it becomes ready to run. False if the job ended meanwhile."""
-        files = {"input": image}
-        self._write_large(job_id, files)
+        """The fetched input of a URL job: it becomes ready to run. False if the job ended meanwhile; True
+        and nothing written if its input is there already (stored by an earlier fetch)."""
+        files = {INPUT_NAME: image}
+        queued = (job_id, JobStatus.QUEUED.value)
+        if self._execute("SELECT 1 FROM jobs WHERE id = ? AND status = ? AND input_ready = 0", queued).fetchone():
+            self._write_large(job_id, files)
         with self._transaction() as db:
-            ready = db.execute(
-                "UPDATE jobs SET input_ready = 1 WHERE id = ? AND status = ?", (job_id, JobStatus.QUEUED.value)
-            ).rowcount
-            if ready:
+            row = db.execute("SELECT input_ready FROM jobs WHERE id = ? AND status = ?", queued).fetchone()
+            if row is not None and not row["input_ready"]:
+                db.execute("UPDATE jobs SET input_ready = 1 WHERE id = ?", (job_id,))
                 self._write_files(db, job_id, files)
-        if ready:
+        if row is not None and not row["input_ready"]:
             self.events.work_available()
-        return bool(ready)
+        return row is not None
 
     # -- the worker side ---------------------------------------------------------------------------
 
@@ -476,11 +479,15 @@ class SqliteJobStore:
         now = time.time()
         columns.update(status=status.value, finished_at=now, expires_at=now + self.ttl)
         assignments = ", ".join(f"{name} = ?" for name in columns)
-        fence, args = ("", ()) if attempt is None else (" AND attempts = ?", (attempt,))
+        # A worker's write (with its attempt) ends only the job that attempt runs; the server's own any live job.
+        fence, args = (
+            (" AND status IN (?, ?)", tuple(live.value for live in LIVE))
+            if attempt is None
+            else (" AND status = ? AND attempts = ?", (JobStatus.PROCESSING.value, attempt))
+        )
         with self._transaction() as db:
             row = db.execute(
-                f"UPDATE jobs SET {assignments} WHERE id = ? AND status IN (?, ?){fence} RETURNING {JOB}",
-                (*columns.values(), job_id, *(status.value for status in LIVE), *args),
+                f"UPDATE jobs SET {assignments} WHERE id = ?{fence} RETURNING {JOB}", (*columns.values(), job_id, *args)
             ).fetchone()
             if row is not None and files:
                 self._write_files(db, job_id, files)
@@ -548,7 +555,7 @@ class SqliteJobStore:
     def request_cancel(self, job_id: str) -> Job | None:
         self._execute(
             "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status IN (?, ?)",
-            (job_id, *(status.value for status in LIVE)),
+            (job_id, *(live.value for live in LIVE)),
         )
         job = self.get(job_id)
         if job is not None and not job.started:
