@@ -222,6 +222,18 @@ def test_a_write_of_an_earlier_attempt_changes_nothing(stores: Stores, stage: St
     assert store.get(before.id) == before and files_of(store, before.id) == files and store.balance(OWNER) == balance
 
 
+def test_a_refused_result_leaves_none_of_its_files(stores: Stores) -> None:
+    """Files too large for SQLite's database go to the job's folder: only with the write that accepts them."""
+    store = stores.open(ttl=TTL)
+    large = {"output-0.jpg": b"L" * (INLINE_MAX + 1)}
+    stale = drive(store, Stage.RUNNING, Guard.LAST_ATTEMPT)
+    finished = drive(store, Stage.FAILED)
+    assert not store.complete(stale.id, stale.attempts - 1, RESULT, large)
+    assert not store.complete(finished.id, finished.attempts, RESULT, large)
+    assert files_of(store, stale.id) == files_of(store, finished.id) == {"input": INPUT}
+    assert store.complete(stale.id, stale.attempts, RESULT, large) and files_of(store, stale.id)["output-0.jpg"]
+
+
 def test_the_lifecycle_table_is_whole_and_consistent() -> None:
     rows = [(t.event, t.source, t.when) for t in LIFECYCLE]
     assert len(rows) == len(set(rows)), "two rows for one event on one stage"

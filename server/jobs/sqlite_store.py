@@ -236,18 +236,35 @@ class SqliteJobStore:
                 db.execute("DELETE FROM files WHERE job_id = ? AND name = ?", (job_id, name))
 
     def _write_large(self, job_id: str, files: Mapping[str, bytes]) -> None:
-        """The files too large for the database, in the job's folder, each written whole then moved into place
-        (a reader never sees half a file). Before the row that points to them."""
+        """The files too large for the database, in the job's folder. Before the row that points to them."""
+        self._place(self._stage_large(job_id, files))
+
+    def _stage_large(self, job_id: str, files: Mapping[str, bytes]) -> list[tuple[Path, Path]]:
+        """The files too large for the database, each written whole in the job's folder under a temporary
+        name (a reader never sees half a file); `_place` moves them into place, or drops them."""
         large = {name: data for name, data in files.items() if len(data) > INLINE_MAX}
         if not large:
-            return
+            return []
         folder = self.job_dir(job_id)
+        staged = [(folder / f".{name}.part", folder / name) for name in large]
+        try:
+            with self._errors():
+                folder.mkdir(parents=True, exist_ok=True)
+                for (temporary, _), data in zip(staged, large.values(), strict=True):
+                    temporary.write_bytes(data)
+        except BaseException:
+            for temporary, _ in staged:
+                temporary.unlink(missing_ok=True)
+            raise
+        return staged
+
+    def _place(self, staged: list[tuple[Path, Path]], keep: bool = True) -> None:
         with self._errors():
-            folder.mkdir(parents=True, exist_ok=True)
-            for name, data in large.items():
-                temporary = folder / f".{name}.part"
-                temporary.write_bytes(data)
-                os.replace(temporary, folder / name)
+            for temporary, final in staged:
+                if keep:
+                    os.replace(temporary, final)
+                else:
+                    temporary.unlink(missing_ok=True)
 
     # -- submission -------------------------------------------------------------------------------
 
@@ -474,8 +491,11 @@ class SqliteJobStore:
         status: JobStatus,
         attempt: int | None,
         files: Mapping[str, bytes] | None = None,
+        staged: list[tuple[Path, Path]] | None = None,
         **columns: Any,
     ) -> bool:
+        """The job ends, if it is live (and this attempt's, given one): its row, its files (the large ones
+        `staged` are moved into place only then) and, when it FAILED, the refund, in one transaction."""
         now = time.time()
         columns.update(status=status.value, finished_at=now, expires_at=now + self.ttl)
         assignments = ", ".join(f"{name} = ?" for name in columns)
@@ -491,6 +511,8 @@ class SqliteJobStore:
             ).fetchone()
             if row is not None and files:
                 self._write_files(db, job_id, files)
+            # Before the commit: a crash between the two leaves unlisted files, never a result without them.
+            self._place(staged or [], keep=row is not None)
             # Every way a job can fail passes here, once: that is where its charge is refunded.
             if row is not None and status == JobStatus.FAILED and row["cost"] > 0:
                 db.execute(
@@ -500,13 +522,19 @@ class SqliteJobStore:
         return row is not None
 
     def complete(self, job_id: str, attempt: int, result: JobResult, files: dict[str, bytes]) -> bool:
-        """The outputs and the COMPLETED row in one transaction (large outputs in the job's folder first)."""
+        """The outputs and the COMPLETED row in one transaction (large outputs written to the job's folder
+        first, and moved into place only for the attempt that still holds the job)."""
+        staged: list[tuple[Path, Path]] = []
         try:
-            self._write_large(job_id, files)
-            return self._finish(job_id, JobStatus.COMPLETED, attempt, files, result=encode_result(result), progress=1.0)
+            staged = self._stage_large(job_id, files)
+            result_field = encode_result(result)
+            return self._finish(job_id, JobStatus.COMPLETED, attempt, files, staged, result=result_field, progress=1.0)
         except DiskFull:
             self.fail(job_id, "the server's disk is full; the images could not be kept", FailureKind.ENGINE, attempt)
             raise
+        finally:
+            with contextlib.suppress(OSError, DiskFull, StoreUnavailable):
+                self._place(staged, keep=False)  # what the transaction did not move (refused, or failed)
 
     def fail(self, job_id: str, error: str, kind: FailureKind, attempt: int | None = None) -> bool:
         return self._finish(job_id, JobStatus.FAILED, attempt, error=error, error_kind=kind.value)
