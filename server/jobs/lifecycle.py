@@ -173,70 +173,70 @@ REPORTED = tuple(kind for kind in FailureKind if kind != FailureKind.WORKER_DIED
 INPUT_STAGE = (FailureKind.INPUT, FailureKind.ENGINE)
 
 # The rows, short: each effect not named is KEEP (nothing changes).
-_S, _E, _G = Stage, Event, Guard
 _ENDS = {"retention": Retention.START}  # every way into COMPLETED or FAILED starts the retention
 _FAILS = {**_ENDS, "credits": Credits.REFUND}  # ... and every way into FAILED refunds the charge
 _CANCELS = {**_FAILS, "cancel_requested": True, "kinds": (FailureKind.CANCELLED,)}
 _COMPLETES = {**_ENDS, "progress": Progress.DONE, "files": Files.OUTPUTS}
 _REQUEUES = {"progress": Progress.RESET, "started": Started.CLEAR, "keeps_place": True}
 _DIES = {**_FAILS, "kinds": (FailureKind.WORKER_DIED,)}
+_GONE = {"retention": Retention.END, "files": Files.DELETE}
 
 LIFECYCLE: tuple[Transition, ...] = (
     # Submission: the queue bound, the charge and the job are one write (one Lua script on Redis), so
     # concurrent submissions on any number of nodes neither overfill the queue nor overdraw an account.
     # Refused (QueueFull, InsufficientBalance): nothing is stored and nothing is charged.
-    Transition(_E.SUBMIT, _S.ABSENT, _S.QUEUED, _G.WITH_IMAGE, credits=Credits.CHARGE, files=Files.INPUT),
-    Transition(_E.SUBMIT, _S.ABSENT, _S.AWAITING_INPUT, _G.WITH_URL, credits=Credits.CHARGE),
+    Transition(Event.SUBMIT, Stage.ABSENT, Stage.QUEUED, Guard.WITH_IMAGE, credits=Credits.CHARGE, files=Files.INPUT),
+    Transition(Event.SUBMIT, Stage.ABSENT, Stage.AWAITING_INPUT, Guard.WITH_URL, credits=Credits.CHARGE),
     # The fetched URL input is stored: the job may run now. (Its place: by its submission on SQLite, behind
     # the jobs already runnable on Redis, whose stream is in the order jobs became runnable.)
-    Transition(_E.ATTACH_INPUT, _S.AWAITING_INPUT, _S.QUEUED, files=Files.INPUT),
+    Transition(Event.ATTACH_INPUT, Stage.AWAITING_INPUT, Stage.QUEUED, files=Files.INPUT),
     # Another node's input stage stored it first: that input stays, and the answer is still "ready".
-    Transition(_E.ATTACH_INPUT, _S.QUEUED, _S.QUEUED),
+    Transition(Event.ATTACH_INPUT, Stage.QUEUED, Stage.QUEUED),
     # Each claim is a new attempt; the worker's writes carry its number (see FENCED).
-    Transition(_E.CLAIM, _S.QUEUED, _S.CLAIMED, attempts=1, progress=Progress.RESET),
+    Transition(Event.CLAIM, Stage.QUEUED, Stage.CLAIMED, attempts=1, progress=Progress.RESET),
     # Claimed, a job still counts as waiting (queue position, queue bound) until its worker starts it.
-    Transition(_E.START, _S.CLAIMED, _S.RUNNING, started=Started.SET, stop=False),
-    Transition(_E.START, _S.RUNNING, _S.RUNNING, started=Started.SET, stop=False),
-    Transition(_E.START, _S.CANCELLING, _S.CANCELLING, started=Started.SET, stop=True),
+    Transition(Event.START, Stage.CLAIMED, Stage.RUNNING, started=Started.SET, stop=False),
+    Transition(Event.START, Stage.RUNNING, Stage.RUNNING, started=Started.SET, stop=False),
+    Transition(Event.START, Stage.CANCELLING, Stage.CANCELLING, started=Started.SET, stop=True),
     # Every step's write is also how a cancel asked for on any node reaches the worker: it answers "stop".
-    Transition(_E.PROGRESS, _S.CLAIMED, _S.CLAIMED, progress=Progress.REPORTED, stop=False),
-    Transition(_E.PROGRESS, _S.RUNNING, _S.RUNNING, progress=Progress.REPORTED, stop=False),
-    Transition(_E.PROGRESS, _S.CANCELLING, _S.CANCELLING, progress=Progress.REPORTED, stop=True),
+    Transition(Event.PROGRESS, Stage.CLAIMED, Stage.CLAIMED, progress=Progress.REPORTED, stop=False),
+    Transition(Event.PROGRESS, Stage.RUNNING, Stage.RUNNING, progress=Progress.REPORTED, stop=False),
+    Transition(Event.PROGRESS, Stage.CANCELLING, Stage.CANCELLING, progress=Progress.REPORTED, stop=True),
     # The result and its files are one write, kept for the retention, and the charge stands.
-    Transition(_E.COMPLETE, _S.CLAIMED, _S.COMPLETED, **_COMPLETES),
-    Transition(_E.COMPLETE, _S.RUNNING, _S.COMPLETED, **_COMPLETES),
+    Transition(Event.COMPLETE, Stage.CLAIMED, Stage.COMPLETED, **_COMPLETES),
+    Transition(Event.COMPLETE, Stage.RUNNING, Stage.COMPLETED, **_COMPLETES),
     # It finished before it heard of the cancel: the images exist, so they are kept (and paid for).
-    Transition(_E.COMPLETE, _S.CANCELLING, _S.COMPLETED, **_COMPLETES),
+    Transition(Event.COMPLETE, Stage.CANCELLING, Stage.COMPLETED, **_COMPLETES),
     # The worker's attempt failed (a cancel it stopped for is one, of kind CANCELLED): the charge goes back.
-    Transition(_E.FAIL, _S.CLAIMED, _S.FAILED, kinds=REPORTED, **_FAILS),
-    Transition(_E.FAIL, _S.RUNNING, _S.FAILED, kinds=REPORTED, **_FAILS),
-    Transition(_E.FAIL, _S.CANCELLING, _S.FAILED, kinds=REPORTED, **_FAILS),
+    Transition(Event.FAIL, Stage.CLAIMED, Stage.FAILED, kinds=REPORTED, **_FAILS),
+    Transition(Event.FAIL, Stage.RUNNING, Stage.FAILED, kinds=REPORTED, **_FAILS),
+    Transition(Event.FAIL, Stage.CANCELLING, Stage.FAILED, kinds=REPORTED, **_FAILS),
     # The server ends a live job itself, not fenced by attempt (the input stage, when a URL input cannot
     # be fetched or kept).
-    Transition(_E.ABORT, _S.AWAITING_INPUT, _S.FAILED, kinds=INPUT_STAGE, **_FAILS),
-    Transition(_E.ABORT, _S.QUEUED, _S.FAILED, kinds=INPUT_STAGE, **_FAILS),
-    Transition(_E.ABORT, _S.CLAIMED, _S.FAILED, kinds=INPUT_STAGE, **_FAILS),
-    Transition(_E.ABORT, _S.RUNNING, _S.FAILED, kinds=INPUT_STAGE, **_FAILS),
-    Transition(_E.ABORT, _S.CANCELLING, _S.FAILED, kinds=INPUT_STAGE, **_FAILS),
+    Transition(Event.ABORT, Stage.AWAITING_INPUT, Stage.FAILED, kinds=INPUT_STAGE, **_FAILS),
+    Transition(Event.ABORT, Stage.QUEUED, Stage.FAILED, kinds=INPUT_STAGE, **_FAILS),
+    Transition(Event.ABORT, Stage.CLAIMED, Stage.FAILED, kinds=INPUT_STAGE, **_FAILS),
+    Transition(Event.ABORT, Stage.RUNNING, Stage.FAILED, kinds=INPUT_STAGE, **_FAILS),
+    Transition(Event.ABORT, Stage.CANCELLING, Stage.FAILED, kinds=INPUT_STAGE, **_FAILS),
     # A cancel ends a job nothing runs yet (waiting for its input, queued, or waiting in a worker, which
     # its supervisor then tells to drop it) at once ...
-    Transition(_E.CANCEL, _S.AWAITING_INPUT, _S.FAILED, **_CANCELS),
-    Transition(_E.CANCEL, _S.QUEUED, _S.FAILED, **_CANCELS),
-    Transition(_E.CANCEL, _S.CLAIMED, _S.FAILED, **_CANCELS),
+    Transition(Event.CANCEL, Stage.AWAITING_INPUT, Stage.FAILED, **_CANCELS),
+    Transition(Event.CANCEL, Stage.QUEUED, Stage.FAILED, **_CANCELS),
+    Transition(Event.CANCEL, Stage.CLAIMED, Stage.FAILED, **_CANCELS),
     # ... and flags a running one: its worker stops at its next step, and FAILs it as CANCELLED.
-    Transition(_E.CANCEL, _S.RUNNING, _S.CANCELLING, cancel_requested=True),
+    Transition(Event.CANCEL, Stage.RUNNING, Stage.CANCELLING, cancel_requested=True),
     # Its worker died (its process ended, or on Redis it fell silent). The job goes back to the queue at
     # its old place, ahead of jobs submitted after it, for a new attempt ...
-    Transition(_E.WORKER_DIED, _S.CLAIMED, _S.QUEUED, _G.RETRIES_LEFT, **_REQUEUES),
-    Transition(_E.WORKER_DIED, _S.RUNNING, _S.QUEUED, _G.RETRIES_LEFT, **_REQUEUES),
+    Transition(Event.WORKER_DIED, Stage.CLAIMED, Stage.QUEUED, Guard.RETRIES_LEFT, **_REQUEUES),
+    Transition(Event.WORKER_DIED, Stage.RUNNING, Stage.QUEUED, Guard.RETRIES_LEFT, **_REQUEUES),
     # ... unless it was the last one: a job that kills its worker every time must not kill every worker.
-    Transition(_E.WORKER_DIED, _S.CLAIMED, _S.FAILED, _G.LAST_ATTEMPT, **_DIES),
-    Transition(_E.WORKER_DIED, _S.RUNNING, _S.FAILED, _G.LAST_ATTEMPT, **_DIES),
+    Transition(Event.WORKER_DIED, Stage.CLAIMED, Stage.FAILED, Guard.LAST_ATTEMPT, **_DIES),
+    Transition(Event.WORKER_DIED, Stage.RUNNING, Stage.FAILED, Guard.LAST_ATTEMPT, **_DIES),
     # Asked to stop anyway: it ends cancelled, never retried.
-    Transition(_E.WORKER_DIED, _S.CANCELLING, _S.FAILED, kinds=(FailureKind.CANCELLED,), **_FAILS),
+    Transition(Event.WORKER_DIED, Stage.CANCELLING, Stage.FAILED, kinds=(FailureKind.CANCELLED,), **_FAILS),
     # A finished job and its files are kept for the result TTL, then deleted.
-    Transition(_E.EXPIRE, _S.COMPLETED, _S.ABSENT, _G.RETENTION_OVER, retention=Retention.END, files=Files.DELETE),
-    Transition(_E.EXPIRE, _S.FAILED, _S.ABSENT, _G.RETENTION_OVER, retention=Retention.END, files=Files.DELETE),
+    Transition(Event.EXPIRE, Stage.COMPLETED, Stage.ABSENT, Guard.RETENTION_OVER, **_GONE),
+    Transition(Event.EXPIRE, Stage.FAILED, Stage.ABSENT, Guard.RETENTION_OVER, **_GONE),
 )
 
 
