@@ -97,8 +97,11 @@ def _float(value: Value) -> float | None:
     return None if value is None or value == b"" or value == "" else float(value)
 
 
+_TRUE = frozenset({1, "1", b"1"})  # a set flag, as SQLite and Redis give it back
+
+
 def _flag(value: Value) -> bool:
-    return value is not None and int(value) == 1
+    return value in _TRUE
 
 
 def _json(value: Value, default: str) -> object:
