@@ -20,15 +20,7 @@ import redis
 
 from server.jobs import redis_scripts
 from server.jobs.codec import job_fields, job_from_fields
-from server.jobs.contract import (
-    Delivery,
-    FailureKind,
-    ImageSource,
-    Job,
-    JobParams,
-    JobStatus,
-    to_units,
-)
+from server.jobs.contract import Delivery, FailureKind, ImageSource, Job, JobParams, JobStatus, to_units
 from server.jobs.lifecycle import (
     CANCELLED_ERROR,
     FENCED,
