@@ -1,5 +1,6 @@
-"""The JobStore contract, on both stores: every method of server/jobs/store.py, and the Redis store's
-own guarantees (delivery across nodes, reclaim of a dead worker's job, a Redis restart, Redis down)."""
+"""The JobStore contract, on both stores: every row of the lifecycle table (server/jobs/lifecycle.py) and
+every event it has no row for, every method of server/jobs/store.py, and the Redis store's own guarantees
+(delivery across nodes, reclaim of a dead worker's job, a Redis restart, Redis down)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,33 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields as dataclass_fields
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import redis
 
-from server.jobs.contract import Delivery, FailureKind, ImageSource, Job, JobParams, JobResult, JobStatus, to_units
+from server.jobs import redis_scripts
+from server.jobs.codec import job_fields, job_from_fields
+from server.jobs.contract import Delivery, FailureKind, ImageSource, Job, JobParams, JobStatus, to_units
+from server.jobs.lifecycle import (
+    CANCELLED_ERROR,
+    FENCED,
+    GAVE_UP,
+    LIFECYCLE,
+    Credits,
+    Event,
+    Files,
+    Guard,
+    Progress,
+    Retention,
+    Stage,
+    Started,
+    Transition,
+    stage_of,
+    transitions,
+)
 from server.jobs.redis_store import RedisJobStore
 from server.jobs.sqlite_store import INLINE_MAX
 from server.jobs.store import (
@@ -29,17 +51,23 @@ from server.jobs.store import (
 )
 from tests.helpers import sqlite_files
 from tests.redis_helpers import RedisServer
-from tests.store_helpers import Stores
-
-OWNER, OTHER = "a" * 64, "b" * 64
-RESULT = JobResult(outputs=("output-0.jpg",), seeds=(7,), width=2, height=2, working_size=(2, 2), inference_time=0.5)
-
-
-def queue(store: JobStore, seed: int = 0, owner: str | None = OWNER, url: str | None = None, **kw: object) -> Job:
-    image = None if url else b"input-%d" % seed
-    return store.create(
-        JobParams(prompt="x", seed=seed), ImageSource(url=url), image=image, base64=True, owner=owner, **kw
-    )
+from tests.store_helpers import (
+    COST,
+    DIED,
+    FETCHED,
+    INPUT,
+    OTHER,
+    OUTPUT,
+    OWNER,
+    RESULT,
+    TTL,
+    Stores,
+    apply,
+    drive,
+    files_of,
+    queue,
+    refused_answer,
+)
 
 
 def start_next(store: JobStore) -> Job:
@@ -53,6 +81,230 @@ def start_next(store: JobStore) -> Job:
 @pytest.fixture
 def store(stores: Stores) -> JobStore:
     return stores.open()
+
+
+# -- the lifecycle table: every row, and every event without one -----------------------------------
+
+BALANCE = to_units(10.0)
+
+
+def cases() -> list[tuple[Transition, FailureKind | None]]:
+    """Each row; each failure kind an event can end a job with, once (on the first row that has it: the
+    stores keep whichever kind they are given, so once shows it kept)."""
+    done: set[tuple[Event, FailureKind]] = set()
+    found: list[tuple[Transition, FailureKind | None]] = []
+    for row in LIFECYCLE:
+        new = [kind for kind in row.kinds if (row.event, kind) not in done]
+        done.update((row.event, kind) for kind in new)
+        found += [(row, kind) for kind in new or row.kinds[:1] or (None,)]
+    return found
+
+
+CASES = cases()
+# What each method answers when an event applies (START and PROGRESS: the row's `stop`).
+ANSWERS = {
+    Event.ATTACH_INPUT: True,
+    Event.COMPLETE: True,
+    Event.FAIL: True,
+    Event.ABORT: True,
+    Event.EXPIRE: 1,  # jobs removed
+}
+
+
+def case_id(case: object) -> str:
+    if isinstance(case, Transition):
+        return str(case)
+    return "" if case is None else case.value  # type: ignore[attr-defined]
+
+
+def check_effects(
+    store: JobStore,
+    row: Transition,
+    before: Job | None,
+    after: Job | None,
+    kind: FailureKind | None,
+    balance: int,
+    files: dict[str, bytes],
+    reason: str = DIED,
+) -> None:
+    """`after` is `before` moved by `row`: in its target stage, with each effect the row names and no other
+    change. `balance` and `files` are the owner's balance and the job's files before."""
+    assert stage_of(after) == row.target
+    charged = {Credits.KEEP: 0, Credits.CHARGE: COST, Credits.REFUND: -COST}[row.credits]
+    assert balance - store.balance(OWNER) == charged, "credits"
+    job_id = (after or before).id  # type: ignore[union-attr]
+    expected = {
+        Files.KEEP: files,
+        Files.INPUT: {**files, "input": FETCHED if row.event == Event.ATTACH_INPUT else INPUT},
+        Files.OUTPUTS: {**files, "output-0.jpg": OUTPUT},
+        Files.DELETE: {},
+    }[row.files]
+    assert files_of(store, job_id) == expected, "files"
+    if after is None:  # its retention is over: gone for every reader
+        assert row.retention == Retention.END and store.state(job_id) is None
+        assert job_id not in {job.id for job in store.list_jobs(OWNER)}
+        return
+    # A new job starts from nothing: what it was submitted with, no attempt, no progress, no times.
+    base = before or replace(
+        after, attempts=0, progress=0.0, started_at=None, finished_at=None, expires_at=None, cancel_requested=False
+    )
+    if before is None:
+        assert (after.owner, after.cost, after.error, after.result) == (OWNER, COST, None, None)
+    assert after.attempts == base.attempts + row.attempts, "attempts"
+    progress = {Progress.KEEP: base.progress, Progress.RESET: 0.0, Progress.REPORTED: 0.5, Progress.DONE: 1.0}
+    assert after.progress == progress[row.progress], "progress"
+    if row.started == Started.SET:
+        assert after.started_at is not None and after.started_at >= (base.started_at or 0), "started_at"
+    else:
+        assert after.started_at == (None if row.started == Started.CLEAR else base.started_at), "started_at"
+    if row.retention == Retention.START:
+        assert after.finished_at is not None and after.expires_at == pytest.approx(after.finished_at + TTL)
+    else:
+        assert (after.finished_at, after.expires_at) == (base.finished_at, base.expires_at), "retention"
+    assert after.cancel_requested == (base.cancel_requested or row.cancel_requested), "cancel_requested"
+    if row.kinds:
+        assert kind is not None and after.error_kind == kind.value
+        errors = {Event.CANCEL: CANCELLED_ERROR, Event.WORKER_DIED: GAVE_UP % (reason, base.attempts)}
+        if kind == FailureKind.CANCELLED and row.event == Event.WORKER_DIED:
+            errors[Event.WORKER_DIED] = CANCELLED_ERROR
+        assert after.error == errors.get(row.event, "boom")
+    else:
+        assert (after.error, after.error_kind) == (base.error, base.error_kind), "error"
+    assert after.result == (RESULT if row.event == Event.COMPLETE else base.result), "result"
+    unchanged = ("id", "seq", "params", "source", "base64", "owner", "created_at", "cost", "delivery")
+    assert [getattr(after, name) for name in unchanged] == [getattr(base, name) for name in unchanged]
+
+
+@pytest.mark.parametrize(("row", "kind"), CASES, ids=case_id)
+def test_each_row_of_the_lifecycle(stores: Stores, row: Transition, kind: FailureKind | None) -> None:
+    store = stores.open(ttl=TTL)
+    store.open_account(OWNER, BALANCE)
+    before = drive(store, row.source, row.when)
+    later = queue(store, owner=None)  # submitted after it
+    balance, files = store.balance(OWNER), {} if before is None else files_of(store, before.id)
+    answer = apply(store, row.event, before, kind=kind or FailureKind.ENGINE, when=row.when)
+    after = store.get(answer.id if row.event == Event.SUBMIT else before.id)  # type: ignore[union-attr]
+    check_effects(store, row, before, after, kind, balance, files)
+    if row.event in (Event.SUBMIT, Event.CLAIM, Event.CANCEL):
+        assert answer == after
+    elif row.event == Event.WORKER_DIED:
+        assert answer == row.target.status
+    else:
+        assert answer == (row.stop if row.event in (Event.START, Event.PROGRESS) else ANSWERS[row.event])
+    if row.keeps_place:
+        assert [store.claim_next().id for _ in range(2)] == [after.id, later.id]  # type: ignore[union-attr]
+
+
+# Each stage, with each event that has no row for it (a submission makes a new job: it has no stage).
+REFUSALS = [
+    (stage, event) for stage in Stage for event in Event if event != Event.SUBMIT and not transitions(event, stage)
+]
+
+
+@pytest.mark.parametrize(("stage", "event"), REFUSALS, ids=lambda value: value.value)
+def test_an_event_with_no_row_for_the_stage_changes_nothing(stores: Stores, stage: Stage, event: Event) -> None:
+    store = stores.open(ttl=TTL)
+    store.open_account(OWNER, BALANCE)
+    before = drive(store, stage)
+    balance, files = store.balance(OWNER), {} if before is None else files_of(store, before.id)
+    answer = apply(store, event, before)
+    assert answer == refused_answer(event, before)
+    if before is not None:
+        assert store.get(before.id) == before and files_of(store, before.id) == files
+    assert store.balance(OWNER) == balance
+
+
+@pytest.mark.parametrize("event", sorted(FENCED), ids=lambda event: event.value)
+@pytest.mark.parametrize("stage", [Stage.CLAIMED, Stage.RUNNING, Stage.CANCELLING], ids=lambda stage: stage.value)
+def test_a_write_of_an_earlier_attempt_changes_nothing(stores: Stores, stage: Stage, event: Event) -> None:
+    store = stores.open(ttl=TTL)
+    store.open_account(OWNER, BALANCE)
+    before = drive(store, stage, Guard.LAST_ATTEMPT)
+    assert before is not None and before.attempts == 2
+    balance, files = store.balance(OWNER), files_of(store, before.id)
+    answer = apply(store, event, before, attempt=1)  # its first worker, back late
+    assert answer == refused_answer(event, before)
+    assert store.get(before.id) == before and files_of(store, before.id) == files and store.balance(OWNER) == balance
+
+
+def test_a_refused_result_leaves_none_of_its_files(stores: Stores) -> None:
+    """Files too large for SQLite's database go to the job's folder: only with the write that accepts them."""
+    store = stores.open(ttl=TTL)
+    large = {"output-0.jpg": b"L" * (INLINE_MAX + 1)}
+    stale = drive(store, Stage.RUNNING, Guard.LAST_ATTEMPT)
+    finished = drive(store, Stage.FAILED)
+    assert not store.complete(stale.id, stale.attempts - 1, RESULT, large)
+    assert not store.complete(finished.id, finished.attempts, RESULT, large)
+    assert files_of(store, stale.id) == files_of(store, finished.id) == {"input": INPUT}
+    assert store.complete(stale.id, stale.attempts, RESULT, large) and files_of(store, stale.id)["output-0.jpg"]
+
+
+def test_the_lifecycle_table_is_whole_and_consistent() -> None:
+    rows = [(t.event, t.source, t.when) for t in LIFECYCLE]
+    assert len(rows) == len(set(rows)), "two rows for one event on one stage"
+    finished = (Stage.COMPLETED, Stage.FAILED)
+    for t in LIFECYCLE:
+        if t.when in (Guard.RETRIES_LEFT, Guard.LAST_ATTEMPT):  # a worker death always does something
+            assert {r.when for r in transitions(t.event, t.source)} == {Guard.RETRIES_LEFT, Guard.LAST_ATTEMPT}
+        ends = t.target in finished and t.source not in finished
+        assert (t.retention == Retention.START) == ends, t
+        assert (t.credits == Credits.REFUND) == (ends and t.target == Stage.FAILED), t
+        assert bool(t.kinds) == (ends and t.target == Stage.FAILED), t
+        assert t.source not in finished or t.event == Event.EXPIRE, t  # a finished job never changes again
+        assert (t.stop is not None) == (t.event in (Event.START, Event.PROGRESS)), t
+    reached, frontier = {Stage.ABSENT}, [Stage.ABSENT]
+    while frontier:
+        stage = frontier.pop()
+        for t in LIFECYCLE:
+            if t.source == stage and t.target not in reached:
+                reached.add(t.target)
+                frontier.append(t.target)
+    assert reached == set(Stage)
+
+
+def test_the_lua_scripts_take_statuses_and_failure_kinds_from_the_contract() -> None:
+    for name, source in redis_scripts.SCRIPTS.items():
+        body = source.replace(redis_scripts.HEADER, "")
+        assert redis_scripts.HEADER in source and len(body) < len(source)
+        for value in (*JobStatus, *FailureKind):
+            assert f"'{value.value}'" not in body and f'"{value.value}"' not in body, (name, value)
+    for status in JobStatus:
+        assert f"local {status.name} = '{status.value}'\n" in redis_scripts.HEADER
+    for kind in FailureKind:
+        assert f"local KIND_{kind.name} = '{kind.value}'\n" in redis_scripts.HEADER
+
+
+def test_the_codec_reads_back_every_field_of_a_job_in_either_stores_form() -> None:
+    job = Job(
+        id="f" * 32,
+        seq=12,
+        status=JobStatus.FAILED,
+        params=JobParams(prompt="p", styles=("Enhance",), seed=5, left=8),
+        source=ImageSource(url="http://127.0.0.1:9/in.png"),
+        base64=True,
+        owner=OWNER,
+        created_at=1.25,
+        started_at=2.5,
+        finished_at=3.75,
+        attempts=2,
+        progress=0.5,
+        error="boom",
+        error_kind=FailureKind.ENGINE.value,
+        cancel_requested=True,
+        expires_at=63.75,
+        input_ready=False,
+        cost=COST,
+        delivery=Delivery(output_format="png", webhook_url="http://127.0.0.1:9/hook"),
+        result=RESULT,
+    )
+    fields = job_fields(job)
+    assert set(fields) == {field.name for field in dataclass_fields(Job)}
+    assert job_from_fields(fields) == job  # SQLite's typed values
+    as_redis = {name: (repr(v) if isinstance(v, float) else str(v)).encode() for name, v in fields.items()}
+    assert job_from_fields(as_redis) == job  # Redis's bytes
+    unset = job_fields(replace(job, owner=None, started_at=None, error=None, error_kind=None, result=None))
+    assert not {"owner", "started_at", "error", "error_kind", "result"} & set(unset)
+    assert job_from_fields(unset) == replace(job, owner=None, started_at=None, error=None, error_kind=None, result=None)
 
 
 # -- submission and the read side ------------------------------------------------------------------
@@ -471,10 +723,27 @@ def test_a_silent_workers_job_is_reclaimed_then_failed_after_the_second_death(no
     assert third.claim_next() is None
     failed = api.get(job.id)
     assert failed.status == JobStatus.FAILED and failed.error_kind == FailureKind.WORKER_DIED.value
-    assert failed.error == (
-        "the worker process died or stopped answering while running this job, 2 times; giving up"
-    )
+    assert failed.error == ("the worker process died or stopped answering while running this job, 2 times; giving up")
     assert api.balance(OWNER) == to_units(3.0)  # refunded once
+
+
+@pytest.mark.parametrize("row", [t for t in LIFECYCLE if t.event == Event.WORKER_DIED], ids=str)
+def test_a_worker_death_seen_by_another_nodes_claim_follows_the_lifecycle(nodes, row: Transition) -> None:
+    """On Redis a worker's death is also found by a claim on any node, once its job's entry went unheard
+    for reclaim_after: the same rows as a release by its own supervisor, then (queued again) the claim."""
+    dead, other = nodes(ttl=TTL, reclaim_after=0.2), nodes(ttl=TTL, reclaim_after=0.2)
+    dead.open_account(OWNER, BALANCE)
+    before = drive(dead, row.source, row.when)
+    balance, files = dead.balance(OWNER), files_of(dead, before.id)
+    time.sleep(0.3)  # its node fell silent
+    claimed = other.claim_next()
+    after = other.get(before.id)
+    if row.target == Stage.QUEUED:  # queued again at its place, and taken at once as a new attempt
+        assert claimed == after and stage_of(after) == Stage.CLAIMED and after.attempts == before.attempts + 1
+        assert (after.progress, after.started_at) == (0.0, None) and other.balance(OWNER) == balance
+    else:
+        assert claimed is None
+        check_effects(other, row, before, after, row.kinds[0], balance, files, reason=redis_scripts.DIED)
 
 
 def test_jobs_kept_alive_by_their_worker_are_never_reclaimed(nodes) -> None:

@@ -24,6 +24,8 @@ def from_units(units: int) -> float:
     return units / CREDIT_UNITS
 
 
+# A job's input image, as its store keeps it.
+INPUT_NAME = "input"
 # The live preview of a PROCESSING job, a file beside its input (replaced as the job goes on).
 PREVIEW_NAME = "preview.jpg"
 

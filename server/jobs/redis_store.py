@@ -8,14 +8,15 @@ is heard from, its supervisor keeps fresh the entry of every job it holds (`keep
 being prepared or finishing), and an entry left idle for `reclaim_after` seconds (its worker died or
 hung) is taken over by the next `claim_next` as a new attempt, at most MAX_ATTEMPTS in all.
 
-Each write is one Lua script, so a job is never half-written and every guarantee of the SQLite store
-(queue bound, charge and refund, fencing by attempt) holds across nodes. A script publishes what it
+Each write is one Lua script (server/jobs/redis_scripts.py), so a job is never half-written and the
+lifecycle of server/jobs/lifecycle.py (queue bound, charge and refund, fencing by attempt, what a cancel
+and a worker death do) holds across nodes. A script publishes what it
 changed on one pub/sub channel; each store instance runs one listener thread that turns those messages
 into the local `JobEvents`, so waiters and supervisors on every node are woken.
 
 Key layout (prefix `beyond:` by default):
     seq                 counter of job seqs (INCR)
-    job:<id>            hash: the job's fields (JSON for params, source, delivery, result)
+    job:<id>            hash: the job's fields (server/jobs/codec.py), and its stream entry and consumer
     files:<id>          hash: file name -> bytes (input, outputs, previews)
     stream              the stream of runnable jobs, entries {job: <id>}; group "workers"
     queued              zset by seq of the jobs waiting: QUEUED, or claimed but not started (queue bound, position)
@@ -32,7 +33,6 @@ Finished jobs and their files carry a Redis TTL (the result TTL); live jobs neve
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -48,6 +48,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from server.jobs.codec import STATE_FIELDS, encode_result, job_from_fields, state_from_fields, submitted_fields
 from server.jobs.contract import (
     Delivery,
     FailureKind,
@@ -59,331 +60,19 @@ from server.jobs.contract import (
     JobStatus,
 )
 from server.jobs.events import JobEvents
+from server.jobs.lifecycle import expired
 from server.jobs.redis_connection import RedisRefused, RedisTLS, connect, probe, store_error, where
-from server.jobs.store import MAX_ATTEMPTS, DiskFull, FileGone, InsufficientBalance, QueueFull, StoreUnavailable
+from server.jobs.redis_scripts import GROUP, SCRIPTS
+from server.jobs.store import DiskFull, FileGone, InsufficientBalance, QueueFull, StoreUnavailable
 
 log = logging.getLogger("beyond.redis")
 
-GROUP = "workers"
-DIED = "the worker process died or stopped answering"
-# A released entry is given this idle time, so the next claim reclaims it at once, ahead of new jobs.
-RELEASED_IDLE_MS = 10**11
 LISTENER_BACKOFF = (0.1, 5.0)  # first and longest wait between reconnections of the pub/sub listener
 
-# Every script starts with this: its first three ARGV are the key prefix, the caller's origin id and the
-# time ("" = Redis's own clock, the one clock all nodes share).
-PRELUDE = """
-local P, ORIGIN = ARGV[1], ARGV[2]
-local NOW = tonumber(ARGV[3])
-if NOW == nil then
-  local t = redis.call('TIME')
-  NOW = tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-local STREAM, GROUP = P .. 'stream', '""" + GROUP + """'
-local function jobkey(id) return P .. 'job:' .. id end
-local function fileskey(id) return P .. 'files:' .. id end
-local function ownerkey(owner) if owner then return P .. 'owner:=' .. owner end return P .. 'owner:-' end
-local function stamp(x) return string.format('%.6f', x) end
-local function notify(id) redis.call('PUBLISH', P .. 'events', ORIGIN .. ' j ' .. id) end
--- A running job was claimed, started or moved on: nothing that may have ended it.
-local function notify_running(id) redis.call('PUBLISH', P .. 'events', ORIGIN .. ' r ' .. id) end
-local function notify_work() redis.call('PUBLISH', P .. 'events', ORIGIN .. ' w') end
-local function drop_entry(id)
-  local entry = redis.call('HGET', jobkey(id), 'entry')
-  if entry then
-    redis.call('XACK', STREAM, GROUP, entry)
-    redis.call('XDEL', STREAM, entry)
-    redis.call('HDEL', jobkey(id), 'entry')
-  end
-end
--- A live job ends: its entry leaves the stream, it leaves the live indexes, it expires after ttl and,
--- when it FAILED, its charge goes back to its owner. Every way a job ends passes here, once.
-local function finish(id, status, ttl, fields)
-  local k = jobkey(id)
-  local expires = NOW + ttl
-  redis.call('HSET', k, 'status', status, 'finished_at', stamp(NOW), 'expires_at', stamp(expires), unpack(fields))
-  drop_entry(id)
-  redis.call('ZREM', P .. 'queued', id)
-  redis.call('ZREM', P .. 'awaiting', id)
-  redis.call('ZREM', P .. 'processing', id)
-  local owner = redis.call('HGET', k, 'owner')
-  redis.call('ZADD', P .. 'expiry', expires, id .. ' ' .. ownerkey(owner))
-  local at = string.format('%d', math.floor(expires * 1000))
-  redis.call('PEXPIREAT', k, at)
-  redis.call('PEXPIREAT', fileskey(id), at)
-  if status == 'FAILED' then
-    local cost = tonumber(redis.call('HGET', k, 'cost') or '0')
-    if cost > 0 and owner and redis.call('HEXISTS', P .. 'credits', owner) == 1 then
-      redis.call('HINCRBY', P .. 'credits', owner, cost)
-    end
-  end
-  notify(id)
-end
-local function live(status) return status == 'QUEUED' or status == 'PROCESSING' end
-"""
 
-# ARGV[4..]: id, max_queued ("" = none), owner ("" with has_owner 0), has_owner, cost, has_image, image,
-# then the job's static fields as name/value pairs.
-CREATE = PRELUDE + """
-local id, max_queued, owner, has_owner = ARGV[4], ARGV[5], ARGV[6], ARGV[7] == '1'
-local cost, has_image, image = tonumber(ARGV[8]), ARGV[9] == '1', ARGV[10]
-local k = jobkey(id)
-if redis.call('EXISTS', k) == 1 then return {'exists'} end
-if max_queued ~= '' and redis.call('ZCARD', P .. 'queued') >= tonumber(max_queued) then return {'full'} end
-if not has_owner then owner = false end
-if owner and cost > 0 then
-  local balance = redis.call('HGET', P .. 'credits', owner)
-  if not balance then
-    cost = 0
-  elseif tonumber(balance) < cost then
-    return {'balance', balance}
-  else
-    redis.call('HINCRBY', P .. 'credits', owner, -cost)
-  end
-else
-  cost = 0
-end
-local seq = redis.call('INCR', P .. 'seq')
-redis.call('HSET', k, 'id', id, 'seq', seq, 'status', 'QUEUED', 'created_at', stamp(NOW), 'attempts', 0,
-  'progress', 0, 'cancel_requested', 0, 'cost', cost, 'input_ready', has_image and 1 or 0)
-for i = 11, #ARGV, 2 do redis.call('HSET', k, ARGV[i], ARGV[i + 1]) end
-if owner then redis.call('HSET', k, 'owner', owner) end
-redis.call('ZADD', P .. 'queued', seq, id)
-redis.call('ZADD', ownerkey(owner), seq, id)
-if has_image then
-  redis.call('HSET', fileskey(id), 'input', image)
-  redis.call('HSET', k, 'entry', redis.call('XADD', STREAM, '*', 'job', id))
-  notify_work()
-else
-  redis.call('ZADD', P .. 'awaiting', seq, id)
-end
-notify(id)
-return {'ok', redis.call('HGETALL', k)}
-"""
-
-# ARGV[4..]: id, image. 1 when the job is (now) ready to run, 0 when it ended meanwhile.
-ATTACH = PRELUDE + """
-local id, image = ARGV[4], ARGV[5]
-local k = jobkey(id)
-if redis.call('HGET', k, 'status') ~= 'QUEUED' then return 0 end
-if redis.call('HGET', k, 'input_ready') == '1' then return 1 end
-redis.call('HSET', fileskey(id), 'input', image)
-redis.call('HSET', k, 'input_ready', 1)
-redis.call('ZREM', P .. 'awaiting', id)
-redis.call('HSET', k, 'entry', redis.call('XADD', STREAM, '*', 'job', id))
-notify(id)
-notify_work()
-return 1
-"""
-
-# ARGV[4..]: consumer, min idle ms, max attempts, ttl. Takes one job: first an entry idle that long (its
-# worker died, or the job was released), else the next new entry. Returns the job's fields, or nil.
-CLAIM = PRELUDE + """
-local consumer, min_idle, max_attempts, ttl = ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
-local function take(entry, id, reclaimed)
-  local k = jobkey(id)
-  local status = redis.call('HGET', k, 'status')
-  if not live(status) or (status == 'PROCESSING' and not reclaimed) then
-    -- Ended (or gone) while its entry waited: the entry has nothing left to deliver.
-    redis.call('XACK', STREAM, GROUP, entry)
-    redis.call('XDEL', STREAM, entry)
-    return nil
-  end
-  local attempts = tonumber(redis.call('HGET', k, 'attempts'))
-  if status == 'PROCESSING' then
-    -- Its worker stopped answering while running it.
-    if redis.call('HGET', k, 'cancel_requested') == '1' then
-      finish(id, 'FAILED', ttl, {'error', 'cancelled', 'error_kind', 'cancelled'})
-      return nil
-    end
-    if attempts >= max_attempts then
-      local reason = '""" + DIED + """ while running this job, ' .. attempts .. ' times; giving up'
-      finish(id, 'FAILED', ttl, {'error', reason, 'error_kind', 'worker_died'})
-      return nil
-    end
-  end
-  redis.call('HSET', k, 'status', 'PROCESSING', 'attempts', attempts + 1, 'progress', 0, 'consumer', consumer,
-    'entry', entry)
-  redis.call('HDEL', k, 'started_at')
-  -- It stays in `queued` until its worker starts it: handed to a worker ahead of its turn, it still waits.
-  redis.call('ZADD', P .. 'processing', redis.call('HGET', k, 'seq'), id)
-  notify_running(id)
-  return redis.call('HGETALL', k)
-end
-local cursor = '0-0'
-repeat
-  local found = redis.call('XAUTOCLAIM', STREAM, GROUP, consumer, min_idle, cursor, 'COUNT', 1)
-  cursor = found[1]
-  for _, item in ipairs(found[2]) do
-    if item[2] then
-      local job = take(item[1], item[2][2], true)
-      if job then return job end
-    end
-  end
-until cursor == '0-0'
-while true do
-  local read = redis.call('XREADGROUP', 'GROUP', GROUP, consumer, 'COUNT', 1, 'STREAMS', STREAM, '>')
-  if not read then return nil end
-  local item = read[1][2][1]
-  local job = take(item[1], item[2][2], false)
-  if job then return job end
-end
-"""
-
-# ARGV[4..]: id, attempt, consumer, progress ("" = leave it), started ("1" = record started_at).
-# Fenced by attempt; the job's stream entry is made fresh (its worker is alive). Returns the cancel flag,
-# 1 also when this attempt is no longer the job's (its worker should stop).
-TOUCH = "#!lua flags=allow-oom\n" + PRELUDE + """
-local id, attempt, consumer, progress, started = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8] == '1'
-local k = jobkey(id)
-if redis.call('HGET', k, 'status') ~= 'PROCESSING' or redis.call('HGET', k, 'attempts') ~= attempt then return 1 end
-if progress ~= '' then redis.call('HSET', k, 'progress', progress) end
-if started then
-  redis.call('HSET', k, 'started_at', stamp(NOW))
-  redis.call('ZREM', P .. 'queued', id)
-end
-local entry = redis.call('HGET', k, 'entry')
-if entry then redis.call('XCLAIM', STREAM, GROUP, consumer, 0, entry, 'JUSTID') end
-notify_running(id)
-if redis.call('HGET', k, 'cancel_requested') == '1' then return 1 end
-return 0
-"""
-
-# ARGV[4..]: id, status, attempt ("" = any), ttl, has_files, then name/value pairs (fields, then files).
-# Allowed when memory is full, so a job can always be failed; COMPLETE (with files) is not.
-FINISH_BODY = """
-local id, status, attempt, ttl, nfields = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
-local k = jobkey(id)
-if not live(redis.call('HGET', k, 'status')) then return 0 end
-if attempt ~= '' and redis.call('HGET', k, 'attempts') ~= attempt then return 0 end
-local fields = {}
-for i = 9, 8 + 2 * nfields do fields[#fields + 1] = ARGV[i] end
-for i = 9 + 2 * nfields, #ARGV, 2 do redis.call('HSET', fileskey(id), ARGV[i], ARGV[i + 1]) end
-finish(id, status, ttl, fields)
-return redis.call('HGETALL', k)
-"""
-FAIL = "#!lua flags=allow-oom\n" + PRELUDE + FINISH_BODY
-COMPLETE = PRELUDE + FINISH_BODY
-
-# ARGV[4..]: id, reason, max attempts, ttl. Returns the job's status afterwards.
-RELEASE = "#!lua flags=allow-oom\n" + PRELUDE + """
-local id, reason, max_attempts, ttl = ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
-local k = jobkey(id)
-local status = redis.call('HGET', k, 'status')
-if not status then return 'FAILED' end
-if status ~= 'PROCESSING' then return status end
-local attempts = tonumber(redis.call('HGET', k, 'attempts'))
-if redis.call('HGET', k, 'cancel_requested') == '1' then
-  finish(id, 'FAILED', ttl, {'error', 'cancelled', 'error_kind', 'cancelled'})
-  return 'FAILED'
-end
-if attempts >= max_attempts then
-  local error = reason .. ' while running this job, ' .. attempts .. ' times; giving up'
-  finish(id, 'FAILED', ttl, {'error', error, 'error_kind', 'worker_died'})
-  return 'FAILED'
-end
-redis.call('HSET', k, 'status', 'QUEUED', 'progress', 0)
-redis.call('HDEL', k, 'started_at', 'consumer')
-redis.call('ZREM', P .. 'processing', id)
-redis.call('ZADD', P .. 'queued', redis.call('HGET', k, 'seq'), id)
-local entry = redis.call('HGET', k, 'entry')
-local pending = entry and redis.call('XPENDING', STREAM, GROUP, entry, entry, 1)[1]
-if pending then
-  -- Pending still, and idle for long from now on: the next claim on any node takes it first, at its old place.
-  redis.call('XCLAIM', STREAM, GROUP, pending[2], 0, entry, 'IDLE', '""" + str(RELEASED_IDLE_MS) + """', 'JUSTID')
-else
-  -- Its entry was lost (a Redis that lost data): it queues again as a new entry.
-  if entry then redis.call('XDEL', STREAM, entry) end
-  redis.call('HSET', k, 'entry', redis.call('XADD', STREAM, '*', 'job', id))
-end
-notify(id)
-notify_work()
-return 'QUEUED'
-"""
-
-# ARGV[4..]: consumer, then id/attempt pairs: the jobs a live worker holds. Their entries are made fresh;
-# returns the ids that attempt no longer holds (reclaimed by another node, or ended).
-KEEP_ALIVE = "#!lua flags=allow-oom\n" + PRELUDE + """
-local consumer, lost = ARGV[4], {}
-for i = 5, #ARGV, 2 do
-  local id, attempt = ARGV[i], ARGV[i + 1]
-  local job = redis.call('HMGET', jobkey(id), 'status', 'attempts', 'entry')
-  if job[1] == 'PROCESSING' and job[2] == attempt and job[3] then
-    redis.call('XCLAIM', STREAM, GROUP, consumer, 0, job[3], 'JUSTID')
-  else
-    lost[#lost + 1] = id
-  end
-end
-return lost
-"""
-
-# ARGV[4..]: id, ttl. A job not started yet ends at once; a running one is flagged for its worker.
-CANCEL = "#!lua flags=allow-oom\n" + PRELUDE + """
-local id, ttl = ARGV[4], tonumber(ARGV[5])
-local k = jobkey(id)
-local status = redis.call('HGET', k, 'status')
-if live(status) then
-  redis.call('HSET', k, 'cancel_requested', 1)
-  -- Not started (queued, or waiting in a worker): it ends here; a running one stops at its next step.
-  if status == 'QUEUED' or not redis.call('HGET', k, 'started_at') then
-    finish(id, 'FAILED', ttl, {'error', 'cancelled', 'error_kind', 'cancelled'})
-  else
-    notify(id)
-  end
-end
-return redis.call('HGETALL', k)
-"""
-
-# ARGV[4..]: id, name, data. Only beside a job that exists; expires with it.
-PUT_FILE = PRELUDE + """
-local id, name, data = ARGV[4], ARGV[5], ARGV[6]
-if redis.call('EXISTS', jobkey(id)) == 0 then return 0 end
-redis.call('HSET', fileskey(id), name, data)
-local left = redis.call('PTTL', jobkey(id))
-if left > 0 then redis.call('PEXPIRE', fileskey(id), left) end
-return 1
-"""
-
-# ARGV[4..]: owner, granted units.
-OPEN_ACCOUNT = PRELUDE + """
-local owner, granted = ARGV[4], tonumber(ARGV[5])
-local before = redis.call('HGET', P .. 'granted', owner)
-if redis.call('HEXISTS', P .. 'credits', owner) == 1 then
-  if before then redis.call('HINCRBY', P .. 'credits', owner, granted - tonumber(before)) end
-else
-  redis.call('HSET', P .. 'credits', owner, granted)
-end
-redis.call('HSET', P .. 'granted', owner, granted)
-return 1
-"""
-
-# ARGV[4..]: batch size. Removes jobs whose expiry passed (the TTL has mostly done it) and their index entries.
-PURGE = "#!lua flags=allow-oom\n" + PRELUDE + """
-local batch = tonumber(ARGV[4])
-local members = redis.call('ZRANGEBYSCORE', P .. 'expiry', '-inf', NOW, 'LIMIT', 0, batch)
-for _, member in ipairs(members) do
-  local space = string.find(member, ' ', 1, true)
-  local id, owner_key = string.sub(member, 1, space - 1), string.sub(member, space + 1)
-  redis.call('DEL', jobkey(id), fileskey(id))
-  redis.call('ZREM', owner_key, id)
-  redis.call('ZREM', P .. 'expiry', member)
-end
-return #members
-"""
-
-STATE_FIELDS = ("id", "seq", "status", "owner", "progress", "error", "error_kind", "expires_at", "started_at")
-
-
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode()
-
-
-def _float(value: bytes | None) -> float | None:
-    return None if value is None or value == b"" else float(value)
-
-
-def _pairs(flat: list[Any]) -> dict[bytes, bytes]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
+def _pairs(flat: list[Any]) -> dict[str, bytes]:
+    """A script's HGETALL answer, as the codec's fields."""
+    return {name.decode(): value for name, value in zip(flat[::2], flat[1::2], strict=True)}
 
 
 class RedisJobStore:
@@ -424,23 +113,7 @@ class RedisJobStore:
             socket_timeout=30.0,
             health_check_interval=30,
         )
-        self._scripts = {
-            name: self.redis.register_script(source)
-            for name, source in (
-                ("create", CREATE),
-                ("attach", ATTACH),
-                ("claim", CLAIM),
-                ("touch", TOUCH),
-                ("keep_alive", KEEP_ALIVE),
-                ("complete", COMPLETE),
-                ("fail", FAIL),
-                ("release", RELEASE),
-                ("cancel", CANCEL),
-                ("put_file", PUT_FILE),
-                ("open_account", OPEN_ACCOUNT),
-                ("purge", PURGE),
-            )
-        }
+        self._scripts = {name: self.redis.register_script(source) for name, source in SCRIPTS.items()}
         self._stop = threading.Event()
         self._listening = threading.Event()
         self._listener: threading.Thread | None = None
@@ -517,37 +190,12 @@ class RedisJobStore:
 
     @staticmethod
     def _job(fields: dict[bytes, bytes]) -> Job | None:
-        if not fields or b"status" not in fields:
-            return None
-        result = json.loads(fields.get(b"result", b"{}"))
-        return Job(
-            id=fields[b"id"].decode(),
-            seq=int(fields[b"seq"]),
-            status=JobStatus(fields[b"status"].decode()),
-            params=JobParams.from_json(json.loads(fields[b"params"])),
-            source=ImageSource.from_json(json.loads(fields[b"source"])),
-            base64=fields.get(b"base64") == b"1",
-            owner=_text(fields.get(b"owner")),
-            created_at=float(fields[b"created_at"]),
-            started_at=_float(fields.get(b"started_at")),
-            finished_at=_float(fields.get(b"finished_at")),
-            attempts=int(fields[b"attempts"]),
-            progress=float(fields[b"progress"]),
-            error=_text(fields.get(b"error")),
-            error_kind=_text(fields.get(b"error_kind")),
-            cancel_requested=fields.get(b"cancel_requested") == b"1",
-            expires_at=_float(fields.get(b"expires_at")),
-            input_ready=fields.get(b"input_ready") == b"1",
-            cost=int(fields.get(b"cost", 0)),
-            delivery=Delivery.from_json(json.loads(fields.get(b"delivery", b"{}"))),
-            result=JobResult.from_json(result) if result else None,
-        )
+        """A job from its hash as HGETALL reads it (bytes names and values)."""
+        return job_from_fields({name.decode(): value for name, value in fields.items()})
 
     @staticmethod
     def _unexpired(job: Job | None) -> Job | None:
-        if job is not None and job.expires_at is not None and job.expires_at <= time.time():
-            return None
-        return job
+        return None if job is None or expired(job.expires_at, time.time()) else job
 
     def _jobs(self, ids: list[bytes]) -> list[Job | None]:
         with self._errors():
@@ -639,20 +287,18 @@ class RedisJobStore:
         """Queue a job, charge its owner's account and check the queue bound, in one script: concurrent
         submissions on any number of nodes can neither overdraw an account nor overfill the queue."""
         job_id = uuid.uuid4().hex
-        answer = self._run(
-            "create",
+        fields = submitted_fields(
             job_id,
-            "" if max_queued is None else max_queued,
-            owner or "",
-            int(owner is not None),
-            cost,
-            int(image is not None),
-            image or b"",
-            "params", json.dumps(params.to_json()),
-            "source", json.dumps(source.to_json()),
-            "base64", int(base64),
-            "delivery", json.dumps((delivery or Delivery()).to_json()),
-        )  # fmt: skip
+            params,
+            source,
+            base64=base64,
+            owner=owner,
+            cost=cost,
+            input_ready=image is not None,
+            delivery=delivery or Delivery(),
+        )
+        pairs = [value for pair in fields.items() for value in pair]
+        answer = self._run("create", job_id, "" if max_queued is None else max_queued, image or b"", *pairs)
         if answer[0] == b"exists":  # a retry of a create whose answer was lost: the job is there once
             existing = self.get(job_id)
             assert existing is not None
@@ -661,7 +307,7 @@ class RedisJobStore:
             raise QueueFull()
         if answer[0] == b"balance":
             raise InsufficientBalance(int(answer[1]), cost)
-        job = self._job(_pairs(answer[1]))
+        job = job_from_fields(_pairs(answer[1]))
         assert job is not None
         self.events.job_changed(job.id)
         if job.input_ready:
@@ -688,23 +334,8 @@ class RedisJobStore:
     def state(self, job_id: str) -> JobState | None:
         with self._errors():
             values = self.redis.hmget(self._key("job", job_id), STATE_FIELDS)
-        row = dict(zip(STATE_FIELDS, values, strict=True))
-        if row["status"] is None:
-            return None
-        expires_at = _float(row["expires_at"])
-        if expires_at is not None and expires_at <= time.time():
-            return None
-        return JobState(
-            id=row["id"].decode(),
-            seq=int(row["seq"]),
-            status=JobStatus(row["status"].decode()),
-            owner=_text(row["owner"]),
-            progress=float(row["progress"]),
-            error=_text(row["error"]),
-            error_kind=_text(row["error_kind"]),
-            expires_at=expires_at,
-            started=row["started_at"] is not None,
-        )
+        state = state_from_fields(dict(zip(STATE_FIELDS, values, strict=True)))
+        return None if state is None or expired(state.expires_at, time.time()) else state
 
     def queue_position(self, seq: int) -> int:
         with self._errors():
@@ -797,12 +428,10 @@ class RedisJobStore:
     # -- the worker side ---------------------------------------------------------------------------
 
     def claim_next(self) -> Job | None:
-        fields = self._run(
-            "claim", self.consumer, int(self.reclaim_after * 1000), MAX_ATTEMPTS, self.ttl
-        )
+        fields = self._run("claim", self.consumer, int(self.reclaim_after * 1000), self.ttl)
         if not fields:
             return None
-        job = self._job(_pairs(fields))
+        job = job_from_fields(_pairs(fields))
         if job is not None:
             self.events.job_changed(job.id, running=True)
         return job
@@ -831,14 +460,14 @@ class RedisJobStore:
             args += [name, data]
         answer = self._run(script, *args)
         # The job as it ended, for this process's waiters: a v1 waiter here needs no read of its own.
-        job = self._job(_pairs(answer)) if answer else None
+        job = job_from_fields(_pairs(answer)) if answer else None
         self.events.job_changed(job_id, job)
         return job is not None
 
     def complete(self, job_id: str, attempt: int, result: JobResult, files: dict[str, bytes]) -> bool:
         """The result and its files, stored together and only for the job's current attempt."""
         try:
-            fields = {"result": json.dumps(result.to_json()), "progress": 1}
+            fields = {"result": encode_result(result), "progress": 1}
             return self._finish("complete", job_id, JobStatus.COMPLETED, attempt, fields, files)
         except DiskFull:
             self.fail(
@@ -851,7 +480,7 @@ class RedisJobStore:
 
     def release(self, job_id: str, reason: str) -> JobStatus:
         """A job's worker died under it: queue it again at its old place, or fail it for good."""
-        status = JobStatus(self._run("release", job_id, reason, MAX_ATTEMPTS, self.ttl).decode())
+        status = JobStatus(self._run("release", job_id, reason, self.ttl).decode())
         self.events.job_changed(job_id)
         if status == JobStatus.QUEUED:
             self.events.work_available()
@@ -880,7 +509,7 @@ class RedisJobStore:
     def request_cancel(self, job_id: str) -> Job | None:
         fields = self._run("cancel", job_id, self.ttl)
         self.events.job_changed(job_id)
-        return self._unexpired(self._job(_pairs(fields)))
+        return self._unexpired(job_from_fields(_pairs(fields)))
 
     def purge_expired(self, now: float | None = None) -> int:
         removed = 0

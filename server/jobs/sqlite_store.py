@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import shutil
 import sqlite3
@@ -21,8 +20,17 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from server.jobs.codec import (
+    JOB_FIELDS,
+    STATE_FIELDS,
+    encode_result,
+    job_from_fields,
+    state_from_fields,
+    submitted_fields,
+)
 from server.jobs.contract import (
     CREDIT_UNITS,
+    INPUT_NAME,
     Delivery,
     FailureKind,
     ImageSource,
@@ -33,8 +41,8 @@ from server.jobs.contract import (
     JobStatus,
 )
 from server.jobs.events import JobEvents
+from server.jobs.lifecycle import CANCELLED_ERROR, GAVE_UP, LIVE, MAX_ATTEMPTS, expired
 from server.jobs.store import (
-    MAX_ATTEMPTS,
     DiskFull,
     FileGone,
     InsufficientBalance,
@@ -80,14 +88,16 @@ ADDED_COLUMNS = (
     ("jobs", "cost_units", "INTEGER NOT NULL DEFAULT 0", "cost"),
     ("jobs", "delivery", "TEXT NOT NULL DEFAULT '{}'", None),
 )
-STATE_COLUMNS = "id, seq, status, owner, progress, error, error_kind, expires_at, started_at"
+# The codec's fields by their columns: `cost` is kept in integer units since credits stopped being REAL.
+COLUMNS = {name: name for name in JOB_FIELDS} | {"cost": "cost_units"}
+JOB = ", ".join(column if column == name else f"{column} AS {name}" for name, column in COLUMNS.items())
+STATE = ", ".join(STATE_FIELDS)
 # Files up to this size live in the database: creating a file and its folder costs a small request more
 # than the rest of its store work together, and SQLite keeps blobs of this size as fast as a file system.
 INLINE_MAX = 256 * 1024
 # In the files folder: a store was made here, so a data directory whose database is gone is not taken
 # for a new one (that would forget every request and reset every credit balance).
 MARKER = ".store"
-LIVE = (JobStatus.QUEUED.value, JobStatus.PROCESSING.value)
 
 
 class SqliteJobStore:
@@ -204,31 +214,7 @@ class SqliteJobStore:
 
     @staticmethod
     def _job(row: sqlite3.Row | None) -> Job | None:
-        if row is None:
-            return None
-        result = json.loads(row["result"])
-        return Job(
-            id=row["id"],
-            seq=row["seq"],
-            status=JobStatus(row["status"]),
-            params=JobParams.from_json(json.loads(row["params"])),
-            source=ImageSource.from_json(json.loads(row["source"])),
-            base64=bool(row["base64"]),
-            owner=row["owner"],
-            created_at=row["created_at"],
-            started_at=row["started_at"],
-            finished_at=row["finished_at"],
-            attempts=row["attempts"],
-            progress=row["progress"],
-            error=row["error"],
-            error_kind=row["error_kind"],
-            cancel_requested=bool(row["cancel_requested"]),
-            expires_at=row["expires_at"],
-            input_ready=bool(row["input_ready"]),
-            cost=row["cost_units"],
-            delivery=Delivery.from_json(json.loads(row["delivery"])),
-            result=JobResult.from_json(result) if result else None,
-        )
+        return None if row is None else job_from_fields(dict(row))
 
     def job_dir(self, job_id: str) -> Path:
         return self.files / job_id
@@ -250,18 +236,35 @@ class SqliteJobStore:
                 db.execute("DELETE FROM files WHERE job_id = ? AND name = ?", (job_id, name))
 
     def _write_large(self, job_id: str, files: Mapping[str, bytes]) -> None:
-        """The files too large for the database, in the job's folder, each written whole then moved into place
-        (a reader never sees half a file). Before the row that points to them."""
+        """The files too large for the database, in the job's folder. Before the row that points to them."""
+        self._place(self._stage_large(job_id, files))
+
+    def _stage_large(self, job_id: str, files: Mapping[str, bytes]) -> list[tuple[Path, Path]]:
+        """The files too large for the database, each written whole in the job's folder under a temporary
+        name (a reader never sees half a file); `_place` moves them into place, or drops them."""
         large = {name: data for name, data in files.items() if len(data) > INLINE_MAX}
         if not large:
-            return
+            return []
         folder = self.job_dir(job_id)
+        staged = [(folder / f".{name}.part", folder / name) for name in large]
+        try:
+            with self._errors():
+                folder.mkdir(parents=True, exist_ok=True)
+                for (temporary, _), data in zip(staged, large.values(), strict=True):
+                    temporary.write_bytes(data)
+        except BaseException:
+            for temporary, _ in staged:
+                temporary.unlink(missing_ok=True)
+            raise
+        return staged
+
+    def _place(self, staged: list[tuple[Path, Path]], keep: bool = True) -> None:
         with self._errors():
-            folder.mkdir(parents=True, exist_ok=True)
-            for name, data in large.items():
-                temporary = folder / f".{name}.part"
-                temporary.write_bytes(data)
-                os.replace(temporary, folder / name)
+            for temporary, final in staged:
+                if keep:
+                    os.replace(temporary, final)
+                else:
+                    temporary.unlink(missing_ok=True)
 
     # -- submission -------------------------------------------------------------------------------
 
@@ -281,7 +284,17 @@ class SqliteJobStore:
         max_queued, a full queue raises QueueFull. Both in the one transaction that queues the job,
         so concurrent submissions can neither overdraw an account nor overfill the queue."""
         job_id = uuid.uuid4().hex
-        files = {} if image is None else {"input": image}
+        fields = submitted_fields(
+            job_id,
+            params,
+            source,
+            base64=base64,
+            owner=owner,
+            cost=cost,
+            input_ready=image is not None,
+            delivery=delivery or Delivery(),
+        )
+        files = {} if image is None else {INPUT_NAME: image}
         try:
             # A large input is written before the row exists, so a listed job always has its input.
             self._write_large(job_id, files)
@@ -295,22 +308,13 @@ class SqliteJobStore:
                     raise InsufficientBalance(balance, cost)
                 else:
                     db.execute("UPDATE credits SET balance_units = balance_units - ? WHERE owner = ?", (cost, owner))
+                fields["cost"] = cost
                 row = db.execute(
                     # created_at is taken inside the write lock, so it grows in the order jobs are accepted.
-                    "INSERT INTO jobs (id, status, params, source, base64, owner, cost_units, input_ready, delivery,"
-                    " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, (julianday('now') - 2440587.5) * 86400.0)"
-                    " RETURNING *",
-                    (
-                        job_id,
-                        JobStatus.QUEUED.value,
-                        json.dumps(params.to_json()),
-                        json.dumps(source.to_json()),
-                        int(base64),
-                        owner,
-                        cost,
-                        int(image is not None),
-                        json.dumps((delivery or Delivery()).to_json()),
-                    ),
+                    f"INSERT INTO jobs ({', '.join(COLUMNS[name] for name in fields)}, created_at)"
+                    f" VALUES ({', '.join('?' * len(fields))}, (julianday('now') - 2440587.5) * 86400.0)"
+                    f" RETURNING {JOB}",
+                    tuple(fields.values()),
                 ).fetchone()
                 self._write_files(db, job_id, files)
         except BaseException:
@@ -344,26 +348,13 @@ class SqliteJobStore:
     # -- the read side ----------------------------------------------------------------------------
 
     def get(self, job_id: str) -> Job | None:
-        job = self._job(self._execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
-        if job is not None and job.expires_at is not None and job.expires_at <= time.time():
-            return None
-        return job
+        job = self._job(self._execute(f"SELECT {JOB} FROM jobs WHERE id = ?", (job_id,)).fetchone())
+        return None if job is None or expired(job.expires_at, time.time()) else job
 
     def state(self, job_id: str) -> JobState | None:
-        row = self._execute(f"SELECT {STATE_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if row is None or (row["expires_at"] is not None and row["expires_at"] <= time.time()):
-            return None
-        return JobState(
-            id=row["id"],
-            seq=row["seq"],
-            status=JobStatus(row["status"]),
-            owner=row["owner"],
-            progress=row["progress"],
-            error=row["error"],
-            error_kind=row["error_kind"],
-            expires_at=row["expires_at"],
-            started=row["started_at"] is not None,
-        )
+        row = self._execute(f"SELECT {STATE} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        state = None if row is None else state_from_fields(dict(row))
+        return None if state is None or expired(state.expires_at, time.time()) else state
 
     def queue_position(self, seq: int) -> int:
         # Jobs handed to the worker but not started yet are still waiting: they count as queued.
@@ -385,14 +376,14 @@ class SqliteJobStore:
             where.append("seq < ?")
             args.append(before)
         rows = self._execute(
-            f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?", (*args, limit)
+            f"SELECT {JOB} FROM jobs WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?", (*args, limit)
         ).fetchall()
         return [job for job in map(self._job, rows) if job is not None]
 
     def webhook_jobs(self) -> list[Job]:
         """Unexpired jobs with a webhook_url in their delivery, oldest first."""
         rows = self._execute(
-            "SELECT * FROM jobs WHERE json_extract(delivery, '$.webhook_url') IS NOT NULL"
+            f"SELECT {JOB} FROM jobs WHERE json_extract(delivery, '$.webhook_url') IS NOT NULL"
             " AND (expires_at IS NULL OR expires_at > ?) ORDER BY seq",
             (time.time(),),
         ).fetchall()
@@ -445,23 +436,25 @@ class SqliteJobStore:
 
     def awaiting_input(self) -> list[Job]:
         rows = self._execute(
-            "SELECT * FROM jobs WHERE status = ? AND input_ready = 0 ORDER BY seq", (JobStatus.QUEUED.value,)
+            f"SELECT {JOB} FROM jobs WHERE status = ? AND input_ready = 0 ORDER BY seq", (JobStatus.QUEUED.value,)
         ).fetchall()
         return [job for job in map(self._job, rows) if job is not None]
 
     def attach_input(self, job_id: str, image: bytes) -> bool:
-        """The fetched input of a URL job: it becomes ready to run. False if the job ended meanwhile."""
-        files = {"input": image}
-        self._write_large(job_id, files)
+        """The fetched input of a URL job: it becomes ready to run. False if the job ended meanwhile; True
+        and nothing written if its input is there already (stored by an earlier fetch)."""
+        files = {INPUT_NAME: image}
+        queued = (job_id, JobStatus.QUEUED.value)
+        if self._execute("SELECT 1 FROM jobs WHERE id = ? AND status = ? AND input_ready = 0", queued).fetchone():
+            self._write_large(job_id, files)
         with self._transaction() as db:
-            ready = db.execute(
-                "UPDATE jobs SET input_ready = 1 WHERE id = ? AND status = ?", (job_id, JobStatus.QUEUED.value)
-            ).rowcount
-            if ready:
+            row = db.execute("SELECT input_ready FROM jobs WHERE id = ? AND status = ?", queued).fetchone()
+            if row is not None and not row["input_ready"]:
+                db.execute("UPDATE jobs SET input_ready = 1 WHERE id = ?", (job_id,))
                 self._write_files(db, job_id, files)
-        if ready:
+        if row is not None and not row["input_ready"]:
             self.events.work_available()
-        return bool(ready)
+        return row is not None
 
     # -- the worker side ---------------------------------------------------------------------------
 
@@ -469,7 +462,7 @@ class SqliteJobStore:
         row = self._execute(
             "UPDATE jobs SET status = ?, attempts = attempts + 1, progress = 0"
             " WHERE seq = (SELECT seq FROM jobs WHERE status = ? AND input_ready = 1 ORDER BY seq LIMIT 1)"
-            " AND status = ? RETURNING *",
+            f" AND status = ? RETURNING {JOB}",
             (JobStatus.PROCESSING.value, JobStatus.QUEUED.value, JobStatus.QUEUED.value),
         ).fetchone()
         job = self._job(row)
@@ -498,38 +491,50 @@ class SqliteJobStore:
         status: JobStatus,
         attempt: int | None,
         files: Mapping[str, bytes] | None = None,
+        staged: list[tuple[Path, Path]] | None = None,
         **columns: Any,
     ) -> bool:
+        """The job ends, if it is live (and this attempt's, given one): its row, its files (the large ones
+        `staged` are moved into place only then) and, when it FAILED, the refund, in one transaction."""
         now = time.time()
         columns.update(status=status.value, finished_at=now, expires_at=now + self.ttl)
         assignments = ", ".join(f"{name} = ?" for name in columns)
-        fence, args = ("", ()) if attempt is None else (" AND attempts = ?", (attempt,))
+        # A worker's write (with its attempt) ends only the job that attempt runs; the server's own any live job.
+        fence, args = (
+            (" AND status IN (?, ?)", tuple(live.value for live in LIVE))
+            if attempt is None
+            else (" AND status = ? AND attempts = ?", (JobStatus.PROCESSING.value, attempt))
+        )
         with self._transaction() as db:
             row = db.execute(
-                f"UPDATE jobs SET {assignments} WHERE id = ? AND status IN (?, ?){fence} RETURNING *",
-                (*columns.values(), job_id, *LIVE, *args),
+                f"UPDATE jobs SET {assignments} WHERE id = ?{fence} RETURNING {JOB}", (*columns.values(), job_id, *args)
             ).fetchone()
             if row is not None and files:
                 self._write_files(db, job_id, files)
+            # Before the commit: a crash between the two leaves unlisted files, never a result without them.
+            self._place(staged or [], keep=row is not None)
             # Every way a job can fail passes here, once: that is where its charge is refunded.
-            if row is not None and status == JobStatus.FAILED and row["cost_units"] > 0:
+            if row is not None and status == JobStatus.FAILED and row["cost"] > 0:
                 db.execute(
-                    "UPDATE credits SET balance_units = balance_units + ? WHERE owner = ?",
-                    (row["cost_units"], row["owner"]),
+                    "UPDATE credits SET balance_units = balance_units + ? WHERE owner = ?", (row["cost"], row["owner"])
                 )
         self.events.job_changed(job_id, self._job(row))
         return row is not None
 
     def complete(self, job_id: str, attempt: int, result: JobResult, files: dict[str, bytes]) -> bool:
-        """The outputs and the COMPLETED row in one transaction (large outputs in the job's folder first)."""
+        """The outputs and the COMPLETED row in one transaction (large outputs written to the job's folder
+        first, and moved into place only for the attempt that still holds the job)."""
+        staged: list[tuple[Path, Path]] = []
         try:
-            self._write_large(job_id, files)
-            return self._finish(
-                job_id, JobStatus.COMPLETED, attempt, files, result=json.dumps(result.to_json()), progress=1.0
-            )
+            staged = self._stage_large(job_id, files)
+            result_field = encode_result(result)
+            return self._finish(job_id, JobStatus.COMPLETED, attempt, files, staged, result=result_field, progress=1.0)
         except DiskFull:
             self.fail(job_id, "the server's disk is full; the images could not be kept", FailureKind.ENGINE, attempt)
             raise
+        finally:
+            with contextlib.suppress(OSError, DiskFull, StoreUnavailable):
+                self._place(staged, keep=False)  # what the transaction did not move (refused, or failed)
 
     def fail(self, job_id: str, error: str, kind: FailureKind, attempt: int | None = None) -> bool:
         return self._finish(job_id, JobStatus.FAILED, attempt, error=error, error_kind=kind.value)
@@ -540,12 +545,10 @@ class SqliteJobStore:
         if job is None or job.status != JobStatus.PROCESSING:
             return job.status if job else JobStatus.FAILED
         if job.cancel_requested:
-            self.fail(job_id, "cancelled", FailureKind.CANCELLED)
+            self.fail(job_id, CANCELLED_ERROR, FailureKind.CANCELLED)
             return JobStatus.FAILED
         if job.attempts >= MAX_ATTEMPTS:
-            self.fail(
-                job_id, f"{reason} while running this job, {job.attempts} times; giving up", FailureKind.WORKER_DIED
-            )
+            self.fail(job_id, GAVE_UP % (reason, job.attempts), FailureKind.WORKER_DIED)
             return JobStatus.FAILED
         self._execute(
             "UPDATE jobs SET status = ?, started_at = NULL, progress = 0 WHERE id = ? AND status = ?",
@@ -571,19 +574,22 @@ class SqliteJobStore:
 
     def processing(self) -> list[Job]:
         rows = self._execute(
-            "SELECT * FROM jobs WHERE status = ? ORDER BY seq", (JobStatus.PROCESSING.value,)
+            f"SELECT {JOB} FROM jobs WHERE status = ? ORDER BY seq", (JobStatus.PROCESSING.value,)
         ).fetchall()
         return [job for job in map(self._job, rows) if job is not None]
 
     # -- both sides --------------------------------------------------------------------------------
 
     def request_cancel(self, job_id: str) -> Job | None:
-        self._execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status IN (?, ?)", (job_id, *LIVE))
+        self._execute(
+            "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND status IN (?, ?)",
+            (job_id, *(live.value for live in LIVE)),
+        )
         job = self.get(job_id)
         if job is not None and not job.started:
             # Nothing runs it yet (queued, or waiting in the worker): it ends here. The supervisor
             # tells the worker to drop a waiting one, and stops a running one at its next step.
-            self.fail(job_id, "cancelled", FailureKind.CANCELLED)
+            self.fail(job_id, CANCELLED_ERROR, FailureKind.CANCELLED)
             job = self.get(job_id)
         self.events.job_changed(job_id)
         return job

@@ -2,7 +2,8 @@
 
 Two implementations: embedded SQLite for one box (`server/jobs/sqlite_store.py`) and Redis shared by
 many nodes (`server/jobs/redis_store.py`); `server/app.py` picks one in one place. Whatever the store
-has accepted survives a `kill -9` of the API or of the worker.
+has accepted survives a `kill -9` of the API or of the worker. What each method does to a job, and when
+it changes nothing, is the lifecycle table of `server/jobs/lifecycle.py`.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ from typing import Protocol
 
 from server.jobs.contract import Delivery, FailureKind, ImageSource, Job, JobParams, JobResult, JobState, JobStatus
 from server.jobs.events import JobEvents
-
-# A job whose worker died gets one more attempt; a second death means the job itself kills it.
-MAX_ATTEMPTS = 2
+from server.jobs.lifecycle import MAX_ATTEMPTS as MAX_ATTEMPTS  # the lifecycle's, named here as before
 
 
 class StoreError(Exception):
@@ -97,11 +96,13 @@ class JobStore(Protocol):
     def fail(self, job_id: str, error: str, kind: FailureKind, attempt: int | None = None) -> bool: ...
     def release(self, job_id: str, reason: str) -> JobStatus: ...
     def processing(self) -> list[Job]: ...
+
     # A job whose worker shows no sign of life for `reclaim_after` seconds is taken over by another node
     # (None: never; one node releases its dead worker's jobs itself). A live worker's supervisor shows
     # every job it holds (id -> attempt: running, prepared ahead or finishing) alive with `keep_alive`,
     # which returns those that attempt no longer holds (taken over, or ended).
     reclaim_after: float | None
+
     def keep_alive(self, held: Mapping[str, int]) -> set[str]: ...
 
     # Both sides.
