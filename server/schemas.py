@@ -54,7 +54,10 @@ class SegBeyondRequest(BaseModel):
         DEFAULT_STYLES, description="comma-separated style names (GET /v1/styles); V2 is the prompt expansion"
     )
     seed: Annotated[StrictInt, Field(ge=-1, le=MAX_SEED, description="-1 draws a random seed")] = -1
-    guidance_scale: Annotated[StrictFloat, Field(ge=1, le=25, description="classifier-free guidance")] = 4.0
+    # NaN, Infinity and 1e999 are JSON to Python: "must be finite" rather than "less than or equal to 25".
+    guidance_scale: Annotated[
+        StrictFloat, Field(ge=1, le=25, allow_inf_nan=False, description="classifier-free guidance")
+    ] = 4.0
     scheduler: Scheduler = Field(Scheduler(DEFAULT_SCHEDULER), description="noise schedule (ComfyUI's names)")
     sampler: Sampler = Field(Sampler(DEFAULT_SAMPLER), description="sampler (ComfyUI's names)")
     left: Side = 0
