@@ -28,6 +28,11 @@ SCAN_END = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])")
 # libjpeg's warning for bytes between the last scan's data and the end marker, which some encoders leave
 # there (only the decoder can tell where a scan's data ends, so `scan_stream` cannot leave them out).
 TRAILING_BYTES = "extraneous bytes before marker 0xd9"
+# The next segment's marker, past fill bytes (0xFF), stray 0xFF00 pairs and the markers that stand alone
+# (TEM, RSTn, SOI), all of which libjpeg skips between segments.
+MARKER = re.compile(rb"\xff+([^\x00\x01\xd0-\xd8\xff])")
+# Real files have tens; the walk below is Python, so a file of millions of empty segments is refused.
+MAX_SEGMENTS = 10_000
 SEQUENTIAL_FRAMES = {0xC0, 0xC1, 0xC9}  # baseline, extended, extended arithmetic
 # PNG colour types: samples per pixel.
 PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
@@ -80,44 +85,37 @@ def scan_stream(data: bytes) -> bytes:
     """The JPEG's tables, frame header and scans, in their order, ending with an end-of-image marker.
 
     Left out: application and comment segments (EXIF, ICC profiles, JFIF versions: libjpeg warns about some
-    of them), bytes between one segment's end and the next marker, anything after the
-    first end-of-image marker (the second picture of an MPO), and the unused spectral-selection fields of a
-    sequential frame's scan headers (some encoders write them wrong). None of these changes the scans' data.
-    A stream that ends without an end marker gets one, so data that ends early is found inside the last scan.
+    of them), bytes between one segment's end and the next marker, anything after the first end-of-image
+    marker (the second picture of an MPO), and the unused spectral-selection fields of a sequential frame's
+    scan headers (some encoders write them wrong). None of these changes the scans' data. A stream that ends
+    without an end marker gets one, so data that ends early is found inside the last scan.
     """
     parts = [b"\xff\xd8"]
     sequential = False
-    position, end = 2, len(data)
-    while True:
-        start = data.find(b"\xff", position)
-        if start < 0:
+    position = 2
+    for _ in range(MAX_SEGMENTS):
+        marker = MARKER.search(data, position)
+        if marker is None or marker.group(1) == b"\xd9":
             break
-        code_at = start + 1
-        while code_at < end and data[code_at] == 0xFF:  # fill bytes
-            code_at += 1
-        if code_at + 2 >= end:
+        code, code_at = marker.group(1)[0], marker.start(1)
+        if code_at + 3 > len(data):
             break
-        code = data[code_at]
-        if code == 0xD9:
-            break
-        if code == 0x00 or code == 0x01 or 0xD0 <= code <= 0xD8:  # stray bytes, TEM, RSTn, SOI: no segment
-            position = code_at + 1
-            continue
         (length,) = struct.unpack_from(">H", data, code_at + 1)
-        segment_end = code_at + 1 + length
-        segment = bytearray(b"\xff" + data[code_at:segment_end])
-        position = segment_end
-        if 0xC0 <= code <= 0xCF and code not in (0xC4, 0xC8, 0xCC):
+        position = code_at + 1 + max(length, 2)
+        if 0xC0 <= code <= 0xCF and code not in (0xC4, 0xC8, 0xCC):  # a frame header (SOFn)
             sequential = code in SEQUENTIAL_FRAMES
-        if 0xE0 <= code <= 0xEF or code == 0xFE:
+        if 0xE0 <= code <= 0xEF or code == 0xFE:  # APPn, COM
             continue
-        if code == 0xDA:
+        segment = bytearray(b"\xff" + data[code_at:position])
+        if code == 0xDA:  # a scan: its header, then its entropy-coded data up to the next marker
             if sequential and len(segment) >= 7:
                 segment[-3:] = b"\x00\x3f\x00"  # Ss=0, Se=63, Ah=Al=0: what libjpeg reads a sequential scan as
             scan_end = SCAN_END.search(data, position)
-            position = scan_end.start() if scan_end else end
-            segment += data[segment_end:position]
+            segment += data[position : scan_end.start() if scan_end else len(data)]
+            position = scan_end.start() if scan_end else len(data)
         parts.append(bytes(segment))
+    else:
+        raise InputImageError(f"cannot decode the JPEG image: more than {MAX_SEGMENTS} segments")
     parts.append(b"\xff\xd9")
     return b"".join(parts)
 

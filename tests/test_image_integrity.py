@@ -178,6 +178,24 @@ def test_a_sequential_jpeg_with_odd_scan_fields_and_an_exif_jpeg_are_accepted() 
     assert decode_image(with_exif_thumbnail(), LIMITS).size == (64, 48)
 
 
+def between_scans(data: bytes, filler: bytes) -> bytes:
+    """A progressive JPEG with `filler` after its first scan's data (libjpeg skips it, and Pillow decodes it)."""
+    first_scan = data.find(b"\xff\xda")
+    # The next table or scan: in entropy-coded data 0xFF is only ever followed by 0x00 or a restart marker.
+    after = min(i for i in (data.find(b"\xff\xc4", first_scan), data.find(b"\xff\xda", first_scan + 2)) if i > 0)
+    return data[:after] + filler + data[after:]
+
+
+def test_fill_bytes_and_segment_floods_between_scans() -> None:
+    data = encode(noise_image(48, 32), "JPEG", progressive=True)
+    # A megabyte of fill bytes and of restart markers, which libjpeg skips between segments: still sound.
+    for filler in (b"\xff" * 1_000_000, b"\xff\xd0" * 500_000):
+        assert decode_image(between_scans(data, filler), LIMITS).size == (48, 32)
+    # Empty comments by the hundred thousand (libjpeg reads them in C, the check walks segments in Python).
+    message = refusal(between_scans(data, b"\xff\xfe\x00\x02" * 100_000))
+    assert message == "input_image: cannot decode the JPEG image: more than 10000 segments"
+
+
 def test_a_jpeg_with_a_corrupt_scan_is_refused() -> None:
     data = bytearray(encode(noise_image(64, 64), "JPEG"))
     scan = data.find(b"\xff\xda")
