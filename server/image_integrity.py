@@ -128,7 +128,8 @@ def check_png(data: bytes, image: Image.Image) -> None:
     whose last row is black, or an interlaced one (rows in seven passes), is counted.
     """
     width, height = size = image.size
-    depth, colour, interlaced = data[24], data[25], data[28]
+    header, image_data = png_chunks(data)
+    depth, colour, interlaced = header[8], header[9], header[12]
     if not interlaced and image.crop((0, height - 1, width, height)).tobytes().strip(b"\x00"):
         return
     bits = depth * PNG_CHANNELS.get(colour, 1)
@@ -145,7 +146,7 @@ def check_png(data: bytes, image: Image.Image) -> None:
     else:
         needed = height * row_bytes(width)
     inflater, produced = zlib.decompressobj(), 0
-    for chunk in png_image_data(data):
+    for chunk in image_data:
         for offset in range(0, len(chunk), INFLATE_STEP):
             piece = chunk[offset : offset + INFLATE_STEP]
             while piece and produced < needed and not inflater.eof:
@@ -156,14 +157,17 @@ def check_png(data: bytes, image: Image.Image) -> None:
     raise incomplete("PNG", size)
 
 
-def png_image_data(data: bytes) -> list[memoryview]:
-    """The payloads of the IDAT chunks, in order (a chunk cut short gives what there is of it)."""
-    view, chunks, position = memoryview(data), [], 8
+def png_chunks(data: bytes) -> tuple[bytes, list[memoryview]]:
+    """The header (IHDR) and the payloads of the image data chunks (IDAT), in order; a chunk cut short gives
+    what there is of it."""
+    view, header, image_data, position = memoryview(data), b"", [], 8
     while position + 8 <= len(data):
         length, kind = struct.unpack_from(">I4s", data, position)
         if kind == b"IEND":
             break
-        if kind == b"IDAT":
-            chunks.append(view[position + 8 : position + 8 + length])
+        if kind == b"IHDR" and not header:
+            header = data[position + 8 : position + 8 + length]
+        elif kind == b"IDAT":
+            image_data.append(view[position + 8 : position + 8 + length])
         position += 12 + length
-    return chunks
+    return header.ljust(13, b"\0"), image_data
