@@ -16,6 +16,7 @@ from models.styles import default_registry
 from server.auth import API_KEY_SCHEME, KeyRing
 from server.deps import Services
 from server.errors import install_error_handlers
+from server.hosts import AllowedHosts
 from server.images import ImageLimits
 from server.jobs.contract import to_units
 from server.jobs.inputs import InputStage
@@ -230,7 +231,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.services = services
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
-    app.add_middleware(ServingMiddleware, metrics=services.metrics, balance=services.store.balance)
+    hosts = AllowedHosts(settings.allowed_hosts) if settings.allowed_hosts else None
+    app.add_middleware(ServingMiddleware, metrics=services.metrics, balance=services.store.balance, hosts=hosts)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(v1.router)

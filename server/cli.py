@@ -85,10 +85,14 @@ def serve(args: argparse.Namespace) -> int:
         print(f"beyond: {exc}", file=sys.stderr)
         return 2
     # Our own access log (server/middleware.py) replaces uvicorn's, which would log query strings.
+    # X-Forwarded-* only from the proxies named in BEYOND_FORWARDED_ALLOW_IPS: uvicorn's own default believes
+    # any client on 127.0.0.1, which on a shared host is anyone with a shell.
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
+        proxy_headers=settings.forwarded_allow_ips is not None,
+        forwarded_allow_ips=settings.forwarded_allow_ips or "",
         log_level=settings.log_level.lower(),
         log_config=None,
         access_log=False,

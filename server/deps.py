@@ -50,6 +50,23 @@ async def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
+# Python turns no more than 4300 digits into an int (a longer one is a ValueError: the conversion takes
+# quadratic time). Every integer field of the contract is bounded far inside +-10**100, so a number with more
+# digits than that is read as +-10**100: it fails the same bound, with the same words, as its real value would.
+LONG_INT_DIGITS = 100
+LONG_INT = 10**LONG_INT_DIGITS
+
+
+def read_int(text: str) -> int:
+    if len(text) <= LONG_INT_DIGITS:
+        return int(text)
+    return -LONG_INT if text.startswith("-") else LONG_INT
+
+
+# Floats need nothing: float() reads any length, and a huge exponent is an infinity, which the schema refuses.
+JSON = json.JSONDecoder(parse_int=read_int)
+
+
 async def parse_body(request: Request, services: ServicesDep) -> SegBeyondRequest:
     """The JSON body as the contract's model; every problem is a 400 that names the field."""
     limit = services.settings.max_body_bytes
@@ -64,7 +81,7 @@ async def parse_body(request: Request, services: ServicesDep) -> SegBeyondReques
         chunks.append(chunk)
     raw = b"".join(chunks)
     try:
-        data = json.loads(raw)
+        data = JSON.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))  # what json.loads does
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise BadRequest("body: not valid JSON") from None
     except RecursionError:

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from server.fetch import MAX_REDIRECTS, fetch, fetch_async
+from server.image_integrity import check_complete
 from server.input_limits import ImageLimits, InputImageError
 from server.urlguard import check_address, check_url, check_url_async, classify, is_url, parse_url, pinned_request
 
@@ -108,6 +109,8 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
                     f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}"
                 )
             image.load()
+            # Pillow lets data that ends early through as grey (JPEG) or black (PNG) pixels.
+            check_complete(fmt, data, image)
             image = ImageOps.exif_transpose(image) or image
             return to_rgb(image)
     except InputImageError:

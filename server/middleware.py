@@ -16,7 +16,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import ApiError, error_response
+from server.errors import ApiError, BadRequest, error_response
+from server.hosts import ANY_HOST_PATHS, AllowedHosts
 from server.jobs.contract import from_units
 from server.jobs.store import StoreError
 from server.metrics import Metrics
@@ -29,13 +30,21 @@ access = logging.getLogger("beyond.access")
 # resolution, which cost as much as the status answer itself, and as much as all the rest of this
 # server's share of a small v1 request. Their routes in server/routes/ document them and share their code.
 STATUS_PATH = re.compile(r"/v2/requests/([^/]+)/status")
+WRONG_HOST = "host: not a name this server answers to"
 
 
 class ServingMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, balance: Callable[[str], int | None]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        balance: Callable[[str], int | None],
+        hosts: AllowedHosts | None = None,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.balance = balance
+        self.hosts = hosts  # BEYOND_ALLOWED_HOSTS; None: any Host
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -72,7 +81,9 @@ class ServingMiddleware:
 
         fast = fast_route(scope)
         try:
-            if fast is None:
+            if self.hosts is not None and not self.allowed(scope):
+                await error_response(BadRequest(WRONG_HOST))(scope, receive, send_with_headers)
+            elif fast is None:
                 await self.app(scope, receive, send_with_headers)
             else:
                 await answer(fast, scope, receive, send_with_headers)
@@ -102,6 +113,14 @@ class ServingMiddleware:
                 },
             )
 
+    def allowed(self, scope: Scope) -> bool:
+        """Whether the request's Host is one of BEYOND_ALLOWED_HOSTS (health checks and scrapes: any)."""
+        if scope["path"] in ANY_HOST_PATHS:
+            return True
+        host = next((value for key, value in scope["headers"] if key == b"host"), None)
+        assert self.hosts is not None
+        return self.hosts.allows(host)
+
 
 @dataclass(frozen=True)
 class RouteTemplate:
@@ -128,9 +147,7 @@ def fast_route(scope: Scope) -> Callable[[Request], Awaitable[Response]] | None:
     return None
 
 
-async def answer(
-    route: Callable[[Request], Awaitable[Response]], scope: Scope, receive: Receive, send: Send
-) -> None:
+async def answer(route: Callable[[Request], Awaitable[Response]], scope: Scope, receive: Receive, send: Send) -> None:
     """Through the same code as the documented route, without FastAPI's routing and dependency resolution."""
     request = Request(scope, receive)  # scope["app"] is the application: Starlette set it
     try:

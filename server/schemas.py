@@ -53,7 +53,10 @@ def _body_field(name: str) -> tuple[Any, Any]:
         title = "".join(part.title() for part in name.split("_"))
         annotation = enum.Enum(title, {choice: choice for choice in info.choices}, type=str)  # type: ignore[misc]
         default = default if default is MISSING else annotation(default)
-    limits = {key: value for key, value in (("ge", info.ge), ("le", info.le)) if value is not None}
+    limits: dict[str, Any] = {key: value for key, value in (("ge", info.ge), ("le", info.le)) if value is not None}
+    if kind is float:
+        # NaN, Infinity and 1e999 are JSON to Python: "must be finite" rather than "less than or equal to 25".
+        limits["allow_inf_nan"] = False
     description = (EXTENSION if info.extension else "") + info.description
     return annotation, Field(... if default is MISSING else default, description=description, **limits)
 

@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.names import DEFAULT_MODEL
+from server.hosts import check_host_patterns, check_proxy_addresses
 from server.ratelimit import check_rate_limit
 
 
@@ -27,6 +28,12 @@ class Settings(BaseSettings):
     # Absolute base for status_url / response_url / output URLs when behind a reverse proxy,
     # e.g. https://gpu.example.com/beyond. Unset: taken from each request.
     public_url: str | None = None
+    # Host names this server answers, comma-separated (*.example.com: any name below it; *: any): a request
+    # with another Host header gets 400. Unset: any Host, and without public_url the URLs are built from it.
+    allowed_hosts: str | None = None
+    # Reverse proxies whose X-Forwarded-For / X-Forwarded-Proto are believed: comma-separated IP addresses or
+    # networks, or *. Unset: nobody's; the headers are ignored (a client could write them).
+    forwarded_allow_ips: str | None = None
     result_ttl: float = Field(3600.0, gt=0)
     # A Redis server shared by every node (docs/scaling.md), e.g. redis://127.0.0.1:6379/0,
     # redis://user:password@host:6379/0, or rediss://... for TLS. Unset: the embedded SQLite store in data_dir.
@@ -114,6 +121,22 @@ class Settings(BaseSettings):
         if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
             raise ValueError("must be 1-64 letters, digits, '.', '_' or '-'")
         return value
+
+    @field_validator("public_url", "allowed_hosts", "forwarded_allow_ips", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # docker compose passes a variable it was not given as an empty string.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _allowed_hosts(cls, value: str | None) -> str | None:
+        return value if value is None else check_host_patterns(value)
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _forwarded_allow_ips(cls, value: str | None) -> str | None:
+        return value if value is None else check_proxy_addresses(value)
 
     @field_validator("rate_limit")
     @classmethod

@@ -342,6 +342,8 @@ def test_a_device_that_is_not_there_stops_startup(tmp_path: Path) -> None:
         ({"BEYOND_RATE_LIMIT": "lots/fortnight"}, "rate_limit"),
         ({"BEYOND_DEVICE": "gpu0"}, "device"),
         ({"BEYOND_MAX_QUEUE": "0"}, "max_queue"),
+        ({"BEYOND_ALLOWED_HOSTS": "https://gpu.example.com"}, "allowed_hosts"),
+        ({"BEYOND_FORWARDED_ALLOW_IPS": "proxy.internal"}, "forwarded_allow_ips"),
     ],
 )
 def test_bad_settings_stop_startup(tmp_path: Path, env: dict[str, str], words: str) -> None:

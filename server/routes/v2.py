@@ -106,9 +106,12 @@ def decode_cursor(cursor: str) -> int:
 def parse_limit(limit: str | None) -> int:
     if limit is None:
         return 20
-    if not limit.strip().isdigit() or not 1 <= int(limit) <= MAX_LIST:
+    digits = limit.strip()
+    # ASCII digits only, and not too many: str.isdigit() also takes "²", which int() refuses, and int() takes
+    # no more than 4300 digits.
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 10) or not 1 <= int(digits) <= MAX_LIST:
         raise BadRequest(f"limit: must be an integer from 1 to {MAX_LIST}")
-    return int(limit)
+    return int(digits)
 
 
 def parse_status(status: str | None) -> JobStatus | None:
