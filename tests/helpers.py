@@ -136,6 +136,34 @@ class ServerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+def process_state(pid: int) -> tuple[int, str] | None:
+    """A process's parent and state letter (R, S, Z...) from /proc/<pid>/stat; None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # "pid (comm) state ppid ...": the command may hold spaces and parentheses, the fields after it do not.
+    state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+    return int(ppid), state
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (dead, waiting to be reaped by its new parent)."""
+    found = process_state(pid)
+    return found is not None and found[1] not in ("Z", "X")
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, found by scanning /proc (Linux)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            state = process_state(int(entry.name))
+            if state is not None and state[0] == pid:
+                found.append(int(entry.name))
+    return found
+
+
 def wait_until_nothing_waits(server: ServerProcess, timeout: float = 120) -> None:
     """Until /health counts no job waiting: none queued, none handed to the worker and not started yet
     (the queue's bound counts those too)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -13,6 +13,7 @@ import pytest
 
 from server.app import create_app
 from server.jobs.contract import ImageSource, JobParams
+from server.jobs.events import JobEvents
 from server.routes import events as events_route
 from server.settings import Settings
 from tests.helpers import LONG_JOB, ImageServer, ServerProcess, request_body
@@ -209,3 +210,156 @@ def test_keep_alive_comments_flow_while_nothing_changes_and_a_disconnect_ends_it
     pings = [block for block in blocks[1:] if block.startswith(":")]
     assert len(pings) >= 2 and pings == blocks[1:]  # keep-alives only: nothing changed
     assert ending < 2  # the disconnect ended the stream (the app returned) at once
+
+
+class InProcessStreams:
+    """Event streams served in this process by an app whose worker is not started: its jobs wait in the queue
+    until the test claims, starts or cancels them through the store."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.app = create_app(Settings(data_dir=tmp_path, model="random:tiny"))
+        self.store = self.app.state.services.store
+        self.image = encode_png()
+        self.streams: list[tuple[asyncio.Task, list[dict], asyncio.Event]] = []
+
+    def submit(self) -> str:
+        params = JobParams(prompt="x", steps=20, left=8)
+        return self.store.create(params, ImageSource(), image=self.image, base64=False, owner=None).id
+
+    def open(self, job_id: str) -> list[dict]:
+        """Starts a stream of `job_id`'s events; returns the list its status bodies arrive in."""
+        path = f"/v2/requests/{job_id}/events"
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"host", b"127.0.0.1")],
+            "client": ("127.0.0.1", 50000),
+            "server": ("127.0.0.1", 80),
+        }
+        bodies: list[dict] = []
+        gone = asyncio.Event()
+        requested = False
+
+        async def receive() -> dict:
+            nonlocal requested
+            if not requested:
+                requested = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            text = message.get("body", b"").decode()
+            for block in text.replace("\r\n", "\n").split("\n\n"):
+                if block.startswith("event: "):
+                    bodies.append(json.loads(block.split("data: ", 1)[1]))
+
+        self.streams.append((asyncio.create_task(self.app(scope, receive, send)), bodies, gone))
+        return bodies
+
+    async def close(self) -> None:
+        for _, _, gone in self.streams:
+            gone.set()
+        await asyncio.wait_for(asyncio.gather(*(task for task, _, _ in self.streams)), 10)
+
+
+def encode_png() -> bytes:
+    from tests.helpers import encode, smooth_image
+
+    return encode(smooth_image(16, 16))
+
+
+async def until(predicate: Callable[[], object], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "not within the time"
+        await asyncio.sleep(0.02)
+
+
+def test_waiting_streams_cost_no_reads_while_the_queue_stands_still(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(events_route, "QUEUE_LOOK", 0.25)
+    streams = InProcessStreams(tmp_path)
+    reads = {"state": 0, "queue_position": 0}
+    for name in reads:
+        read = getattr(streams.store, name)
+
+        def counted(*args: object, _read: Callable[..., object] = read, _name: str = name) -> object:
+            reads[_name] += 1
+            return _read(*args)
+
+        monkeypatch.setattr(streams.store, name, counted)
+    jobs = [streams.submit() for _ in range(5)]
+
+    async def drive() -> dict[str, int]:
+        seen = [streams.open(jobs[i % len(jobs)]) for i in range(50)]
+        await until(lambda: all(seen))
+        await asyncio.sleep(0.3)  # the streams are all waiting now
+        before = dict(reads)
+        await asyncio.sleep(2.0)  # eight looks at the queue
+        during = {name: reads[name] - before[name] for name in reads}
+        assert all(len(bodies) == 1 for bodies in seen)  # nothing changed: nothing was sent
+        await streams.close()
+        return during
+
+    during = asyncio.run(drive())
+    # One look a quarter second for all 50 streams, not two reads per stream and look (400 + 400 here before).
+    assert during["state"] == 0 and during["queue_position"] <= 10, during
+
+
+def test_waiting_streams_hear_of_a_start_and_a_cancel_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(events_route, "QUEUE_LOOK", 0.2)
+    streams = InProcessStreams(tmp_path)
+    first, second, third = (streams.submit() for _ in range(3))
+
+    async def drive() -> tuple[list[dict], list[dict]]:
+        of_second, of_third = streams.open(second), streams.open(third)
+        await until(lambda: of_second and of_third)
+        await asyncio.sleep(0.5)
+        # The first job starts: only a running job's change, which the waiting ones' own watches do not hear.
+        claimed = streams.store.claim_next()
+        assert claimed is not None and claimed.id == first
+        streams.store.mark_started(first, claimed.attempts)
+        await until(lambda: len(of_second) == 2 and len(of_third) == 2)
+        # The second is cancelled while it waits: the third moves up.
+        streams.store.request_cancel(second)
+        await until(lambda: len(of_third) == 3)
+        await streams.close()
+        return of_second, of_third
+
+    of_second, of_third = asyncio.run(drive())
+    assert [body.get("queue_position") for body in of_second[:2]] == [1, 0]
+    assert of_second[2]["status"] == "FAILED" and of_second[2]["error"] == "cancelled"
+    assert [body["queue_position"] for body in of_third] == [2, 1, 0]
+
+
+def test_the_queue_look_sees_a_job_put_back_while_another_starts() -> None:
+    # Both ahead of the last watched job: the count of waiting jobs below it is the same, the positions of
+    # the jobs between them are not. The store's count of settling changes (the put-back) tells the look.
+    class Store:
+        def __init__(self) -> None:
+            self.events = JobEvents()
+            self.below = 4
+
+        def queue_position(self, seq: int) -> int:
+            return self.below
+
+    store = Store()
+    look = events_route.QueueLook()
+    look.waiting[object()] = 9  # type: ignore[index]
+    assert not look._moved(store)  # type: ignore[arg-type]
+    assert not look._moved(store)  # type: ignore[arg-type]
+    store.events.job_changed("put-back")  # released: not a running job's change
+    assert look._moved(store)  # type: ignore[arg-type]
+    store.events.job_changed("started", running=True)
+    assert not look._moved(store)  # type: ignore[arg-type]
+    store.below = 3
+    assert look._moved(store)  # type: ignore[arg-type]

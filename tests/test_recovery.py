@@ -5,8 +5,10 @@ a redis-server of the test's own) and says whether a job's files are still kept.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,16 @@ import pytest
 import redis
 
 from models.random_models import build_random
-from tests.helpers import ServerProcess, request_body, smooth_image, sqlite_files
+from tests.helpers import (
+    LONG_JOB,
+    ServerProcess,
+    children,
+    process_state,
+    request_body,
+    running,
+    smooth_image,
+    sqlite_files,
+)
 from tests.redis_helpers import RedisServer
 from tests.test_queue import finished, result, status, submit, wait_for
 
@@ -67,6 +78,46 @@ def test_kill_minus_nine_of_the_server_loses_no_queued_job(backend: Backend) -> 
         assert seeds == list(range(5))
     finally:
         second.stop()
+
+
+def test_the_engine_process_ends_within_two_seconds_of_its_server_s_kill_minus_nine(tmp_path: Path) -> None:
+    """Only the API process is killed (not its process group): its engine process must notice and end at once,
+    not go on computing the job (and holding its GPU memory) while a restarted server runs it again."""
+    first = ServerProcess(tmp_path).start().wait_ready()
+    assert first.proc is not None
+    engine = first.worker_pid()
+    # The engine and multiprocessing's resource tracker: nothing the server started may outlive it.
+    spawned = children(first.proc.pid)
+    assert engine in spawned, (engine, spawned)
+    try:
+        job = submit(first, seed=5, **LONG_JOB)
+        wait_for(first, job["request_id"], lambda b: b["status"] == "PROCESSING" and b.get("progress", 0) > 0)
+        os.kill(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(30)
+        killed = time.monotonic()
+        while any(map(running, spawned)) and time.monotonic() - killed < 10:
+            time.sleep(0.02)
+        took = time.monotonic() - killed
+        left = {pid: process_state(pid) for pid in spawned if running(pid)}
+        assert took < 2.0 and not left, f"its children lived {took:.1f} s on (still running: {left})"
+    finally:
+        for pid in spawned:  # a failed test leaves no orphan computing on the machine
+            with contextlib.suppress(ProcessLookupError):
+                if running(pid):
+                    os.kill(pid, signal.SIGKILL)
+        first.stop()
+    second = ServerProcess(tmp_path).start().wait_ready()
+    try:
+        body = wait_for(second, job["request_id"], finished, timeout=300)
+        assert body["status"] == "COMPLETED", body
+        assert result(second, job["request_id"]).json()["seeds"] == [5]
+        # Claimed once by each server: the first attempt ended with its server, the second completed it.
+        with contextlib.closing(sqlite3.connect(tmp_path / "jobs.sqlite3", timeout=30)) as db:
+            (attempts,) = db.execute("SELECT attempts FROM jobs WHERE id = ?", (job["request_id"],)).fetchone()
+        assert attempts == 2
+    finally:
+        second.stop()
+
 
 def test_worker_killed_mid_job_is_restarted_and_the_job_retried_once(backend: Backend) -> None:
     server = backend.server().start().wait_ready()

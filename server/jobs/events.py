@@ -35,6 +35,10 @@ class Watch:
         with contextlib.suppress(RuntimeError):  # its loop has closed: nobody waits any more
             self.loop.call_soon_threadsafe(self._wake, outcome)
 
+    def set_here(self) -> None:
+        """`set` from the waiter's own loop: no hand-over to schedule (nor the loop's self-pipe to write)."""
+        self.event.set()
+
     def _wake(self, outcome: Job | None) -> None:
         # On the waiter's loop, so clear() never races a wake-up.
         if outcome is not None:
@@ -56,6 +60,10 @@ class Watch:
 class JobEvents:
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        # Changes that said nothing runs on (a job ended, was put back in the queue, or was asked to stop):
+        # with the count of waiting jobs, what tells the streams of queued jobs that the queue may have
+        # moved (server/routes/events.py). A job's claim, start and steps are `running` changes.
+        self.settled = 0
         self._watches: dict[str, set[Watch]] = {}
         self._work: list[Callable[[], None]] = []
         self._changes: list[Callable[[str], None]] = []
@@ -79,6 +87,8 @@ class JobEvents:
         """`outcome`: the job as its writer just finished it; `running`: the job runs on (it was claimed,
         started, or moved a step): nothing that may have ended it."""
         with self._lock:
+            if not running:
+                self.settled += 1
             watchers = list(self._watches.get(job_id, ()))
             changes = list(self._changes)
         for watch in watchers:

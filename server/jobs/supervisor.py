@@ -149,7 +149,9 @@ class Supervisor:
         self._thread.start()
 
     def stop(self, timeout: float = 1.0) -> None:
-        """Stop the worker: asked first, then terminated, then killed, within about 2 x timeout."""
+        """Stop the worker: asked first, then terminated, then killed, within about 2 x timeout. On Linux the
+        end of the loop's thread already kills it (its parent-death signal, server/jobs/lifeline.py): nothing
+        would read what it still had to say."""
         self._stop.set()
         self.wake()
         self._thread.join(timeout)
@@ -175,6 +177,10 @@ class Supervisor:
                     log.warning("could not release job %s on stop: %s", job_id, exc)
 
     def _spawn(self) -> None:
+        # The worker's parent-death signal fires when the thread that starts it ends: only the loop's thread,
+        # which lasts as long as the supervisor, may start one (a request's thread would take it down with it).
+        if threading.current_thread() is not self._thread:
+            raise RuntimeError("only the supervisor's own thread starts the worker")
         parent, child = self._ctx.Pipe()
         self._proc = self._ctx.Process(target=worker_main, args=(child, self.config), name="beyond-worker", daemon=True)
         self._proc.start()

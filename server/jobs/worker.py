@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import multiprocessing
 import queue
 import sys
 import threading
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from models.engine import OutpaintRequest
 
 from server.jobs.contract import Delivery, FailureKind, JobParams, JobResult, output_name
+from server.jobs.lifeline import end_with_parent, parent_gone
 from server.jobs.messages import (
     Cancel,
     JobDone,
@@ -194,12 +196,17 @@ class Worker:
 
     # -- the reader: the pipe, all the time (cancels must arrive while a batch runs) --------------
 
+    def listen(self) -> None:
+        """The reader, from start-up to the end (loading and shutting down included): the pipe's EOF means
+        the API process died, and ends this one (server/jobs/lifeline.py)."""
+        threading.Thread(target=self._read, name="worker-reader", daemon=True).start()
+
     def _read(self) -> None:
         while True:
             try:
                 message = self.conn.recv()
             except (EOFError, OSError):
-                message = Shutdown()
+                parent_gone()
             with self._arrived:
                 if isinstance(message, Cancel):
                     self.cancelled.add(message.job_id)
@@ -211,8 +218,6 @@ class Worker:
                 elif isinstance(message, Shutdown):
                     self._shutdown = True
                 self._arrived.notify_all()
-            if isinstance(message, Shutdown):
-                return
 
     # -- the preparer --------------------------------------------------------------------------
 
@@ -325,7 +330,6 @@ class Worker:
         sender = threading.Thread(target=self._send_all, name="worker-send", daemon=True)
         finisher = threading.Thread(target=self._finish_all, name="worker-finish", daemon=True)
         threads = [
-            threading.Thread(target=self._read, name="worker-reader", daemon=True),
             threading.Thread(target=self._prepare_all, name="worker-prepare", daemon=True),
             finisher,
             sender,
@@ -480,10 +484,14 @@ def worker_main(conn: Connection, config: WorkerConfig) -> None:
     from server.logs import configure
 
     configure(config.log_level, config.log_format)
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid is not None:
+        end_with_parent(parent.pid)
     # A job passes between this process's threads (reader, preparer, denoiser, finisher, sender); with
     # Python's default 5 ms switch interval each hand-over can wait that long for the GIL.
     sys.setswitchinterval(0.0005)
     worker = Worker(conn, config)
+    worker.listen()
     try:
         worker.load()
     except Exception as exc:

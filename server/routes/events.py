@@ -2,14 +2,21 @@
 
 Events: `status` (data: the body GET .../status answers) whenever what that body says changes, then one
 `result` (data: the body GET /v2/requests/{id} answers, the 422 body for a FAILED request), then the end.
+
+A stream costs nothing while its job stands still: it waits for its job's own changes, which the store
+announces, and, while the job waits in the queue, for the queue to move, which one look at the queue per
+second tells all such streams of this process at once (`QueueLook`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -20,14 +27,113 @@ from server.auth import CallerDep, owner_of
 from server.deps import Services, ServicesDep, public_base
 from server.errors import ApiError
 from server.jobs.contract import Job, JobState, JobStatus
+from server.jobs.events import Watch
+from server.jobs.store import JobStore
 from server.results import find, find_state, result_body, status_body
 
 router = APIRouter(prefix="/v2")
 log = logging.getLogger("beyond.events")
 
-QUEUE_LOOK = 1.0  # a queued job's position moves with other jobs: looked at again this often
+QUEUE_LOOK = 1.0  # how often the queue is looked at for the streams of waiting jobs (one look for all)
+WAKE_SLICE = 32  # waiting streams woken per turn of the event loop when the queue moved
 WAIT = 30.0  # longest wait in one next_change call; nothing is sent when it passes unchanged
 PING = 15  # seconds between keep-alive comments, so proxies do not drop a quiet stream
+
+
+class QueueLook:
+    """The streams of this process whose job waits in the queue, and one look at the queue for all of them.
+
+    A waiting job's position moves when a job ahead of it starts, ends or is put back: changes of other
+    jobs, which its own watch does not hear of. Each stream re-reading its job every second would cost a
+    thousand streams a thousand reads a second, and their wake-ups, while the queue stands still. Instead
+    one task looks every QUEUE_LOOK: how many jobs wait ahead of the last watched job (every move ahead of a
+    watched job changes that count, except a job put back while another starts), and the store's count of
+    changes that end a job or put one back (`JobEvents.settled`, which covers that exception). When either
+    moved, every waiting stream reads its job again, a slice per turn of the event loop, so that the other
+    requests are answered in between. A look that fails wakes them all: each meets the error on its own.
+    """
+
+    def __init__(self) -> None:
+        self.waiting: dict[Watch, int] = {}  # a waiting stream's watch -> its job's seq
+        self._task: asyncio.Task | None = None
+        self._waking: set[asyncio.Task] = set()  # held until done (the loop keeps only weak references)
+        self._mark: tuple[int, int, int] | None = None  # (a seq, jobs waiting below it, settled), at the last look
+
+    @contextlib.contextmanager
+    def join(self, store: JobStore, watch: Watch, seq: int) -> Iterator[None]:
+        """Wakes `watch` whenever the queue may have moved, from the next look on: its stream reads its job
+        after joining, so a move before the look's mark is in that read and any later one is looked for."""
+        self.waiting[watch] = seq
+        try:
+            if self._mark is None or seq > self._mark[0]:
+                self._look_now(store)  # the mark must count the jobs ahead of this one from now on
+            loop = asyncio.get_running_loop()
+            if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+                self._task = loop.create_task(self._run(store))
+            yield
+        finally:
+            self.waiting.pop(watch, None)
+
+    async def _run(self, store: JobStore) -> None:
+        while self.waiting:
+            await asyncio.sleep(QUEUE_LOOK)
+            if self.waiting:
+                self._look_now(store)
+        self._mark = None
+
+    def _look_now(self, store: JobStore) -> None:
+        try:
+            moved = self._moved(store)
+        except Exception:  # the store failed (or went): the streams read it themselves and end as they must
+            log.debug("queue look failed", exc_info=True)
+            self._mark, moved = None, True
+        if moved:
+            task = asyncio.get_running_loop().create_task(self._wake(list(self.waiting)))
+            self._waking.add(task)
+            task.add_done_callback(self._waking.discard)
+
+    def _moved(self, store: JobStore) -> bool:
+        """Whether the queue moved since the last look; marks it anew at the last waiting job."""
+        settled = store.events.settled  # read first: a change after this one is seen at the next look
+        last = max(self.waiting.values())
+        moved, below = False, None
+        if self._mark is not None:
+            seq, counted, seen = self._mark
+            now = store.queue_position(seq)
+            moved = now != counted or settled != seen
+            if seq == last:
+                below = now
+        if below is None:
+            below = store.queue_position(last)
+        self._mark = (last, below, settled)
+        return moved
+
+    async def _wake(self, watches: list[Watch]) -> None:
+        for start in range(0, len(watches), WAKE_SLICE):
+            if start:
+                await asyncio.sleep(0)  # a turn of the loop: its sockets are served before the next slice
+            loop = asyncio.get_running_loop()
+            for watch in watches[start : start + WAKE_SLICE]:
+                if watch.loop is loop:
+                    watch.set_here()
+                else:  # a stream served by another loop
+                    watch.set()
+
+
+# One per store, made when its first stream waits in the queue; it goes with the store.
+_looks: weakref.WeakKeyDictionary[JobStore, QueueLook] = weakref.WeakKeyDictionary()
+
+
+def queue_look(store: JobStore) -> QueueLook:
+    look = _looks.get(store)
+    if look is None:
+        look = _looks[store] = QueueLook()
+    return look
+
+
+def waiting(job: JobState | Job) -> bool:
+    """Still waiting its turn (queued, or handed to the worker and not started): its position can move."""
+    return job.status == JobStatus.QUEUED or (job.status == JobStatus.PROCESSING and not job.started)
 
 
 def seen(body: dict[str, Any]) -> tuple:
@@ -35,28 +141,34 @@ def seen(body: dict[str, Any]) -> tuple:
     return tuple(sorted(body.items()))
 
 
-def _visible(services: Services, job_id: str) -> tuple[JobState | Job | None, tuple]:
+def _visible(services: Services, job_id: str) -> tuple[JobState | Job | None, dict[str, Any] | None]:
+    """The job and its status body; (None, None) once it is gone (expired), (job, None) once it has ended."""
     try:
         job = find_state(services, job_id)
     except ApiError:
-        return None, ("gone",)
-    if job.finished:
-        return job, ("ended",)
-    return job, seen(status_body(services, job))
+        return None, None
+    return job, None if job.finished else status_body(services, job)
 
 
-async def next_change(services: Services, job_id: str, last: tuple, timeout: float) -> JobState | Job | None:
-    """The job once something a client sees of it differs from `last` (see `seen`), or when `timeout`
-    passes; None once it is gone (expired). The store wakes it on every change of the job itself."""
+async def next_change(services: Services, job_id: str, last: tuple, timeout: float) -> dict[str, Any] | None:
+    """The job's status body once what a client sees of it differs from `last` (see `seen`), or when `timeout`
+    passes; None once it has ended or is gone (expired). The store wakes it on every change of the job itself,
+    and the queue's look (`QueueLook`) while it waits in the queue."""
     deadline = time.monotonic() + timeout
-    with services.store.events.watch(job_id) as watch:
+    store = services.store
+    with store.events.watch(job_id) as watch, contextlib.ExitStack() as in_queue:
+        joined = False
         while True:
             watch.clear()
-            job, now = _visible(services, job_id)
+            job, body = _visible(services, job_id)
             left = deadline - time.monotonic()
-            if now != last or left <= 0:
-                return job
-            await watch.wait(min(left, QUEUE_LOOK) if job is not None and job.status == JobStatus.QUEUED else left)
+            if body is None or seen(body) != last or left <= 0:
+                return body
+            if not joined and job is not None and waiting(job):
+                in_queue.enter_context(queue_look(store).join(store, watch, job.seq))
+                joined = True
+                continue  # read again, now that moves of the queue wake it
+            await watch.wait(left)
 
 
 def final_body(services: Services, job_id: str, base: str) -> dict[str, Any]:
@@ -72,12 +184,12 @@ async def progress_events(
 ) -> AsyncIterator[ServerSentEvent]:
     try:
         last: tuple = ()
-        while job is not None and not job.finished:
-            body = status_body(services, job)
+        body = None if job is None or job.finished else status_body(services, job)
+        while body is not None:
             if seen(body) != last:
                 last = seen(body)
                 yield ServerSentEvent(data=json.dumps(body), event="status")
-            job = await next_change(services, job_id, last, WAIT)
+            body = await next_change(services, job_id, last, WAIT)
         result = await run_in_threadpool(final_body, services, job_id, base)
         yield ServerSentEvent(data=json.dumps(result), event="result")
     finally:
