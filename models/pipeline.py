@@ -97,9 +97,9 @@ class OutpaintPipeline:
         return snap(canvas or size, self.compiled_sizes) if self.compiled_sizes else size
 
     @torch.no_grad()
-    def warm_up(self) -> dict[Size, float]:
-        """Compile the UNet for every compiled size (one call each, two rows of one text chunk) before
-        any request needs it; seconds per size. Nothing to do when the UNet is not compiled."""
+    def warm_up(self, sizes: Sequence[Size] | None = None) -> dict[Size, float]:
+        """Compile the UNet for every compiled size (or those of `sizes`; one call each, two rows of one
+        text chunk) before any request needs it; seconds per size. Nothing to do when it is not compiled."""
         seconds: dict[Size, float] = {}
         if not self.compiled_sizes:
             return seconds
@@ -109,7 +109,7 @@ class OutpaintPipeline:
         # A float32 timestep on the device, as the schedulers give them (dynamo guards on its dtype).
         t = torch.tensor(float(self.c.scheduler.config.num_train_timesteps - 1), device=self.device)
         channels = self.c.unet.config.in_channels
-        for width, height in self.compiled_sizes:
+        for width, height in self.compiled_sizes if sizes is None else sizes:
             started = time.perf_counter()
             shape = (2, channels, height // self.vae_scale, width // self.vae_scale)
             latents = torch.zeros(shape, device=self.device, dtype=self.dtype)
