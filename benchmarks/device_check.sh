@@ -53,7 +53,9 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch
 strict=()
 [ "${STRICT:-0}" = 1 ] && strict=(--strict)
 # The Python part gets what is left, less a margin for the summary; the timeout is the hard stop.
-timeout "$(left)" "$PY" -m benchmarks.device_check --out "$OUT_DIR" --budget-s "$(( $(left) - 15 ))" "${strict[@]}" "$@" \
+limit=$(left)
+[ "$limit" -lt 60 ] && limit=60
+timeout "$limit" "$PY" -m benchmarks.device_check --out "$OUT_DIR" --budget-s "$((limit - 15))" "${strict[@]}" "$@" \
     2>&1 | tee "$OUT_DIR/device_check.log"
 rc=${PIPESTATUS[0]}
 if [ "$rc" != 0 ]; then

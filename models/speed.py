@@ -136,13 +136,16 @@ def apply_speedups(
     if options.compile:
         if cuda:
             # The inductor settings of diffusers' "accelerate inference of text-to-image diffusion
-            # models" tutorial for SDXL: 1x1 convolutions as GEMMs, and tuned pointwise kernels.
+            # models" tutorial for SDXL: 1x1 convolutions as GEMMs, and tuned pointwise kernels. The
+            # tuning (coordinate descent: many more kernel timings) only with a max-autotune mode:
+            # mode `default` stays the quick compile it is meant to be.
             import torch._inductor.config as inductor
 
             inductor.conv_1x1_as_mm = True
-            inductor.coordinate_descent_tuning = True
             inductor.epilogue_fusion = False
-            inductor.coordinate_descent_check_all_directions = True
+            if "max-autotune" in options.compile_mode:
+                inductor.coordinate_descent_tuning = True
+                inductor.coordinate_descent_check_all_directions = True
         raise_recompile_limit(len(compile_sizes))
         # In place, so `unet.config` and the Components dataclass stay as they are. Static shapes: one
         # graph per working size, tuned for it; the pipeline marks batch rows and prompt length dynamic.
