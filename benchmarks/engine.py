@@ -179,7 +179,8 @@ class Ours:
         )
 
     def working_size(self, case: Case) -> tuple[int, int]:
-        return working_size(*case.pad.canvas_size(case.width, case.height), self.engine.pipeline.native_area)
+        canvas = case.pad.canvas_size(case.width, case.height)
+        return self.engine.pipeline.snap(working_size(*canvas, self.engine.pipeline.native_area), canvas)
 
     def run(self, case: Case, image: Image.Image, hook: StepHook | None) -> Image.Image:
         request = case_request(

@@ -109,10 +109,15 @@ class OutpaintEngine:
         tokenizer_dir: str | Path | None = None,
     ) -> OutpaintEngine:
         """`tokenizer_dir`: where a single-file checkpoint's tokenizers are looked for first."""
-        from models.loading import load_components
+        from models.loading import RANDOM_SPECS, load_components
+        from models.random_models import build_random
 
         dev = resolve_device(device)
-        components = load_components(spec, tokenizer_dir=tokenizer_dir)
+        if spec in RANDOM_SPECS:
+            # Random weights drawn on the device itself: 3.5 B of them take long on a CPU.
+            components = build_random(spec, device=dev)
+        else:
+            components = load_components(spec, tokenizer_dir=tokenizer_dir)
         return cls(OutpaintPipeline(components, dev, resolve_dtype(dtype, dev), speed), spec)
 
     @property
@@ -278,7 +283,8 @@ class OutpaintEngine:
         weight: np.ndarray | None = None,
     ) -> tuple[tuple[int, int], LatentInputs]:
         canvas, mask = build_canvas(original, pad, alpha, weight)
-        work_w, work_h = working_size(canvas.width, canvas.height, self.pipeline.native_area)
+        # A compiled UNet has graphs for a fixed set of sizes: the nearest of them (else unchanged).
+        work_w, work_h = self.pipeline.snap(working_size(*canvas.size, self.pipeline.native_area), canvas.size)
         pixels = np.asarray(canvas.resize((work_w, work_h), Image.Resampling.LANCZOS), dtype=np.float32)
         image = torch.from_numpy(pixels / 127.5 - 1.0).permute(2, 0, 1)[None]
         # Bilinear then "any part new" keeps the overlap band inside the mask after downscaling.

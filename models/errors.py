@@ -51,10 +51,10 @@ class StyleFileError(EngineError, ValueError):
 
 
 class InvalidSpeedOption(EngineError, ValueError):
-    """A speed knob given as text (`SpeedOptions.parse`) that is none of auto, 1 or 0."""
+    """A speed knob given as text (`SpeedOptions.parse`) that is none of auto, 1 or 0 (or not what `expected` says)."""
 
-    def __init__(self, option: str, value: str) -> None:
-        super().__init__(f"{option} must be auto, 1 or 0; got {value!r}")
+    def __init__(self, option: str, value: str, expected: str = "auto, 1 or 0") -> None:
+        super().__init__(f"{option} must be {expected}; got {value!r}")
         self.option = option
         self.value = value
 

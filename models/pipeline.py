@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from models.compile_sizes import Size, default_sizes, snap
 from models.components import Components
 from models.errors import NonFiniteOutput
-from models.prompts import PromptEmbeddings
+from models.prompts import PromptEmbeddings, encode_prompts
 from models.sampling import build_scheduler
 from models.speed import SpeedOptions, apply_speedups
+
+log = logging.getLogger("beyond.pipeline")
 
 StepCallback = Callable[[int, int], None]
 # Called after every step with the current latents of the whole batch (for live previews).
@@ -64,8 +69,15 @@ class OutpaintPipeline:
         components.text_encoder.to(device=device, dtype=dtype)
         components.text_encoder_2.to(device=device, dtype=dtype)
         components.vae.to(device=device, dtype=self.vae_dtype)
+        # With compile: the working sizes the UNet is compiled for; every request is snapped to one.
+        self.compiled_sizes: tuple[Size, ...] | None = None
+        if speed is not None and speed.compile:
+            self.compiled_sizes = speed.compile_sizes or default_sizes(self.native_area)
+        self._warned_sizes: set[Size] = set()
         # None is auto: knobs on for CUDA, off on a CPU.
-        self.speedups = apply_speedups(components, device, dtype, speed, self.vae_dtype)
+        self.speedups = apply_speedups(
+            components, device, dtype, speed, self.vae_dtype, compile_sizes=self.compiled_sizes or ()
+        )
         # A batch of parts in one UNet call (the speed-up batching is for) on accelerators; on a CPU
         # one call per part, which keeps every part's images bit-identical to its run alone.
         self.fused_batches = device.type != "cpu"
@@ -78,6 +90,36 @@ class OutpaintPipeline:
     def native_area(self) -> int:
         side = self.c.unet.config.sample_size * self.vae_scale
         return side * side
+
+    def snap(self, size: Size, canvas: Size | None = None) -> Size:
+        """The working size to use for `size` (models.canvas.working_size's choice for `canvas`): when the
+        UNet is compiled, the compiled size nearest to the canvas's aspect ratio; else `size` itself."""
+        return snap(canvas or size, self.compiled_sizes) if self.compiled_sizes else size
+
+    @torch.no_grad()
+    def warm_up(self, sizes: Sequence[Size] | None = None) -> dict[Size, float]:
+        """Compile the UNet for every compiled size (or those of `sizes`; one call each, two rows of one
+        text chunk) before any request needs it; seconds per size. Nothing to do when it is not compiled."""
+        seconds: dict[Size, float] = {}
+        if not self.compiled_sizes:
+            return seconds
+        prompts = encode_prompts(self.c, [""], [""], self.device, self.dtype)
+        embeds = torch.cat(_guided(prompts, True, pooled=False))
+        pooled = torch.cat(_guided(prompts, True, pooled=True))
+        # A float32 timestep on the device, as the schedulers give them (dynamo guards on its dtype).
+        t = torch.tensor(float(self.c.scheduler.config.num_train_timesteps - 1), device=self.device)
+        channels = self.c.unet.config.in_channels
+        for width, height in self.compiled_sizes if sizes is None else sizes:
+            started = time.perf_counter()
+            shape = (2, channels, height // self.vae_scale, width // self.vae_scale)
+            latents = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype)
+            self._unet(latents, t, embeds, pooled, ids.expand(2, -1), [2])
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds[(width, height)] = time.perf_counter() - started
+            log.info("UNet compiled for %dx%d in %.1f s", width, height, seconds[(width, height)])
+        return seconds
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         cfg = self.c.vae.config
@@ -150,6 +192,9 @@ class OutpaintPipeline:
         if len({p.size for p in parts}) != 1 or len({p.tokens for p in parts}) != 1:
             raise ValueError("a batch needs canvases of one size and prompts of one length")
         device, dtype = self.device, self.dtype
+        graphs = _compiled_graphs() if self.compiled_sizes else 0
+        if self.compiled_sizes:
+            self._check_compiled_size(parts[0].size)
         seeds = [s for p in parts for s in p.seeds]
 
         def rows(tensor_of: Callable[[LatentInputs], torch.Tensor]) -> torch.Tensor:
@@ -212,6 +257,11 @@ class OutpaintPipeline:
                 on_latents(latents)
             if on_step is not None:
                 on_step(i + 1, len(timesteps))
+        if self.compiled_sizes and _compiled_graphs() > graphs:
+            height, width = parts[0].size
+            log.warning(
+                "the UNet compiled during a request (%dx%d, %d rows): it waited for it", width, height, len(seeds)
+            )
         per_part = latents.split([p.rows for p in parts])
         if self.fused_batches:
             return list(self.decode_latents(latents).split([p.rows for p in parts]))
@@ -227,6 +277,8 @@ class OutpaintPipeline:
         sizes: list[int],
     ) -> torch.Tensor:
         def call(x: torch.Tensor, e: torch.Tensor, p: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+            if self.compiled_sizes:
+                return self._compiled_call(x, t, e, p, ids)
             cond = {"text_embeds": p, "time_ids": ids}
             return self.c.unet(x, t, encoder_hidden_states=e, added_cond_kwargs=cond, return_dict=False)[0]
 
@@ -238,6 +290,45 @@ class OutpaintPipeline:
             model_in.split(sizes), embeds.split(sizes), pooled.split(sizes), time_ids.split(sizes), strict=True
         )
         return torch.cat([call(*args) for args in inputs])
+
+    def _compiled_call(
+        self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor, time_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """The compiled UNet on one working size's graph, whatever the rows and the prompt's length."""
+        import torch._dynamo
+
+        rows = x.shape[0]
+        if rows == 1:
+            # Dynamo gives a dimension of size 1 a graph of its own: a copy of the row keeps the
+            # request on the warmed-up graph (no guidance and one image: rare, and cheap next to a compile).
+            x, embeds, pooled, time_ids = (torch.cat([v, v]) for v in (x, embeds, pooled, time_ids))
+        # Contiguous, as dynamo guards on strides too (time_ids come expanded, a padded row makes a copy).
+        x, embeds, pooled, time_ids = (v.contiguous() for v in (x, embeds, pooled, time_ids))
+        for tensor in (x, embeds, pooled, time_ids):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        torch._dynamo.maybe_mark_dynamic(embeds, 1)  # 77 tokens per text chunk
+        cond = {"text_embeds": pooled, "time_ids": time_ids}
+        return self.c.unet(x, t, encoder_hidden_states=embeds, added_cond_kwargs=cond, return_dict=False)[0][:rows]
+
+    def _check_compiled_size(self, size: tuple[int, int]) -> None:
+        height, width = size
+        if (width, height) in self.compiled_sizes or (width, height) in self._warned_sizes:
+            return
+        self._warned_sizes.add((width, height))
+        log.warning(
+            "working size %dx%d is not among the %d compiled sizes: it compiles now, or runs eagerly once"
+            " dynamo's recompile limit is reached",
+            width,
+            height,
+            len(self.compiled_sizes),
+        )
+
+
+def _compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def _guided(prompts: PromptEmbeddings, cfg: bool, *, pooled: bool) -> list[torch.Tensor]:

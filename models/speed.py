@@ -10,14 +10,20 @@ there they gain little or nothing and only make the CPU tests slower or harder t
   convolutions want; without it each convolution pays a layout transpose. Auto: on for CUDA.
 - fuse_qkv: one GEMM for the q/k/v projections of self-attention and one for k/v of
   cross-attention, instead of three or two smaller ones. Auto: on for CUDA.
-- compile: `torch.compile` of the UNet's forward. Off unless asked for: the first call for each
-  new input shape (working size, samples) compiles for minutes with max-autotune, so it suits a
-  server whose requests share a few shapes, and a benchmark with warm-up runs.
+- tf32: fp32 matrix products and convolutions on TF32 tensor cores (10-bit mantissa products,
+  fp32 sums). Auto: on for CUDA when the compute dtype is fp16, whose VAE runs in fp32 (below);
+  off for an fp32 engine, which asked for full precision. It is a process-wide torch setting.
+- compile: `torch.compile` of the UNet's forward, one graph per working size (batch rows and prompt
+  length dynamic). Off unless asked for. With it the engine works at a fixed set of sizes
+  (`models.compile_sizes`: 9 for SDXL unless `compile_sizes` names others) and dynamo's recompile
+  limit is raised to the set's size; the server's worker compiles them all before it reports
+  ready (`OutpaintPipeline.warm_up`), so no request waits on a compile.
 - The VAE runs in bf16 when the compute dtype is bf16 (bf16 has fp32's range, so the SDXL VAE does
   not overflow); only fp16 keeps it in fp32. `OutpaintPipeline` does that itself; it is reported here.
 
 As text (`SpeedOptions.parse`, for a caller's settings): channels_last and fuse_qkv take auto | 1 | 0,
-compile takes 0 | 1 | a torch.compile mode such as `max-autotune-no-cudagraphs`.
+compile takes 0 | 1 | a torch.compile mode such as `max-autotune-no-cudagraphs`, compile_sizes
+`WxH,WxH,...` or nothing (the default set).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from diffusers.models.attention_processor import (
 )
 from torch import nn
 
+from models.compile_sizes import Size, parse_sizes
 from models.components import Components
 from models.errors import InvalidSpeedOption
 
@@ -53,9 +60,13 @@ class SpeedOptions:
     fuse_qkv: bool | None = None
     compile: bool = False
     compile_mode: str = DEFAULT_COMPILE_MODE
+    compile_sizes: tuple[Size, ...] | None = None  # None: models.compile_sizes.default_sizes
+    tf32: bool | None = None
 
     @classmethod
-    def parse(cls, channels_last: str = "auto", fuse_qkv: str = "auto", compile: str = "0") -> SpeedOptions:
+    def parse(
+        cls, channels_last: str = "auto", fuse_qkv: str = "auto", compile: str = "0", compile_sizes: str = ""
+    ) -> SpeedOptions:
         """From settings given as text; a knob that is none of auto, 1 or 0 raises `InvalidSpeedOption`."""
         compile_value = compile.strip()
         compile_on = compile_value.lower() not in _FALSE
@@ -65,6 +76,7 @@ class SpeedOptions:
             fuse_qkv=_tristate(fuse_qkv, "fuse_qkv"),
             compile=compile_on,
             compile_mode=mode,
+            compile_sizes=parse_sizes(compile_sizes),
         )
 
 
@@ -88,6 +100,7 @@ class AppliedSpeedups:
     fuse_qkv: bool
     compile: str | None
     vae_dtype: str
+    tf32: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -99,11 +112,16 @@ def apply_speedups(
     dtype: torch.dtype,
     options: SpeedOptions | None = None,
     vae_dtype: torch.dtype | None = None,
+    compile_sizes: tuple[Size, ...] = (),
 ) -> AppliedSpeedups:
-    """Apply the knobs of `options` (all on auto when None) to models already on `device`."""
+    """Apply the knobs of `options` (all on auto when None) to models already on `device`.
+
+    `compile_sizes`: the working sizes the compiled UNet will see (its recompile limit is raised to
+    their number)."""
     options = SpeedOptions() if options is None else options
     cuda = device.type == "cuda"
     unet, vae = components.unet, components.vae
+    vae_dtype = vae_dtype or next(vae.parameters()).dtype
 
     sdpa = _ensure_sdpa(unet) & _ensure_sdpa(vae)  # not `and`: the VAE must be checked even if the UNet fails
     channels_last = cuda if options.channels_last is None else options.channels_last
@@ -118,25 +136,58 @@ def apply_speedups(
     if options.compile:
         if cuda:
             # The inductor settings of diffusers' "accelerate inference of text-to-image diffusion
-            # models" tutorial for SDXL: 1x1 convolutions as GEMMs, and tuned pointwise kernels.
+            # models" tutorial for SDXL: 1x1 convolutions as GEMMs, and tuned pointwise kernels. The
+            # tuning (coordinate descent: many more kernel timings) only with a max-autotune mode:
+            # mode `default` stays the quick compile it is meant to be.
             import torch._inductor.config as inductor
 
             inductor.conv_1x1_as_mm = True
-            inductor.coordinate_descent_tuning = True
             inductor.epilogue_fusion = False
-            inductor.coordinate_descent_check_all_directions = True
-        # In place, so `unet.config` and the Components dataclass stay as they are.
-        unet.compile(mode=options.compile_mode)
+            if "max-autotune" in options.compile_mode:
+                inductor.coordinate_descent_tuning = True
+                inductor.coordinate_descent_check_all_directions = True
+        raise_recompile_limit(len(compile_sizes))
+        # In place, so `unet.config` and the Components dataclass stay as they are. Static shapes: one
+        # graph per working size, tuned for it; the pipeline marks batch rows and prompt length dynamic.
+        unet.compile(mode=options.compile_mode, dynamic=False)
         compiled = options.compile_mode
+    # The fp32 work of a half-precision engine is its VAE; an fp32 engine asked for full precision.
+    auto_tf32 = cuda and vae_dtype == torch.float32 and dtype != torch.float32
+    tf32 = auto_tf32 if options.tf32 is None else options.tf32
+    if tf32:
+        allow_tf32()
     applied = AppliedSpeedups(
         sdpa=sdpa,
         channels_last=channels_last,
         fuse_qkv=fuse_qkv,
         compile=compiled,
-        vae_dtype=str(vae_dtype or next(vae.parameters()).dtype).removeprefix("torch."),
+        vae_dtype=str(vae_dtype).removeprefix("torch."),
+        tf32=tf32,
     )
     log.info("speed-ups on %s/%s: %s", device, str(dtype).removeprefix("torch."), applied.as_dict())
     return applied
+
+
+def raise_recompile_limit(shapes: int) -> int:
+    """Dynamo keeps at most `recompile_limit` graphs per function and runs any further shape eagerly,
+    with only a log line; raised (never lowered) to `shapes`, so every compiled size keeps its graph."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    limit = max(getattr(config, name), shapes)
+    setattr(config, name, limit)
+    return limit
+
+
+def allow_tf32(on: bool = True) -> None:
+    """TF32 (or full fp32 with on=False) for fp32 matrix products and convolutions on CUDA, process-wide."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        # torch 2.9+: mixing this with the older allow_tf32 flags is an error, so only this one is used.
+        matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "tf32" if on else "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
 
 
 def _ensure_sdpa(model: nn.Module) -> bool:

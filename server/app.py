@@ -94,6 +94,7 @@ def build_supervisor(settings: Settings, store: JobStore, metrics: Metrics | Non
         channels_last=settings.channels_last,
         fuse_qkv=settings.fuse_qkv,
         compile=settings.compile,
+        compile_sizes=settings.compile_sizes or "",
         log_level=settings.log_level,
         log_format=settings.log_format,
         max_batch=settings.max_batch,

@@ -277,7 +277,8 @@ def load_engine(settings: Any) -> Any:
     transformers.utils.logging.set_verbosity_error()
     if settings.cpu_threads:
         torch.set_num_threads(settings.cpu_threads)
-    speed = SpeedOptions.parse(settings.channels_last, settings.fuse_qkv, settings.compile)
+    knobs = (settings.channels_last, settings.fuse_qkv, settings.compile, settings.compile_sizes or "")
+    speed = SpeedOptions.parse(*knobs)
     try:
         engine = OutpaintEngine.load(
             settings.model, settings.device, settings.dtype, speed, tokenizer_dir=settings.tokenizer_dir

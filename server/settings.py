@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     channels_last: Literal["auto", "1", "0"] = "auto"
     fuse_qkv: Literal["auto", "1", "0"] = "auto"
     compile: str = "0"
+    # With compile: the working sizes compiled before the worker is ready, "WxH,WxH"; unset: 9 SDXL sizes.
+    compile_sizes: str | None = None
 
     styles_dir: Path | None = None
     expansion_model: Path | None = None
@@ -113,6 +115,15 @@ class Settings(BaseSettings):
     def _device(cls, value: str) -> str:
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
             raise ValueError(f"must be auto, cpu, cuda, cuda:N or mps; got {value!r}")
+        return value
+
+    @field_validator("compile_sizes")
+    @classmethod
+    def _compile_sizes(cls, value: str | None) -> str | None:
+        if value is not None and value.strip():
+            sides = re.fullmatch(r"\d+x\d+(,\d+x\d+)*", value.replace(" ", ""))
+            if sides is None or any(int(v) % 64 or not int(v) for v in re.findall(r"\d+", value)):
+                raise ValueError("must be WxH,WxH,... with sides that are positive multiples of 64")
         return value
 
     @field_validator("worker_name")

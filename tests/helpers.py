@@ -49,11 +49,13 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         role: str = "serve",
         args: tuple[str, ...] = (),
+        device: str = "cpu",
     ) -> None:
         self.data_dir = Path(data_dir)
         self.model = model
         self.role = role
         self.args = args
+        self.device = device
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -72,7 +74,7 @@ class ServerProcess:
         listen = ["--port", str(self.port)] if self.role == "serve" else []
         return [
             sys.executable, "-m", "server.cli", self.role, "--model", self.model, *listen,
-            "--data-dir", str(self.data_dir), "--device", "cpu", *self.args,
+            "--data-dir", str(self.data_dir), "--device", self.device, *self.args,
         ]  # fmt: skip
 
     def start(self) -> ServerProcess:

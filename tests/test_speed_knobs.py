@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
+from models.engine import OutpaintEngine, OutpaintRequest
 from models.errors import InvalidSpeedOption
 from models.pipeline import OutpaintPipeline
 from models.prompts import encode_prompts
 from models.random_models import build_random
 from models.speed import DEFAULT_COMPILE_MODE, SpeedOptions, apply_speedups
+from tests.helpers import noise_image
 
 CPU = torch.device("cpu")
 OFF = SpeedOptions(channels_last=False, fuse_qkv=False)
@@ -83,15 +88,67 @@ def test_fused_qkv_forced_on(reference: torch.Tensor) -> None:
     torch.testing.assert_close(outpaint(pipe), reference, atol=1e-4, rtol=0)
 
 
+def test_channels_last_and_fused_qkv_together(reference: torch.Tensor) -> None:
+    pipe = pipeline(SpeedOptions(channels_last=True, fuse_qkv=True))
+    assert pipe.speedups.channels_last and pipe.speedups.fuse_qkv
+    assert pipe.c.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert {type(m.processor) for m in attention_layers(pipe.c.unet)} == {FusedAttnProcessor2_0}
+    # The fused projection's weight is a plain (rows, columns) matrix: channels_last leaves it alone.
+    assert all(m.to_qkv.weight.is_contiguous() for m in attention_layers(pipe.c.unet) if not m.is_cross_attention)
+    torch.testing.assert_close(outpaint(pipe), reference, atol=1e-4, rtol=0)
+
+
 def test_compile_knob_compiles_the_unet_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
     # A real inductor compile of even the tiny UNet takes about 90 s on a small CPU; the knob's
-    # effect is checked, not torch.compile itself.
+    # effect is checked here, a real dynamo trace in tests/test_compile.py.
+    import torch._dynamo
+
     calls: list[dict] = []
     monkeypatch.setattr(UNet2DConditionModel, "compile", lambda self, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     pipe = pipeline(SpeedOptions(channels_last=False, fuse_qkv=False, compile=True, compile_mode="reduce-overhead"))
-    assert calls == [{"mode": "reduce-overhead"}]
+    # One graph per working size: static shapes (the pipeline marks rows and prompt length dynamic).
+    assert calls == [{"mode": "reduce-overhead", "dynamic": False}]
     assert pipe.speedups.compile == "reduce-overhead"
     assert isinstance(pipe.c.unet, UNet2DConditionModel)
+    assert pipe.compiled_sizes is not None and len(pipe.compiled_sizes) == 7  # the tiny model's set
+    assert torch._dynamo.config.recompile_limit == 7
+
+
+def test_no_compile_no_sizes_and_no_snapping() -> None:
+    pipe = pipeline(OFF)
+    assert pipe.compiled_sizes is None and pipe.snap((448, 128)) == (448, 128)
+    assert pipe.warm_up() == {}
+
+
+def fp32_precision() -> tuple[str, str]:
+    return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+
+
+@pytest.fixture
+def tf32_flags() -> Iterator[None]:
+    """The process-wide flags as they were, after the test."""
+    before = fp32_precision()
+    yield
+    torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+
+
+@pytest.mark.usefixtures("tf32_flags")
+def test_tf32_is_on_for_the_fp32_vae_of_a_half_precision_cuda_engine() -> None:
+    def applied(device: str, dtype: torch.dtype, vae_dtype: torch.dtype, tf32: bool | None = None) -> bool:
+        torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
+        options = SpeedOptions(channels_last=False, fuse_qkv=False, tf32=tf32)
+        on = apply_speedups(build_random("random:tiny"), torch.device(device), dtype, options, vae_dtype).tf32
+        assert fp32_precision() == (("tf32", "tf32") if on else ("ieee", "ieee"))
+        return on
+
+    # The decision only (the models stay on the CPU: nothing here runs on a GPU).
+    assert applied("cuda", torch.float16, torch.float32)
+    assert not applied("cuda", torch.bfloat16, torch.bfloat16)  # nothing runs in fp32
+    assert not applied("cuda", torch.float32, torch.float32)  # full precision was asked for
+    assert not applied("cpu", torch.float16, torch.float32)
+    assert applied("cpu", torch.float32, torch.float32, tf32=True)
+    assert not applied("cuda", torch.float16, torch.float32, tf32=False)
 
 
 def test_options_from_the_environment() -> None:
@@ -103,6 +160,32 @@ def test_options_from_the_environment() -> None:
         SpeedOptions.parse(fuse_qkv="maybe")
     assert (caught.value.option, caught.value.value) == ("fuse_qkv", "maybe")
     assert isinstance(caught.value, ValueError)
+
+
+@pytest.mark.parametrize(("dtype", "vae_dtype"), [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+def test_the_whole_engine_in_half_precision(dtype: torch.dtype, vae_dtype: torch.dtype) -> None:
+    def run(dtype: torch.dtype) -> tuple[OutpaintEngine, list[np.ndarray]]:
+        engine = OutpaintEngine(OutpaintPipeline(build_random("random:tiny"), CPU, dtype, OFF), "random:tiny")
+        request = OutpaintRequest(
+            image=noise_image(80, 48, seed=1), prompt="a harbour at dusk", seed=3, samples=2, steps=4,
+            sampler="dpmpp_2m_sde_gpu", left=40, styles=[],
+        )  # fmt: skip
+        return engine, [np.asarray(image, dtype=np.int16) for image in engine.run(request).images]
+
+    engine, half = run(dtype)
+    assert {p.dtype for p in engine.pipeline.c.unet.parameters()} == {dtype}
+    assert {p.dtype for p in engine.pipeline.c.text_encoder_2.parameters()} == {dtype}
+    assert {p.dtype for p in engine.pipeline.c.vae.parameters()} == {vae_dtype}
+    _, full = run(torch.float32)
+    for got, want in zip(half, full, strict=True):
+        assert got.shape == want.shape == (48, 120, 3)
+        # Farther than the seam band from the padded side: the original, bit for bit, in any precision.
+        assert np.array_equal(got[:, 40 + 16 :], want[:, 40 + 16 :])
+        # The generated part: the fp32 run's, up to half precision's rounding (on this CPU: fp16 at
+        # most 1 level of 255, bf16 5; the bound leaves room for other CPUs' kernels).
+        difference = np.abs(got - want)[:, :56]
+        assert difference.max() <= 16 and difference.mean() < 2
+    assert not np.array_equal(half[0], half[1])  # two samples, two images
 
 
 @pytest.mark.parametrize(("dtype", "vae_dtype"), [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])

@@ -29,6 +29,7 @@ class WorkerConfig:
     channels_last: str = "auto"
     fuse_qkv: str = "auto"
     compile: str = "0"
+    compile_sizes: str = ""  # WxH,... : the working sizes a compiled UNet is built for (empty: the default set)
     log_level: str = "info"
     log_format: str = "text"
     # Images (samples) denoised in one UNet batch; None: 4 on CUDA, 1 on a CPU (resolved in the worker).

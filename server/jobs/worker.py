@@ -123,6 +123,7 @@ class Entry:
     prepared: Any = None  # models.engine.PreparedJob
     error: BaseException | None = None  # its preparation failed
     stream_event: Any = None  # CUDA: the side stream's work on it is done past this event
+    peak_memory: int = 0  # CUDA: the most the device held while its batch was denoised and decoded
     answered: bool = False
     inline: bool = False  # prepared by the main thread (it was idle when the job came), not the preparer
 
@@ -145,6 +146,7 @@ class Worker:
         self._to_prepare: queue.Queue[Entry | None] = queue.Queue()
         self._to_finish: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._shutdown = False
+        self._cuda_device: Any = None  # the engine's torch.device when it is a CUDA one
         self._side_stream: Any = None
         self._outbox: queue.Queue[object | None] = queue.Queue()
         self._sending = False
@@ -183,16 +185,30 @@ class Worker:
         if self.config.cpu_threads:
             torch.set_num_threads(self.config.cpu_threads)
         config = self.config
-        speed = SpeedOptions.parse(config.channels_last, config.fuse_qkv, config.compile)
+        speed = SpeedOptions.parse(config.channels_last, config.fuse_qkv, config.compile, config.compile_sizes)
         engine = OutpaintEngine.load(
             config.model, config.device, config.dtype, speed, tokenizer_dir=config.tokenizer_dir
         )
         engine.composer = build_composer(config.styles_dir, config.expansion_model, device=engine.device)
         self.engine = engine
-        cuda = engine.device.type == "cuda"
-        self.max_batch = config.max_batch or (4 if cuda else 1)
+        self.use_device()
+        # A compiled UNet is compiled for every working size now, before the worker reports ready:
+        # no request waits for a compile.
+        seconds = engine.pipeline.warm_up()
+        if seconds:
+            log.info("UNet compiled for %d working sizes in %.0f s", len(seconds), sum(seconds.values()))
+
+    def use_device(self) -> None:
+        """Every CUDA call of this worker goes to the engine's own device (cuda:N with one worker per GPU)."""
+        cuda = self.engine.device.type == "cuda"
+        self.max_batch = self.config.max_batch or (4 if cuda else 1)
         if cuda:
-            self._side_stream = torch.cuda.Stream(engine.device)
+            import torch
+
+            self._cuda_device = self.engine.device
+            # Also for what names no device (a library's own CUDA calls, torch's current-device defaults).
+            torch.cuda.set_device(self._cuda_device)
+            self._side_stream = torch.cuda.Stream(self._cuda_device)
 
     # -- the reader: the pipe, all the time (cancels must arrive while a batch runs) --------------
 
@@ -263,7 +279,7 @@ class Worker:
             return
         import torch
 
-        main = torch.cuda.current_stream()
+        main = torch.cuda.current_stream(self._cuda_device)
         main.wait_event(entry.stream_event)
         inputs = entry.prepared.inputs
         prompts = inputs.prompts
@@ -296,13 +312,25 @@ class Worker:
     def _finish(self, entry: Entry, images: Any, direct: bool = False) -> None:
         try:
             result = self.engine.finish(entry.prepared, images)
-            self._answer(entry, self._done(entry.job, result), direct)
+            self._answer(entry, self._done(entry.job, result, entry.peak_memory), direct)
         except Exception as exc:
             self._answer(entry, failure(entry.job, exc), direct)
 
-    def _done(self, job: RunJob, result: Any) -> JobDone:
+    def _reset_peak_memory(self) -> None:
+        if self._cuda_device is not None:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self._cuda_device)
+
+    def _peak_memory(self) -> int:
+        """The most the engine's device held since the last reset (0 on a CPU)."""
+        if self._cuda_device is None:
+            return 0
         import torch
 
+        return int(torch.cuda.max_memory_allocated(self._cuda_device))
+
+    def _done(self, job: RunJob, result: Any, peak_memory: int) -> JobDone:
         extension = job.delivery.extension
         files = {output_name(i, extension): encode(p, job.delivery) for i, p in enumerate(result.images)}
         return JobDone(
@@ -319,7 +347,7 @@ class Worker:
                 negative_prompts=tuple(result.negative_prompts),
                 styles=tuple(result.styles),
                 notes=result.notes,
-                gpu_peak_memory=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
+                gpu_peak_memory=peak_memory,
             ),
             files,
         )
@@ -419,6 +447,8 @@ class Worker:
         for entry in batch:
             self._hand_over(entry)
             self.send(Started(entry.job_id, entry.job.attempt))
+        # Per batch: the peak of its denoising and decoding (a job prepared meanwhile counts too).
+        self._reset_peak_memory()
         try:
             images = self.engine.denoise([e.prepared for e in batch], [on_step_of(e) for e in batch], on_latents)
         except Cancelled:
@@ -429,7 +459,9 @@ class Worker:
             for entry in batch:
                 self._answer(entry, failure(entry.job, exc))
             return
+        peak = self._peak_memory()
         for entry, part in zip(batch, images, strict=True):
+            entry.peak_memory = peak
             if entry.answered or (part is None and entry.prepared.inputs is not None):
                 continue
             # The copy off the device here, once the batch is done; the rest is the finisher's, unless
@@ -473,7 +505,9 @@ class Worker:
             image = decode_image(job.image, self.config.limits)
             check_canvas(job.params.canvas_size(*image.size), self.config.limits)
             self.send(Started(job.job_id, job.attempt))
-            return self._done(job, self.engine.run(engine_request(image, job.params), on_step))
+            self._reset_peak_memory()
+            result = self.engine.run(engine_request(image, job.params), on_step)
+            return self._done(job, result, self._peak_memory())
         except Exception as exc:  # one job's failure must not end the worker; the client gets our words only
             return failure(job, exc)
         finally:
