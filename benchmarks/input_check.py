@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.common import table
-from server.image_integrity import check_complete
+from server.guard.image_integrity import check_complete
 
 
 def picture(width: int, height: int, noise: float) -> Image.Image:

@@ -11,8 +11,8 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.names import DEFAULT_MODEL
-from server.hosts import check_host_patterns, check_proxy_addresses
-from server.ratelimit import check_rate_limit
+from server.guard.hosts import check_host_patterns, check_proxy_addresses
+from server.guard.ratelimit import check_rate_limit
 
 
 class Settings(BaseSettings):

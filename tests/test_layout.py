@@ -26,7 +26,10 @@ def test_models_imports_nothing_from_server() -> None:
 
 def test_the_api_process_does_not_import_torch() -> None:
     # The engine lives in the worker process; the HTTP side starts fast and small without torch.
-    code = "import sys, server.app, server.cli; print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
+    code = (
+        "import sys, server.http.app, server.commands.cli;"
+        " print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.images import ImageLimits
+from server.guard.images import ImageLimits
 from server.jobs.contract import Delivery, JobParams, JobResult
 
 

@@ -25,6 +25,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from server.jobs.contract import PREVIEW_NAME, FailureKind, JobStatus
+from server.jobs.engine_process import worker_main
 from server.jobs.messages import (
     Cancel,
     JobDone,
@@ -39,7 +40,6 @@ from server.jobs.messages import (
     WorkerConfig,
 )
 from server.jobs.store import FileGone, JobStore, StoreError, StoreUnavailable
-from server.jobs.worker import worker_main
 from server.logs import RateLimitedLog
 from server.metrics import Metrics
 

@@ -13,11 +13,16 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from models.styles import default_registry
-from server.auth import API_KEY_SCHEME, KeyRing
-from server.deps import Services
-from server.errors import install_error_handlers
-from server.hosts import AllowedHosts
-from server.images import ImageLimits
+from server.guard.auth import API_KEY_SCHEME, KeyRing
+from server.guard.hosts import AllowedHosts
+from server.guard.images import ImageLimits
+from server.guard.ratelimit import RateLimiter
+from server.http.deps import Services
+from server.http.errors import install_error_handlers
+from server.http.middleware import ServingMiddleware
+from server.http.results import webhook_body
+from server.http.routes import events, health, playground, styles, v1, v2
+from server.http.schemas import SegBeyondRequest
 from server.jobs.contract import to_units
 from server.jobs.inputs import InputStage
 from server.jobs.messages import WorkerConfig
@@ -27,11 +32,6 @@ from server.jobs.sqlite_store import SqliteJobStore
 from server.jobs.store import JobStore
 from server.jobs.supervisor import Supervisor
 from server.metrics import Metrics
-from server.middleware import ServingMiddleware
-from server.ratelimit import RateLimiter
-from server.results import webhook_body
-from server.routes import events, health, playground, styles, v1, v2
-from server.schemas import SegBeyondRequest
 from server.settings import Settings, get_settings
 from server.webhooks import KEEP_AFTER_EXPIRY, WebhookDispatcher, WebhookOutbox, Webhooks, load_secret
 

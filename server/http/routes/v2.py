@@ -11,11 +11,10 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from server.auth import CallerDep, SubmitterDep, get_caller, owner_of
-from server.deps import BodyDep, Services, ServicesDep, public_base
-from server.errors import BadRequest, Conflict, NotFound
-from server.jobs.contract import JobStatus
-from server.results import (
+from server.guard.auth import CallerDep, SubmitterDep, get_caller, owner_of
+from server.http.deps import BodyDep, Services, ServicesDep, public_base
+from server.http.errors import BadRequest, Conflict, NotFound
+from server.http.results import (
     find,
     find_state,
     list_item,
@@ -25,10 +24,11 @@ from server.results import (
     status_body,
     webhook_status,
 )
-from server.routes.responses import READ, SUBMIT, errors
-from server.routes.v1 import REQUEST_SCHEMA, SLUG
-from server.schemas import EXTENSION, CancelResponse, RequestList, ResultResponse, StatusResponse, SubmitResponse
-from server.submission import submit
+from server.http.routes.responses import READ, SUBMIT, errors
+from server.http.routes.v1 import REQUEST_SCHEMA, SLUG
+from server.http.schemas import EXTENSION, CancelResponse, RequestList, ResultResponse, StatusResponse, SubmitResponse
+from server.http.submission import submit
+from server.jobs.contract import JobStatus
 
 router = APIRouter(prefix="/v2")
 MAX_LIST = 100

@@ -37,8 +37,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.app import build_store, build_supervisor, redis_tls
-    from server.cli import load_settings, preflight
+    from server.commands.cli import load_settings, preflight
+    from server.http.app import build_store, build_supervisor, redis_tls
     from server.jobs.registry import Heartbeat, LocalWorker, RedisRegistry, worker_name
     from server.jobs.store import StoreError
 

@@ -90,7 +90,7 @@ def preview_jpeg(rgb: Any) -> bytes:
 def failure(job: RunJob, exc: BaseException) -> JobFailed:
     """A job's failure in our words: the client never sees an exception's text unless it is ours."""
     from models.errors import Cancelled, NonFiniteOutput
-    from server.images import InputImageError
+    from server.guard.images import InputImageError
 
     def failed(error: str, kind: FailureKind) -> JobFailed:
         return JobFailed(job.job_id, job.attempt, error, kind.value)
@@ -235,7 +235,7 @@ class Worker:
 
     def _prepare(self, entry: Entry) -> None:
         from models.errors import Cancelled
-        from server.images import check_canvas, decode_image
+        from server.guard.images import check_canvas, decode_image
 
         job = entry.job
         if job.job_id in self.cancelled:
@@ -460,7 +460,7 @@ class Worker:
     def run(self, job: RunJob) -> JobDone | JobFailed:
         """One job alone, start to end, in the calling thread (the engine's plain `run`)."""
         from models.errors import Cancelled
-        from server.images import check_canvas, decode_image
+        from server.guard.images import check_canvas, decode_image
 
         def on_step(step: int, total: int) -> None:
             if job.job_id in self.cancelled:

@@ -13,8 +13,8 @@ from typing import Annotated, Literal
 from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
-from server.errors import Forbidden, Unauthorized
-from server.ratelimit import check_rate_limit
+from server.guard.ratelimit import check_rate_limit
+from server.http.errors import Forbidden, Unauthorized
 
 try:
     import tomllib

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from server import hubcache, oneshot, worker_node
+from server.commands import download, outpaint, worker
 from server.settings import Settings
 from server.version import package_version
 
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Each option defaults to its BEYOND_* variable; Settings reads both, the option wins.
     serve.add_argument("--host", help="interface to listen on (BEYOND_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (BEYOND_PORT, default 8000)")
-    serve.add_argument("--model", help=worker_node.MODEL_HELP)
+    serve.add_argument("--model", help=worker.MODEL_HELP)
     serve.add_argument("--data-dir", help="where jobs and images are kept (BEYOND_DATA_DIR, default ./data)")
     serve.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (BEYOND_DEVICE, default auto)")
     serve.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="compute precision (BEYOND_DTYPE)")
@@ -29,16 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="API only, no engine: jobs go to `beyond worker` nodes through BEYOND_REDIS_URL (docs/scaling.md)",
     )
-    oneshot.add_parser(commands)
-    worker_node.add_parser(commands)
-    hubcache.add_parser(commands)
+    outpaint.add_parser(commands)
+    worker.add_parser(commands)
+    download.add_parser(commands)
     return parser
 
 
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server.app import create_app
+    from server.http.app import create_app
     from server.jobs.store import StoreCorrupt, StoreUnavailable
 
     settings = load_settings(
@@ -177,11 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return serve(args)
     if args.command == "outpaint":
-        return oneshot.outpaint(args)
+        return outpaint.outpaint(args)
     if args.command == "download":
-        return hubcache.run(args)
+        return download.run(args)
     if args.command == "worker":
-        return worker_node.run(args)
+        return worker.run(args)
     return 2
 
 

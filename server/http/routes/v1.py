@@ -6,14 +6,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from server.auth import get_caller, get_submitter
-from server.deps import Services, parse_body, public_base
-from server.errors import BadRequest, Conflict, InternalError, NotFound
+from server.guard.auth import get_caller, get_submitter
+from server.http.deps import Services, parse_body, public_base
+from server.http.errors import BadRequest, Conflict, InternalError, NotFound
+from server.http.results import read_output, result_body, webhook_status
+from server.http.routes.responses import errors
+from server.http.schemas import ResultResponse, SegBeyondRequest
+from server.http.submission import submit, wait_finished
 from server.jobs.contract import FailureKind, JobStatus
-from server.results import read_output, result_body, webhook_status
-from server.routes.responses import errors
-from server.schemas import ResultResponse, SegBeyondRequest
-from server.submission import submit, wait_finished
 
 SLUG = "seg-beyond"
 PATH = f"/v1/{SLUG}"

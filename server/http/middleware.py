@@ -16,14 +16,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import ApiError, BadRequest, error_response
-from server.hosts import ANY_HOST_PATHS, AllowedHosts
+from server.guard.hosts import ANY_HOST_PATHS, AllowedHosts
+from server.http.errors import ApiError, BadRequest, error_response
+from server.http.routes.v1 import PATH as V1_PATH
+from server.http.routes.v1 import answer_v1
+from server.http.routes.v2 import answer_status
 from server.jobs.contract import from_units
 from server.jobs.store import StoreError
 from server.metrics import Metrics
-from server.routes.v1 import PATH as V1_PATH
-from server.routes.v1 import answer_v1
-from server.routes.v2 import answer_status
 
 access = logging.getLogger("beyond.access")
 # The status poll and the v1 request are answered here, ahead of FastAPI's routing and dependency
