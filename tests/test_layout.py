@@ -201,3 +201,10 @@ def test_the_graph_helpers_find_what_they_are_meant_to() -> None:
 
 def test_server_has_no_import_circle() -> None:
     assert not cycles(import_graph())
+
+
+def test_the_middleware_does_not_import_the_routes() -> None:
+    # The routes register their fast paths (server/http/fast_routes.py); the middleware only reads them.
+    graph = import_graph()
+    assert "server.http.fast_routes" in graph["server.http.middleware"]
+    assert not {m for m in reachable(graph, "server.http.middleware") if m.startswith("server.http.routes")}

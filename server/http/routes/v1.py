@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from server.guard.auth import get_caller, get_submitter
+from server.http import fast_routes
 from server.http.deps import Services, parse_body, public_base
 from server.http.errors import BadRequest, Conflict, InternalError, NotFound
 from server.http.results import read_output, result_body, webhook_status
@@ -53,8 +54,9 @@ async def run_sync(request: Request) -> Response:
 
 async def answer_v1(request: Request) -> Response:
     """The whole v1 request, dependencies included, with no FastAPI routing or dependency injection
-    (they cost as much as this server's own part of a small request). server/middleware.py answers
-    POST /v1/seg-beyond ahead of the router, through here; the route above documents it."""
+    (they cost as much as this server's own part of a small request). The middleware answers
+    POST /v1/seg-beyond ahead of the router, through here (a fast route, added at the end of this module);
+    the route above documents it."""
     services: Services = request.app.state.services
     # The rate limit counts the caller before its body is read.
     caller = await get_submitter(request, await get_caller(request))
@@ -82,6 +84,9 @@ async def answer_v1(request: Request) -> Response:
     webhook = await run_in_threadpool(webhook_status, services, job) if job.delivery.webhook_url else None
     result = await run_in_threadpool(result_body, services, job, base, webhook)
     return JSONResponse({**result, "image": result["output"], "images": result["outputs"]}, headers=headers)
+
+
+fast_routes.add("POST", PATH, answer_v1)
 
 
 @router.post("/v1/{slug}", include_in_schema=False)
