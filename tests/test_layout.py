@@ -208,3 +208,24 @@ def test_the_middleware_does_not_import_the_routes() -> None:
     graph = import_graph()
     assert "server.http.fast_routes" in graph["server.http.middleware"]
     assert not {m for m in reachable(graph, "server.http.middleware") if m.startswith("server.http.routes")}
+
+
+def test_each_folder_of_server_is_a_documented_room() -> None:
+    folders = {p.name for p in SERVER.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    modules = {p.stem for p in SERVER.glob("*.py")}
+    assert folders <= set(ROOMS) | TOP_LEVEL, folders - set(ROOMS) - TOP_LEVEL
+    assert modules <= TOP_LEVEL, modules - TOP_LEVEL
+    docstring = ast.get_docstring(ast.parse((SERVER / "__init__.py").read_text(encoding="utf-8"))) or ""
+    assert not [room for room in folders if f"{room}/" not in docstring]
+
+
+def test_long_server_modules_say_why() -> None:
+    offenders = []
+    for path in sorted(SERVER.rglob("*.py")):
+        name = path.relative_to(ROOT).as_posix()
+        lines = len(path.read_text(encoding="utf-8").splitlines())
+        if lines > MAX_LINES and name not in LONG_PENDING:
+            docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+            if not LONG_MODULE_MARKER.search(docstring):
+                offenders.append(f"{name}: {lines} lines")
+    assert not offenders, "\n".join(offenders)
