@@ -61,8 +61,9 @@ async def answer_v1(request: Request) -> Response:
     # The rate limit counts the caller before its body is read.
     caller = await get_submitter(request, await get_caller(request))
     body = await parse_body(request, services)
-    # No engine ready: a 502 at once (v2 work is still queued for when it is back).
     base = public_base(request, services.settings)
+    # sync: with no worker ready anywhere (none known, loading, restarting or failed), a 502 at once and
+    # nothing queued; /v2 takes the same request and queues it for when a worker is back.
     job = await submit(body, services, caller, base, sync=True)
     job = await wait_finished(services, job.id, request)
     if job.status == JobStatus.FAILED:
