@@ -1,4 +1,4 @@
-"""What the completeness check of input images (server/image_integrity.py) costs beside Pillow's decode.
+"""What the completeness check of input images (server/guard/image_integrity.py) costs beside Pillow's decode.
 
     python -m benchmarks.input_check            # a 4000x3000 picture
     python -m benchmarks.input_check --quick    # 1600x1200

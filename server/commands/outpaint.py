@@ -1,8 +1,8 @@
 """`beyond outpaint`: one image through the engine in this process, no server, no HTTP.
 
-The values are checked by the API's own request model (server.schemas.SegBeyondRequest), so the
+The values are checked by the API's own request model (server.http.schemas.SegBeyondRequest), so the
 defaults and ranges are the contract's. Torch is imported only once the command runs: `import
-server.cli` stays light for the API process.
+server.commands.cli` stays light for the API process.
 """
 
 from __future__ import annotations

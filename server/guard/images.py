@@ -1,6 +1,6 @@
 """Reading `input_image`: an http(s) URL, raw base64 or a data: URL, into a clean RGB (or RGBA) picture.
 
-The URL checks live in server/urlguard.py and the download in server/fetch.py; their names are re-exported
+The URL checks live in server/guard/urlguard.py and the download in server/guard/fetch.py; their names are re-exported
 here for the callers that import them from this module.
 """
 

@@ -19,8 +19,8 @@ from server.jobs.contract import FailureKind, JobStatus
 SLUG = "seg-beyond"
 PATH = f"/v1/{SLUG}"
 router = APIRouter()
-# The body is parsed by server/deps.py (for our 400s and 413s); the schema is added to the components
-# by server/app.py's openapi_schema.
+# The body is parsed by server/http/deps.py (for our 400s and 413s); the schema is added to the components
+# by server/http/app.py's openapi_schema.
 REQUEST_SCHEMA = {
     "requestBody": {
         "required": True,
