@@ -1,4 +1,4 @@
-"""What the completeness check of input images (server/image_integrity.py) costs beside Pillow's decode.
+"""What the completeness check of input images (server/guard/image_integrity.py) costs beside Pillow's decode.
 
     python -m benchmarks.input_check            # a 4000x3000 picture
     python -m benchmarks.input_check --quick    # 1600x1200
@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.common import table
-from server.image_integrity import check_complete
+from server.guard.image_integrity import check_complete
 
 
 def picture(width: int, height: int, noise: float) -> Image.Image:

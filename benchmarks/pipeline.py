@@ -78,7 +78,7 @@ def encoders(repeats: int = 10) -> list[list[object]]:
 
 def one_preview(repeats: int = 20) -> float:
     from models.preview import latent_rgb
-    from server.jobs.worker import preview_jpeg
+    from server.jobs.engine_process import preview_jpeg
 
     latents = torch.randn(4, 128, 178)
     return median_ms(lambda: preview_jpeg(latent_rgb(latents)), repeats)
@@ -89,7 +89,7 @@ def loop_rates(steps: int, rounds: int) -> list[list[object]]:
     from models.pipeline import OutpaintPipeline
     from models.preview import latent_rgb
     from models.random_models import build_random
-    from server.jobs.worker import PREVIEW_INTERVAL, preview_jpeg
+    from server.jobs.engine_process import PREVIEW_INTERVAL, preview_jpeg
     from tests.helpers import smooth_image
 
     engine = OutpaintEngine(OutpaintPipeline(build_random("random:tiny"), torch.device("cpu"), torch.float32), "tiny")

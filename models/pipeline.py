@@ -1,4 +1,5 @@
-"""The SDXL outpainting denoise loop: one readable `__call__` over the model's components."""
+"""The SDXL outpainting denoise loop: `prepare` turns a canvas into its latent inputs, `denoise` runs
+several compatible canvases in one UNet batch, and `__call__` is the two for a single canvas."""
 
 from __future__ import annotations
 

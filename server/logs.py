@@ -1,7 +1,7 @@
 """Log set-up: plain text, or one JSON object a line (BEYOND_LOG_FORMAT=json) for log shippers.
 
 Every process logs in the one format: the API, uvicorn's own loggers and the worker. uvicorn's
-access log is off; `server/middleware.py` writes ours (route template, never the query string).
+access log is off; `server/http/middleware.py` writes ours (route template, never the query string).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.names import DEFAULT_MODEL
-from server.hosts import check_host_patterns, check_proxy_addresses
-from server.ratelimit import check_rate_limit
+from server.guard.hosts import check_host_patterns, check_proxy_addresses
+from server.guard.ratelimit import check_rate_limit
 
 
 class Settings(BaseSettings):
@@ -93,7 +93,8 @@ class Settings(BaseSettings):
     styles_dir: Path | None = None
     expansion_model: Path | None = None
 
-    # A worker that dies this many times in a row while loading makes /health report failure.
+    # Seconds before restarting an engine process that died while loading the model, doubled at each such
+    # death in a row (at most 60); meanwhile /health lists its worker as failed, with the error.
     worker_restart_backoff: float = Field(2.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error", "critical", "DEBUG", "INFO", "WARNING", "ERROR"] = "info"
     log_format: Literal["text", "json"] = "text"

@@ -27,7 +27,7 @@ import httpx
 from pydantic import SecretStr
 from standardwebhooks import Webhook
 
-from server.images import ImageLimits, InputImageError, check_url, pinned_request
+from server.guard.images import ImageLimits, InputImageError, check_url, pinned_request
 from server.jobs.contract import Job
 from server.jobs.events import Watch
 from server.jobs.store import JobStore, StoreError

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from server.images import ImageLimits
+from server.guard.images import ImageLimits
 from server.jobs.messages import WorkerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ class ServerProcess:
     def command(self) -> list[str]:
         listen = ["--port", str(self.port)] if self.role == "serve" else []
         return [
-            sys.executable, "-m", "server.cli", self.role, "--model", self.model, *listen,
+            sys.executable, "-m", "server.commands.cli", self.role, "--model", self.model, *listen,
             "--data-dir", str(self.data_dir), "--device", self.device, *self.args,
         ]  # fmt: skip
 
@@ -205,7 +205,7 @@ def drop_sqlite_files(data_dir: Path, job_id: str, prefix: str) -> int:
 def serve_expecting_exit(data_dir: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     """Run `beyond serve` where it must refuse to start; returns its exit code and output."""
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--model", "random:tiny", "--data-dir", str(data_dir)],
+        [sys.executable, "-m", "server.commands.cli", "serve", "--model", "random:tiny", "--data-dir", str(data_dir)],
         cwd=ROOT,
         env={**os.environ, **env},
         capture_output=True,

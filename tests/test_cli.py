@@ -23,7 +23,7 @@ def beyond(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> s
     # The Hub cache is where HF_HOME says, whatever this machine's settings.
     base = {k: v for k, v in ENV.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args],
+        [sys.executable, "-m", "server.commands.cli", *args],
         cwd=cwd,
         env={**base, "PYTHONPATH": str(ROOT), **(env or {})},
         capture_output=True,
@@ -201,7 +201,7 @@ def sdxl_listing(fp16: bool = True) -> list[str]:
 
 
 def test_download_fetches_only_what_the_engine_loads() -> None:
-    from server.hubcache import DownloadError, wanted_files
+    from server.commands.download import DownloadError, wanted_files
 
     wanted = set(wanted_files("owner/sdxl", sdxl_listing()))
     shared = {"model_index.json", "scheduler/scheduler_config.json"}

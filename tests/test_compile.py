@@ -150,7 +150,7 @@ class Reporting:
 
 def compiling_worker(conn: Any, config: Any) -> None:
     """The real worker process (as the supervisor starts it), its UNet traced by dynamo's eager compiler."""
-    from server.jobs.worker import worker_main
+    from server.jobs.engine_process import worker_main
 
     UNet2DConditionModel.compile = eager_compile()  # type: ignore[method-assign]
     worker_main(Reporting(conn), config)

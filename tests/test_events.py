@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.app import create_app
+from server.http.app import create_app
+from server.http.routes import events as events_route
 from server.jobs.contract import ImageSource, JobParams
 from server.jobs.events import JobEvents
-from server.routes import events as events_route
 from server.settings import Settings
 from tests.helpers import LONG_JOB, ImageServer, ServerProcess, request_body
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from server.images import ImageLimits, InputImageError, fetch, fetch_async, load_image
+from server.guard.images import ImageLimits, InputImageError, fetch, fetch_async, load_image
 from tests.helpers import ImageServer, encode, noise_image
 
 ONE_SECOND = ImageLimits(allow_private_urls=True, timeout=1)

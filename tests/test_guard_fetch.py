@@ -13,8 +13,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from server import urlguard
-from server.images import ImageLimits, InputImageError, check_url, classify, load_image
+from server.guard import urlguard
+from server.guard.images import ImageLimits, InputImageError, check_url, classify, load_image
 from tests.helpers import ImageServer, ServerProcess, encode, noise_image, request_body
 
 STRICT = ImageLimits(allow_private_urls=False)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from server.auth import KeyRing
-from server.errors import Unauthorized
+from server.guard.auth import KeyRing
+from server.http.errors import Unauthorized
 
 KEY, OTHER = "SG_0123456789abcdef", "SG_fedcba9876543210"
 

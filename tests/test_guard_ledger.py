@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from server.http.submission import request_cost
 from server.jobs.contract import FailureKind, ImageSource, JobParams, JobResult, JobStatus, from_units, to_units
 from server.jobs.sqlite_store import SqliteJobStore
 from server.jobs.store import MAX_ATTEMPTS, InsufficientBalance, JobStore, QueueFull
-from server.submission import request_cost
 from tests.store_helpers import Stores
 
 OWNER, OTHER = "a" * 64, "b" * 64

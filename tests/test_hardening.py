@@ -319,7 +319,7 @@ def test_a_device_that_is_not_there_stops_startup(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "server.cli",
+            "server.commands.cli",
             "serve",
             "--model",
             "random:tiny",
@@ -372,8 +372,8 @@ def test_sigterm_while_the_model_loads_stops_within_2_s(tmp_path: Path) -> None:
 def test_worker_failures_reach_clients_in_our_words() -> None:
     from models.errors import NonFiniteOutput, OutOfMemory
     from server.jobs.contract import JobParams
+    from server.jobs.engine_process import UNKNOWN_FAILURE, Worker
     from server.jobs.messages import JobFailed, RunJob
-    from server.jobs.worker import UNKNOWN_FAILURE, Worker
     from tests.helpers import encode, tiny_worker_config
 
     class Broken:

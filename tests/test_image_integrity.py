@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.images import ImageLimits, InputImageError, decode_image
+from server.guard.images import ImageLimits, InputImageError, decode_image
 from tests.helpers import ServerProcess, encode, noise_image, request_body, smooth_image
 from tests.test_queue import finished, wait_for
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.images import (
+from server.guard.images import (
     ImageLimits,
     InputImageError,
     check_url,

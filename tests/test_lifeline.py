@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from server.jobs.engine_process import Worker
 from server.jobs.lifeline import EXIT_ORPHANED
 from server.jobs.sqlite_store import SqliteJobStore
 from server.jobs.supervisor import Supervisor
-from server.jobs.worker import Worker
 from tests.helpers import ROOT, running, tiny_worker_config
 
 

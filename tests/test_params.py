@@ -14,8 +14,8 @@ import pytest
 from models.names import DEFAULT_STYLES, SAMPLERS
 from models.params import BATCHED, PARAMETERS, OutpaintParams
 from models.sampling.registry import SAMPLER_SPECS, Noise
+from server.http.schemas import EXTENSION, SegBeyondRequest
 from server.jobs.contract import JobParams
-from server.schemas import EXTENSION, SegBeyondRequest
 from tests import sampling_reference as R
 from tests.helpers import ROOT, smooth_image
 
@@ -112,7 +112,7 @@ def test_the_batch_key_holds_every_parameter_not_marked_per_job() -> None:
 
 
 def test_the_worker_hands_the_engine_the_jobs_parameters_whole() -> None:
-    from server.jobs.worker import engine_request
+    from server.jobs.engine_process import engine_request
 
     params = OutpaintParams(prompt="p", negative_prompt="n", steps=25, samples=3, styles=("Sharp",), seed=9, left=4)
     image = smooth_image(16, 16)
@@ -123,7 +123,7 @@ def test_the_worker_hands_the_engine_the_jobs_parameters_whole() -> None:
 
 def test_the_command_line_has_an_option_for_every_parameter_with_its_default() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", "outpaint", "--help"],
+        [sys.executable, "-m", "server.commands.cli", "outpaint", "--help"],
         cwd=ROOT,
         capture_output=True,
         text=True,

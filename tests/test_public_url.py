@@ -11,8 +11,8 @@ import httpx
 import pytest
 from starlette.requests import Request
 
-from server.deps import public_base
-from server.hosts import AllowedHosts
+from server.guard.hosts import AllowedHosts
+from server.http.deps import public_base
 from server.settings import Settings
 from tests.helpers import ServerProcess, request_body, smooth_image
 

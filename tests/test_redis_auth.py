@@ -209,7 +209,7 @@ def test_a_node_that_redis_turns_away_stops_at_once_saying_why(
     env = {**os.environ, "BEYOND_REDIS_URL": redis_url(secured), "BEYOND_LOG_LEVEL": "debug"}
     started = time.monotonic()
     out = subprocess.run(
-        [sys.executable, "-m", "server.cli", *role, "--model", "random:tiny", "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "server.commands.cli", *role, "--model", "random:tiny", "--data-dir", str(tmp_path)],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from server.http.routes.health import _primary
 from server.jobs.registry import (
     KEY_PREFIX,
     EmbeddedRegistry,
@@ -23,7 +24,6 @@ from server.jobs.registry import (
 from server.jobs.sqlite_store import SqliteJobStore
 from server.jobs.store import StoreUnavailable
 from server.jobs.supervisor import Supervisor, WorkerStatus
-from server.routes.health import _primary
 from tests.helpers import tiny_worker_config
 from tests.redis_helpers import RedisServer
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import server.submission as submission
+import server.http.submission as submission
 from server.jobs.contract import ImageSource, Job, JobParams, JobResult, JobStatus
 from server.jobs.messages import RunJob
 from server.jobs.sqlite_store import SqliteJobStore

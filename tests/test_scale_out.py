@@ -393,7 +393,7 @@ def test_results_expire_on_every_node(tmp_path: Path) -> None:
 def test_roles_that_need_redis_refuse_to_start_without_it(tmp_path: Path, command: list[str]) -> None:
     env = {k: v for k, v in os.environ.items() if k != "BEYOND_REDIS_URL"}
     out = subprocess.run(
-        [sys.executable, "-m", "server.cli", *command, "--model", "random:tiny", "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "server.commands.cli", *command, "--model", "random:tiny", "--data-dir", str(tmp_path)],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -16,7 +16,7 @@ from models.canvas import SEAM_BAND, Padding, build_canvas, original_weight, pas
 from models.engine import OutpaintEngine, OutpaintRequest
 from models.pipeline import OutpaintPipeline
 from models.random_models import build_random
-from server.images import ImageLimits, decode_image
+from server.guard.images import ImageLimits, decode_image
 from tests.helpers import ServerProcess, encode, noise_image, request_body
 
 WIDTH, HEIGHT = 96, 80

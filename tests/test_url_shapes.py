@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.images import ImageLimits, InputImageError, check_url, is_url, pinned_request
+from server.guard.images import ImageLimits, InputImageError, check_url, is_url, pinned_request
 
 IN_HOUSE = ImageLimits(allow_private_urls=True)
 STRICT = ImageLimits()

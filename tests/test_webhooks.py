@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from server.images import ImageLimits
+from server.guard.images import ImageLimits
 from server.webhooks import WebhookDispatcher, WebhookOutbox, load_secret, sign_headers
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from server.jobs.contract import JobParams
+from server.jobs.engine_process import Entry, Worker
 from server.jobs.messages import JobDone, RunJob
-from server.jobs.worker import Entry, Worker
 from tests.helpers import encode, smooth_image, tiny_worker_config
 
 GPU = torch.device("cuda", 1)

@@ -62,7 +62,7 @@ class JobEvents:
         self._lock = threading.Lock()
         # Changes that said nothing runs on (a job ended, was put back in the queue, or was asked to stop):
         # with the count of waiting jobs, what tells the streams of queued jobs that the queue may have
-        # moved (server/routes/events.py). A job's claim, start and steps are `running` changes.
+        # moved (server/http/routes/events.py). A job's claim, start and steps are `running` changes.
         self.settled = 0
         self._watches: dict[str, set[Watch]] = {}
         self._work: list[Callable[[], None]] = []

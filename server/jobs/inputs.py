@@ -12,7 +12,7 @@ import logging
 
 from starlette.concurrency import run_in_threadpool
 
-from server.images import ImageLimits, InputImageError, check_canvas, decode_image, fetch_async
+from server.guard.images import ImageLimits, InputImageError, check_canvas, decode_image, fetch_async
 from server.jobs.contract import FailureKind, Job
 from server.jobs.store import JobStore, StoreError
 

@@ -166,7 +166,7 @@ class Transition:
         return f"{self.event.value}: {self.source.value} -> {self.target.value}{guard}"
 
 
-# What the worker reports (worker.py, the supervisor), as the kind of its attempt's failure. WORKER_DIED is
+# What the worker reports (engine_process.py, the supervisor), as the kind of its attempt's failure. WORKER_DIED is
 # never reported: a dead worker says nothing, its death is a row of its own.
 REPORTED = tuple(kind for kind in FailureKind if kind != FailureKind.WORKER_DIED)
 # What the input stage reports when it fails a job before it can run (inputs.py).

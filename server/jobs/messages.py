@@ -1,7 +1,7 @@
-"""The few typed messages between the supervisor (API process) and the worker (engine process).
+"""The few typed messages between the supervisor (API process or `beyond worker`) and the engine process.
 
-The worker knows nothing of the store: it gets a job's input bytes with the job and hands back the
-encoded images, so the same worker serves any store.
+The engine process knows nothing of the store: it gets a job's input bytes with the job and hands back
+the encoded images, so the same engine process serves any store.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.images import ImageLimits
+from server.guard.images import ImageLimits
 from server.jobs.contract import Delivery, JobParams, JobResult
 
 

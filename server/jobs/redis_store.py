@@ -28,6 +28,10 @@ Key layout (prefix `beyond:` by default):
     events              pub/sub channel: "<origin> w" (work available), "<origin> j <id>" (job changed),
                         "<origin> r <id>" (job claimed, started or a step further: still running)
 Finished jobs and their files carry a Redis TTL (the result TTL); live jobs never expire.
+
+Longer than most modules, as one cohesive thing: one implementation of the JobStore protocol
+(server/jobs/store.py), whose methods share the connection, the key layout and the scripts; its Lua is in
+server/jobs/redis_scripts.py, its connection in server/jobs/redis_connection.py.
 """
 
 from __future__ import annotations

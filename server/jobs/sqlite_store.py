@@ -4,6 +4,10 @@ The database is the only state the API and the supervisor share. A job's files u
 (a small request's input, output and previews) are rows of the `files` table, written in the same
 transaction as the job's own row. Larger ones are files in a folder per job, written before the row
 that points to them; a folder without a row (a crash between the two) is removed at start.
+
+Longer than most modules, as one cohesive thing: one implementation of the JobStore protocol
+(server/jobs/store.py), whose methods share the database's schema and transactions; its row codec is in
+server/jobs/codec.py and its lifecycle rules in server/jobs/lifecycle.py.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The job store's interface: what the API, the input stage and the supervisor ask of it.
 
 Two implementations: embedded SQLite for one box (`server/jobs/sqlite_store.py`) and Redis shared by
-many nodes (`server/jobs/redis_store.py`); `server/app.py` picks one in one place. Whatever the store
-has accepted survives a `kill -9` of the API or of the worker. What each method does to a job, and when
-it changes nothing, is the lifecycle table of `server/jobs/lifecycle.py`.
+many nodes (`server/jobs/redis_store.py`); build_store in `server/commands/startup.py` picks one in one
+place. Whatever the store has accepted survives a `kill -9` of the API or of the worker. What each method
+does to a job, and when it changes nothing, is the lifecycle table of `server/jobs/lifecycle.py`.
 """
 
 from __future__ import annotations

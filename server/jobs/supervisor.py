@@ -1,14 +1,15 @@
-"""The supervisor: feeds ready jobs to the worker process and keeps it alive.
+"""The supervisor: feeds ready jobs to the engine process and keeps it alive.
 
-It runs in a thread of the API process and sleeps until something happens: a message or the death
-of the worker, a job becoming ready (the store wakes it), or the next purge of expired results. A job
-that becomes ready while the loop sleeps is claimed and sent by the thread that made it ready, under
-the same lock, so a request does not wait for the loop's thread to wake.
-It keeps the worker fed ahead: up to two batches' worth of jobs in flight (the running batch and
-the next, which the worker prepares meanwhile), claimed in queue order; on a store shared with other
-workers, one batch, taken when the worker is free, so that no job waits here while another worker
-idles. The worker may die at any moment (a segfault, an OOM kill); the supervisor then puts every job
-it held back in the queue (once each) and starts a new worker, while the API goes on answering.
+It runs in a thread of the API process (or of `beyond worker`) and sleeps until something happens: a
+message or the death of the engine process, a job becoming ready (the store wakes it), or the next purge
+of expired results. A job that becomes ready while the loop sleeps is claimed and sent by the thread that
+made it ready, under the same lock, so a request does not wait for the loop's thread to wake.
+It keeps the engine process fed ahead: up to two batches' worth of jobs in flight (the running batch and
+the next, which the engine process prepares meanwhile), claimed in queue order; on a store shared with
+other workers, one batch, taken when the engine process is free, so that no job waits here while another
+worker idles. The engine process may die at any moment (a segfault, an OOM kill); the supervisor then
+puts every job it held back in the queue (once each) and starts a new one, while the API goes on
+answering. (In the code below, "the worker" is this supervisor's engine process.)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from server.jobs.contract import PREVIEW_NAME, FailureKind, JobStatus
+from server.jobs.engine_process import worker_main
 from server.jobs.messages import (
     Cancel,
     JobDone,
@@ -39,7 +41,6 @@ from server.jobs.messages import (
     WorkerConfig,
 )
 from server.jobs.store import FileGone, JobStore, StoreError, StoreUnavailable
-from server.jobs.worker import worker_main
 from server.logs import RateLimitedLog
 from server.metrics import Metrics
 

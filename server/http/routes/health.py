@@ -6,8 +6,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from server.auth import MetricsReaderDep
-from server.deps import ServicesDep, disk_problem
+from server.guard.auth import MetricsReaderDep
+from server.http.deps import ServicesDep, disk_problem
 from server.jobs.registry import WorkerInfo
 from server.jobs.store import StoreError
 

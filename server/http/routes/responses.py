@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.schemas import ErrorBody, FailedBody
+from server.http.schemas import ErrorBody, FailedBody
 
 MEANING = {
     400: "invalid parameters or request format; the message starts with the field's name",

@@ -10,7 +10,7 @@ from limits import RateLimitItem, parse_many
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
-from server.errors import RateLimited
+from server.http.errors import RateLimited
 
 
 @lru_cache(maxsize=256)

@@ -1,112 +1,39 @@
-"""The FastAPI application: wiring of settings, store, supervisor and routers, in one place."""
+"""The FastAPI application: the services (store and supervisor built by server/commands/startup.py), the
+middleware and the routers, wired in one place."""
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from models.styles import default_registry
-from server.auth import API_KEY_SCHEME, KeyRing
-from server.deps import Services
-from server.errors import install_error_handlers
-from server.hosts import AllowedHosts
-from server.images import ImageLimits
+from server.commands.startup import build_store, build_supervisor, image_limits, redis_tls
+from server.guard.auth import API_KEY_SCHEME, KeyRing
+from server.guard.hosts import AllowedHosts
+from server.guard.ratelimit import RateLimiter
+from server.http.deps import Services
+from server.http.errors import install_error_handlers
+from server.http.middleware import ServingMiddleware
+from server.http.results import webhook_body
+from server.http.routes import events, health, playground, styles, v1, v2
+from server.http.schemas import SegBeyondRequest
 from server.jobs.contract import to_units
 from server.jobs.inputs import InputStage
-from server.jobs.messages import WorkerConfig
 from server.jobs.registry import EmbeddedRegistry, Heartbeat, LocalWorker, RedisRegistry, WorkerRegistry, worker_name
 from server.jobs.results_cache import FinishedJobs
-from server.jobs.sqlite_store import SqliteJobStore
-from server.jobs.store import JobStore
 from server.jobs.supervisor import Supervisor
 from server.metrics import Metrics
-from server.middleware import ServingMiddleware
-from server.ratelimit import RateLimiter
-from server.results import webhook_body
-from server.routes import events, health, playground, styles, v1, v2
-from server.schemas import SegBeyondRequest
 from server.settings import Settings, get_settings
 from server.webhooks import KEEP_AFTER_EXPIRY, WebhookDispatcher, WebhookOutbox, Webhooks, load_secret
 
-if TYPE_CHECKING:
-    from server.jobs.redis_connection import RedisTLS
-
 log = logging.getLogger("beyond")
 VERSION = "0.1.0"
-REDIS_START_WAIT = 30.0  # seconds
-
-
-def redis_tls(settings: Settings) -> RedisTLS:
-    """The TLS files of the Redis connection (BEYOND_REDIS_CA_FILE, _CERT_FILE, _KEY_FILE)."""
-    from server.jobs.redis_connection import RedisTLS
-
-    return RedisTLS(settings.redis_ca_file, settings.redis_cert_file, settings.redis_key_file)
-
-
-def build_store(settings: Settings) -> JobStore:
-    """The one place the job store is chosen: Redis shared by several nodes, or SQLite embedded."""
-    if settings.redis_url:
-        from server.jobs.redis_store import RedisJobStore
-
-        # A name stable across restarts of this node, so a restarted node releases its own jobs at once; the
-        # worker's name or device keeps apart the workers of one host that share a data folder (one per GPU).
-        consumer = f"{socket.gethostname()}:{settings.data_dir.resolve()}:{settings.worker_name or settings.device}"
-        # A node started with its Redis waits a while for it, then stops with StoreUnavailable.
-        return RedisJobStore(
-            settings.redis_url,
-            ttl=settings.result_ttl,
-            reclaim_after=settings.reclaim_after,
-            consumer=consumer,
-            wait=REDIS_START_WAIT,
-            tls=redis_tls(settings),
-        )
-    return SqliteJobStore(settings.data_dir, ttl=settings.result_ttl)
-
-
-def image_limits(settings: Settings) -> ImageLimits:
-    return ImageLimits(
-        max_bytes=settings.max_input_bytes,
-        max_pixels=settings.max_input_pixels,
-        max_canvas_pixels=settings.max_canvas_pixels,
-        allow_private_urls=settings.allow_private_urls,
-        timeout=settings.fetch_timeout,
-    )
-
-
-def build_supervisor(settings: Settings, store: JobStore, metrics: Metrics | None) -> Supervisor:
-    """The supervisor of one engine process: `beyond serve`'s local worker, or a `beyond worker`."""
-    config = WorkerConfig(
-        model=settings.model,
-        device=settings.device,
-        dtype=settings.dtype,
-        limits=image_limits(settings),
-        styles_dir=settings.styles_dir,
-        expansion_model=settings.expansion_model,
-        tokenizer_dir=settings.tokenizer_dir,
-        cpu_threads=settings.cpu_threads,
-        channels_last=settings.channels_last,
-        fuse_qkv=settings.fuse_qkv,
-        compile=settings.compile,
-        compile_sizes=settings.compile_sizes or "",
-        log_level=settings.log_level,
-        log_format=settings.log_format,
-        max_batch=settings.max_batch,
-        prefetch=settings.worker_prefetch,
-    )
-    return Supervisor(
-        store,
-        config,
-        purge_interval=settings.purge_interval,
-        backoff=settings.worker_restart_backoff,
-        metrics=metrics,
-    )
 
 
 def build_registry(settings: Settings, supervisor: Supervisor | None) -> tuple[WorkerRegistry, Heartbeat | None]:

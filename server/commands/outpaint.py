@@ -1,8 +1,8 @@
 """`beyond outpaint`: one image through the engine in this process, no server, no HTTP.
 
-The values are checked by the API's own request model (server.schemas.SegBeyondRequest), so the
+The values are checked by the API's own request model (server.http.schemas.SegBeyondRequest), so the
 defaults and ranges are the contract's. Torch is imported only once the command runs: `import
-server.cli` stays light for the API process.
+server.commands.cli` stays light for the API process.
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ def validate(fields: dict[str, Any], registry: Any) -> dict[str, Any]:
     """The engine's parameters, checked by the API's request model (same defaults, same ranges)."""
     from pydantic import ValidationError
 
-    from server.errors import describe_validation_error
-    from server.schemas import SegBeyondRequest
+    from server.http.errors import describe_validation_error
+    from server.http.schemas import SegBeyondRequest
 
     try:
         # input_image is the file here; the model wants some non-empty text for it.
@@ -131,7 +131,7 @@ def output_paths(input_path: Path, output: str | None, samples: int) -> list[Pat
 
 
 def read_input(path: Path, limits: Any) -> Any:
-    from server.images import InputImageError, decode_image
+    from server.guard.images import InputImageError, decode_image
 
     if not path.exists():
         raise UsageError(f"{path}: no such file")
@@ -208,7 +208,7 @@ def _outpaint(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from models.styles import StyleFileError, default_registry
-    from server.images import ImageLimits, InputImageError, check_canvas
+    from server.guard.images import ImageLimits, InputImageError, check_canvas
     from server.settings import Settings
 
     # The server's settings (BEYOND_* variables) for what the command line does not say.
@@ -243,7 +243,7 @@ def _outpaint(args: argparse.Namespace) -> int:
 
     engine = load_engine(settings)
     on_step, close_bar = progress_callback()
-    from server.jobs.worker import engine_request
+    from server.jobs.engine_process import engine_request
 
     try:
         result = engine.run(engine_request(image, params), on_step)

@@ -6,20 +6,21 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from server.auth import get_caller, get_submitter
-from server.deps import Services, parse_body, public_base
-from server.errors import BadRequest, Conflict, InternalError, NotFound
+from server.guard.auth import get_caller, get_submitter
+from server.http import fast_routes
+from server.http.deps import Services, parse_body, public_base
+from server.http.errors import BadRequest, Conflict, InternalError, NotFound
+from server.http.results import read_output, result_body, webhook_status
+from server.http.routes.responses import errors
+from server.http.schemas import ResultResponse, SegBeyondRequest
+from server.http.submission import submit, wait_finished
 from server.jobs.contract import FailureKind, JobStatus
-from server.results import read_output, result_body, webhook_status
-from server.routes.responses import errors
-from server.schemas import ResultResponse, SegBeyondRequest
-from server.submission import submit, wait_finished
 
 SLUG = "seg-beyond"
 PATH = f"/v1/{SLUG}"
 router = APIRouter()
-# The body is parsed by server/deps.py (for our 400s and 413s); the schema is added to the components
-# by server/app.py's openapi_schema.
+# The body is parsed by server/http/deps.py (for our 400s and 413s); the schema is added to the components
+# by server/http/app.py's openapi_schema.
 REQUEST_SCHEMA = {
     "requestBody": {
         "required": True,
@@ -53,14 +54,16 @@ async def run_sync(request: Request) -> Response:
 
 async def answer_v1(request: Request) -> Response:
     """The whole v1 request, dependencies included, with no FastAPI routing or dependency injection
-    (they cost as much as this server's own part of a small request). server/middleware.py answers
-    POST /v1/seg-beyond ahead of the router, through here; the route above documents it."""
+    (they cost as much as this server's own part of a small request). The middleware answers
+    POST /v1/seg-beyond ahead of the router, through here (a fast route, added at the end of this module);
+    the route above documents it."""
     services: Services = request.app.state.services
     # The rate limit counts the caller before its body is read.
     caller = await get_submitter(request, await get_caller(request))
     body = await parse_body(request, services)
-    # No engine ready: a 502 at once (v2 work is still queued for when it is back).
     base = public_base(request, services.settings)
+    # sync: with no worker ready anywhere (none known, loading, restarting or failed), a 502 at once and
+    # nothing queued; /v2 takes the same request and queues it for when a worker is back.
     job = await submit(body, services, caller, base, sync=True)
     job = await wait_finished(services, job.id, request)
     if job.status == JobStatus.FAILED:
@@ -82,6 +85,9 @@ async def answer_v1(request: Request) -> Response:
     webhook = await run_in_threadpool(webhook_status, services, job) if job.delivery.webhook_url else None
     result = await run_in_threadpool(result_body, services, job, base, webhook)
     return JSONResponse({**result, "image": result["output"], "images": result["outputs"]}, headers=headers)
+
+
+fast_routes.add("POST", PATH, answer_v1)
 
 
 @router.post("/v1/{slug}", include_in_schema=False)

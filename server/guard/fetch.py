@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import anyio
 import httpx
 
-from server.input_limits import ImageLimits, InputImageError
-from server.urlguard import check_url_async, pinned_request
+from server.guard.input_limits import ImageLimits, InputImageError
+from server.guard.urlguard import check_url_async, pinned_request
 
 MAX_REDIRECTS = 5
 log = logging.getLogger("beyond.images")

@@ -11,11 +11,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from server.auth import CallerDep, SubmitterDep, get_caller, owner_of
-from server.deps import BodyDep, Services, ServicesDep, public_base
-from server.errors import BadRequest, Conflict, NotFound
-from server.jobs.contract import JobStatus
-from server.results import (
+from server.guard.auth import CallerDep, SubmitterDep, get_caller, owner_of
+from server.http import fast_routes
+from server.http.deps import BodyDep, Services, ServicesDep, public_base
+from server.http.errors import BadRequest, Conflict, NotFound
+from server.http.results import (
     find,
     find_state,
     list_item,
@@ -25,10 +25,11 @@ from server.results import (
     status_body,
     webhook_status,
 )
-from server.routes.responses import READ, SUBMIT, errors
-from server.routes.v1 import REQUEST_SCHEMA, SLUG
-from server.schemas import EXTENSION, CancelResponse, RequestList, ResultResponse, StatusResponse, SubmitResponse
-from server.submission import submit
+from server.http.routes.responses import READ, SUBMIT, errors
+from server.http.routes.v1 import REQUEST_SCHEMA, SLUG
+from server.http.schemas import EXTENSION, CancelResponse, RequestList, ResultResponse, StatusResponse, SubmitResponse
+from server.http.submission import submit
+from server.jobs.contract import JobStatus
 
 router = APIRouter(prefix="/v2")
 MAX_LIST = 100
@@ -66,11 +67,15 @@ async def get_status(request_id: str, request: Request) -> JSONResponse:
 
 async def answer_status(request: Request, request_id: str) -> JSONResponse:
     """What every polling client calls, many times a request: no dependency injection, no thread hop,
-    one small row or the cache. server/middleware.py answers it ahead of the router, through here."""
+    one small row or the cache. The middleware answers it ahead of the router, through here (a fast route,
+    added below)."""
     services: Services = request.app.state.services
     caller = await get_caller(request)
     state = find_state(services, request_id, owner_of(caller))
     return JSONResponse(status_body(services, state, public_base(request, services.settings)))
+
+
+fast_routes.add("GET", f"{router.prefix}/requests/{{request_id}}/status", answer_status)
 
 
 @router.get("/requests/{request_id}", response_model=ResultResponse, responses=READ, summary="A request's result")

@@ -8,8 +8,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from server.deps import Services
-from server.errors import FailedRequest, NotFound
+from server.http.deps import Services
+from server.http.errors import FailedRequest, NotFound
 from server.jobs.contract import PREVIEW_NAME, Job, JobState, JobStatus
 from server.jobs.store import FileGone
 

@@ -11,17 +11,17 @@ from fastapi import Depends, Request
 from pydantic import ValidationError
 
 from models.styles import StyleRegistry
-from server.auth import KeyRing
-from server.errors import BadRequest, PayloadTooLarge, describe_validation_error
-from server.images import ImageLimits
+from server.guard.auth import KeyRing
+from server.guard.images import ImageLimits
+from server.guard.ratelimit import RateLimiter
+from server.http.errors import BadRequest, PayloadTooLarge, describe_validation_error
+from server.http.schemas import SegBeyondRequest
 from server.jobs.inputs import InputStage
 from server.jobs.registry import Heartbeat, WorkerRegistry
 from server.jobs.results_cache import FinishedJobs
 from server.jobs.store import JobStore
 from server.jobs.supervisor import Supervisor
 from server.metrics import Metrics
-from server.ratelimit import RateLimiter
-from server.schemas import SegBeyondRequest
 from server.settings import Settings
 from server.webhooks import Webhooks
 

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from server.input_limits import ImageLimits, InputImageError
+from server.guard.input_limits import ImageLimits, InputImageError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -17,14 +17,9 @@ import sys
 import threading
 from types import FrameType
 
-from models.names import DEFAULT_MODEL
+from server.commands.startup import MODEL_HELP, build_store, build_supervisor, load_settings, preflight, redis_tls
 
 log = logging.getLogger("beyond.worker_node")
-# Also `beyond serve`'s.
-MODEL_HELP = (
-    "random:tiny, random:sdxl, a diffusers folder, a .safetensors file or a hub id"
-    f" (BEYOND_MODEL, default {DEFAULT_MODEL})"
-)
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -37,8 +32,6 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.app import build_store, build_supervisor, redis_tls
-    from server.cli import load_settings, preflight
     from server.jobs.registry import Heartbeat, LocalWorker, RedisRegistry, worker_name
     from server.jobs.store import StoreError
 

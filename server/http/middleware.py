@@ -7,29 +7,21 @@ disconnects reach the endpoints, and an error answer leaves the connection usabl
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import ApiError, BadRequest, error_response
-from server.hosts import ANY_HOST_PATHS, AllowedHosts
+from server.guard.hosts import ANY_HOST_PATHS, AllowedHosts
+from server.http import fast_routes
+from server.http.errors import ApiError, BadRequest, error_response
 from server.jobs.contract import from_units
 from server.jobs.store import StoreError
 from server.metrics import Metrics
-from server.routes.v1 import PATH as V1_PATH
-from server.routes.v1 import answer_v1
-from server.routes.v2 import answer_status
 
 access = logging.getLogger("beyond.access")
-# The status poll and the v1 request are answered here, ahead of FastAPI's routing and dependency
-# resolution, which cost as much as the status answer itself, and as much as all the rest of this
-# server's share of a small v1 request. Their routes in server/routes/ document them and share their code.
-STATUS_PATH = re.compile(r"/v2/requests/([^/]+)/status")
 WRONG_HOST = "host: not a name this server answers to"
 
 
@@ -79,7 +71,8 @@ class ServingMiddleware:
                     message = {**message, "headers": headers}
             await send(message)
 
-        fast = fast_route(scope)
+        # The status poll and the v1 request, registered by their routes (server/http/fast_routes.py).
+        fast = fast_routes.match(scope)
         try:
             if self.hosts is not None and not self.allowed(scope):
                 await error_response(BadRequest(WRONG_HOST))(scope, receive, send_with_headers)
@@ -120,31 +113,6 @@ class ServingMiddleware:
         host = next((value for key, value in scope["headers"] if key == b"host"), None)
         assert self.hosts is not None
         return self.hosts.allows(host)
-
-
-@dataclass(frozen=True)
-class RouteTemplate:
-    """A fast route's entry in the scope, where Starlette's router puts the route it matched: the logs,
-    the metrics and the 500 handler read its path."""
-
-    path: str
-
-
-STATUS_ROUTE = RouteTemplate("/v2/requests/{request_id}/status")
-V1_ROUTE = RouteTemplate(V1_PATH)
-
-
-def fast_route(scope: Scope) -> Callable[[Request], Awaitable[Response]] | None:
-    """The answer to a status poll or a v1 request (marked in the scope as the router would), else None."""
-    method, path = scope["method"], scope["path"]
-    if method == "GET" and (poll := STATUS_PATH.fullmatch(path)):
-        request_id = poll.group(1)
-        scope["route"], scope["path_params"] = STATUS_ROUTE, {"request_id": request_id}
-        return lambda request: answer_status(request, request_id)
-    if method == "POST" and path == V1_PATH:
-        scope["route"] = V1_ROUTE
-        return answer_v1
-    return None
 
 
 async def answer(route: Callable[[Request], Awaitable[Response]], scope: Scope, receive: Receive, send: Send) -> None:

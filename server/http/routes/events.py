@@ -23,13 +23,13 @@ from fastapi import APIRouter, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from server.auth import CallerDep, owner_of
-from server.deps import Services, ServicesDep, public_base
-from server.errors import ApiError
+from server.guard.auth import CallerDep, owner_of
+from server.http.deps import Services, ServicesDep, public_base
+from server.http.errors import ApiError
+from server.http.results import find, find_state, result_body, status_body
 from server.jobs.contract import Job, JobState, JobStatus
 from server.jobs.events import Watch
 from server.jobs.store import JobStore
-from server.results import find, find_state, result_body, status_body
 
 router = APIRouter(prefix="/v2")
 log = logging.getLogger("beyond.events")

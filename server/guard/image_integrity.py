@@ -18,7 +18,7 @@ import zlib
 import simplejpeg
 from PIL import Image
 
-from server.input_limits import InputImageError
+from server.guard.input_limits import InputImageError
 
 log = logging.getLogger("beyond.images")
 

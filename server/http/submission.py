@@ -10,9 +10,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from models.seeds import draw_seed
-from server.auth import Caller
-from server.deps import Services, disk_problem
-from server.errors import (
+from server.guard.auth import Caller
+from server.guard.images import InputImageError, check_canvas, check_url, decode_base64, decode_image, is_url
+from server.http.deps import Services, disk_problem
+from server.http.errors import (
     BadGateway,
     BadRequest,
     GatewayTimeout,
@@ -21,11 +22,10 @@ from server.errors import (
     NotFound,
     RateLimited,
 )
-from server.images import InputImageError, check_canvas, check_url, decode_base64, decode_image, is_url
+from server.http.schemas import SegBeyondRequest
 from server.jobs.contract import Delivery, ImageSource, Job, JobParams, from_units, to_units
 from server.jobs.registry import unavailable_reason
 from server.jobs.store import InsufficientBalance, QueueFull, StoreError
-from server.schemas import SegBeyondRequest
 
 log = logging.getLogger("beyond.submission")
 # How often a v1 waiter that nothing woke reads its job again (an event from another node can be lost

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.deps import ServicesDep
+from server.http.deps import ServicesDep
 
 router = APIRouter()
 

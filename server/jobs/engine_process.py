@@ -1,7 +1,8 @@
-"""The worker process: loads the engine once, then runs the jobs the supervisor sends.
+"""The engine process: loads the engine once, then runs the jobs the supervisor sends.
 
 It is a separate process so that a crash, an out-of-memory kill or a hung driver takes down only
-the engine; the API stays up and the supervisor starts a new worker.
+the engine; the API stays up and the supervisor starts a new engine process. (Its class is still
+named Worker, and its entry point worker_main: see server/jobs/__init__.py for the words.)
 
 Three threads keep the denoising busy (the supervisor keeps a few jobs in flight for that):
 - the preparer decodes each job as it arrives and runs the engine's `prepare` (canvas, mask, text
@@ -13,6 +14,9 @@ Three threads keep the denoising busy (the supervisor keeps a few jobs in flight
 A job that finds the main thread idle, or that leaves nothing behind it, is prepared or finished by
 the main thread itself: each hand-over between threads costs a small request a fraction of a
 millisecond, and with nothing to overlap it buys nothing.
+
+Longer than most modules, as one cohesive thing: the three threads, their hand-overs and the messages
+they answer share one state (the jobs in flight, the cancels) and are read together.
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ def preview_jpeg(rgb: Any) -> bytes:
 def failure(job: RunJob, exc: BaseException) -> JobFailed:
     """A job's failure in our words: the client never sees an exception's text unless it is ours."""
     from models.errors import Cancelled, NonFiniteOutput
-    from server.images import InputImageError
+    from server.guard.images import InputImageError
 
     def failed(error: str, kind: FailureKind) -> JobFailed:
         return JobFailed(job.job_id, job.attempt, error, kind.value)
@@ -116,7 +120,7 @@ def failure(job: RunJob, exc: BaseException) -> JobFailed:
 
 @dataclass
 class Entry:
-    """A job in the worker: received, then prepared (or failed), then in a batch, then answered."""
+    """A job in the engine process: received, then prepared (or failed), then in a batch, then answered."""
 
     job: RunJob
     ready: threading.Event = field(default_factory=threading.Event)
@@ -133,6 +137,8 @@ class Entry:
 
 
 class Worker:
+    """The engine process's state and threads (the class is named for what it was called before)."""
+
     def __init__(self, conn: Connection, config: WorkerConfig) -> None:
         self.conn = conn
         self.config = config
@@ -251,7 +257,7 @@ class Worker:
 
     def _prepare(self, entry: Entry) -> None:
         from models.errors import Cancelled
-        from server.images import check_canvas, decode_image
+        from server.guard.images import check_canvas, decode_image
 
         job = entry.job
         if job.job_id in self.cancelled:
@@ -492,7 +498,7 @@ class Worker:
     def run(self, job: RunJob) -> JobDone | JobFailed:
         """One job alone, start to end, in the calling thread (the engine's plain `run`)."""
         from models.errors import Cancelled
-        from server.images import check_canvas, decode_image
+        from server.guard.images import check_canvas, decode_image
 
         def on_step(step: int, total: int) -> None:
             if job.job_id in self.cancelled:

@@ -1,6 +1,6 @@
 """Reading `input_image`: an http(s) URL, raw base64 or a data: URL, into a clean RGB (or RGBA) picture.
 
-The URL checks live in server/urlguard.py and the download in server/fetch.py; their names are re-exported
+The URL checks live in server/guard/urlguard.py and the download in server/guard/fetch.py; their names are re-exported
 here for the callers that import them from this module.
 """
 
@@ -15,10 +15,10 @@ import re
 import numpy as np
 from PIL import Image, ImageOps
 
-from server.fetch import MAX_REDIRECTS, fetch, fetch_async
-from server.image_integrity import check_complete
-from server.input_limits import ImageLimits, InputImageError
-from server.urlguard import check_address, check_url, check_url_async, classify, is_url, parse_url, pinned_request
+from server.guard.fetch import MAX_REDIRECTS, fetch, fetch_async
+from server.guard.image_integrity import check_complete
+from server.guard.input_limits import ImageLimits, InputImageError
+from server.guard.urlguard import check_address, check_url, check_url_async, classify, is_url, parse_url, pinned_request
 
 __all__ = [
     "MAX_REDIRECTS",
