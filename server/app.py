@@ -32,7 +32,7 @@ from server.results import webhook_body
 from server.routes import events, health, playground, styles, v1, v2
 from server.schemas import SegBeyondRequest
 from server.settings import Settings, get_settings
-from server.webhooks import KEEP_AFTER_EXPIRY, WebhookDispatcher, WebhookOutbox, Webhooks, load_secret
+from server.webhooks import KEEP_AFTER_EXPIRY, SqliteOutbox, WebhookDispatcher, Webhooks, load_secret
 
 if TYPE_CHECKING:
     from server.jobs.redis_connection import RedisTLS
@@ -153,7 +153,7 @@ def build_webhooks(settings: Settings, services: Services) -> Webhooks | None:
         return None
     secret = settings.webhook_secret.get_secret_value()
     load_secret(secret)  # a malformed secret stops the start (ValueError, worded without the secret)
-    outbox = WebhookOutbox(settings.data_dir / "webhooks.sqlite3")
+    outbox = SqliteOutbox(settings.data_dir / "webhooks.sqlite3")
     dispatcher = WebhookDispatcher(outbox, secret, services.limits, timeout=settings.webhook_timeout)
     return Webhooks(
         services.store,
