@@ -94,7 +94,8 @@ async def in_thread(function: Callable[..., T], *args: Any) -> T:
 
 
 class WebhookDispatcher:
-    """Delivers the outbox from an asyncio task: wakes on enqueue or when the next retry is due.
+    """Delivers the outbox from an asyncio task: wakes on enqueue or when the next retry is due, and, on a
+    shared outbox, every `outbox.poll` seconds and in time to renew the leases of what it is sending.
 
     `schedule[i]` is the delay before attempt i + 1; its length is the number of attempts.
     """
@@ -123,6 +124,7 @@ class WebhookDispatcher:
         self._runner: asyncio.Task[None] | None = None
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._held: dict[str, float] = {}  # job_id -> time: attempts whose outcome could not be written
+        self._renew_at: float | None = None  # monotonic time the in-flight leases are next renewed
         self._transport: httpx.AsyncHTTPTransport | None = None
 
     def wake(self) -> None:
@@ -145,14 +147,22 @@ class WebhookDispatcher:
         self._runner = asyncio.create_task(self._run(), name="webhook-dispatcher")
 
     async def stop(self) -> None:
-        """Stop at once; an attempt cut off here is not recorded and is sent again after the next start."""
+        """Stop at once; an attempt cut off here is not recorded and is sent again: after the next start, or,
+        on a shared outbox, by another node at once (its lease is handed back)."""
         self.outbox.remove_listener(self.wake)
+        cut = list(self._inflight)
         tasks = [t for t in (self._runner, *self._inflight.values()) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._runner = None
         self._inflight.clear()
+        self._renew_at = None
+        if cut and self.outbox.lease is not None:
+            try:
+                await in_thread(self.outbox.release, cut)
+            except Exception as exc:
+                log.warning("webhook leases not handed back (%s); other nodes take them when they run out", exc)
         if self._transport is not None:
             await self._transport.aclose()
             self._transport = None
@@ -163,11 +173,34 @@ class WebhookDispatcher:
         while True:
             self._wake.clear()
             try:
+                await self._renew()
                 wait = await self._dispatch_due()
             except Exception:
                 log.exception("webhook outbox unreadable; trying again in 5 s")
                 wait = 5.0
-            await self._wake.wait(wait)
+            await self._wake.wait(self._cap(wait))
+
+    def _cap(self, wait: float | None) -> float | None:
+        """`wait`, shortened to look at a shared outbox every `poll` seconds and renew leases in time."""
+        limits = [] if wait is None else [wait]
+        if self.outbox.poll is not None:
+            limits.append(self.outbox.poll)
+        if self._renew_at is not None:
+            limits.append(max(0.0, self._renew_at - time.monotonic()))
+        return min(limits, default=None)
+
+    async def _renew(self) -> None:
+        """Keep the leases of the deliveries being sent (a shared outbox), a third of a lease apart."""
+        lease = self.outbox.lease
+        if lease is None or self._renew_at is None or time.monotonic() < self._renew_at:
+            return
+        if not self._inflight:
+            self._renew_at = None
+            return
+        self._renew_at = time.monotonic() + lease / 3
+        for job_id in await in_thread(self.outbox.renew, list(self._inflight)):
+            # Its lease ran out (this node was too slow, or cut off): another node may be sending it too.
+            log.warning("webhook for job %s was taken over by another node while being sent", job_id)
 
     async def _dispatch_due(self) -> float | None:
         """Start the attempts that are due; how long to sleep before looking again (None: until woken)."""
@@ -177,6 +210,8 @@ class WebhookDispatcher:
         for delivery in await in_thread(self.outbox.due, now, free, [*self._inflight, *self._held]):
             task = asyncio.create_task(self._attempt(delivery), name=f"webhook-{delivery.job_id}")
             self._inflight[delivery.job_id] = task
+        if self._inflight and self._renew_at is None and self.outbox.lease is not None:
+            self._renew_at = time.monotonic() + self.outbox.lease / 3
         if len(self._inflight) >= self.concurrency:
             return None  # a finishing attempt wakes the loop
         next_at = await in_thread(self.outbox.next_due, [*self._inflight, *self._held])

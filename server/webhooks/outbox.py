@@ -46,19 +46,33 @@ class PendingDelivery:
 class Outbox(Protocol):
     """What the dispatcher and the relay ask of the outbox. Blocking: call it off the event loop.
 
-    Times are the caller's clock (time.time()); `next_at` None means no further attempt.
+    Times are the caller's clock (time.time()); `next_at` None means no further attempt. An outbox of one
+    node (SQLite) has `lease` and `poll` None, and its renew/release/watch are no-ops: its dispatcher is the
+    only one, and its relay hears every job's end itself. A shared outbox (Redis) gives each delivery to one
+    node at a time, with a lease of `lease` seconds that its dispatcher renews while sending, and wants every
+    node to look at it every `poll` seconds even when nothing here woke it.
     """
+
+    lease: float | None
+    poll: float | None
 
     def add_listener(self, callback: Callable[[], None]) -> None: ...
     def remove_listener(self, callback: Callable[[], None]) -> None: ...
     def enqueue(
         self, job_id: str, url: str, body: bytes, now: float | None = None, *, msg_id: str | None = None
     ) -> bool: ...
+    # The due deliveries, taken for this node (a lease, on a shared outbox).
     def due(self, now: float, limit: int, exclude: Collection[str] = ()) -> list[PendingDelivery]: ...
     def next_due(self, exclude: Collection[str] = ()) -> float | None: ...
+    def renew(self, job_ids: Collection[str]) -> set[str]: ...
+    def release(self, job_ids: Collection[str]) -> None: ...
     def record(self, job_id: str, ok: bool, status: int | None, error: str | None, next_at: float | None) -> None: ...
     def status(self, job_id: str) -> dict[str, Any] | None: ...
     def purge(self, older_than: float) -> int: ...
+    # Live jobs with a webhook, for any node of a fleet to settle when they end.
+    def watch(self, job_id: str) -> None: ...
+    def unwatch(self, job_id: str) -> None: ...
+    def watched(self) -> list[str]: ...
     def close(self) -> None: ...
 
 
@@ -66,7 +80,11 @@ class SqliteOutbox:
     """The `webhooks` table of a SQLite file; safe to call from any thread (one connection per thread).
 
     Blocking: from async code call it through asyncio.to_thread. Close it only once nothing uses it any more.
+    One node's: nothing to lease, and nothing to watch for others.
     """
+
+    lease: float | None = None
+    poll: float | None = None
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -178,3 +196,18 @@ class SqliteOutbox:
         """Forget finished deliveries (delivered or given up) created before `older_than`; pending ones stay."""
         cursor = self._db().execute("DELETE FROM webhooks WHERE created_at < ? AND next_at IS NULL", (older_than,))
         return cursor.rowcount
+
+    def renew(self, job_ids: Collection[str]) -> set[str]:
+        return set()
+
+    def release(self, job_ids: Collection[str]) -> None:
+        pass
+
+    def watch(self, job_id: str) -> None:
+        pass
+
+    def unwatch(self, job_id: str) -> None:
+        pass
+
+    def watched(self) -> list[str]:
+        return []
