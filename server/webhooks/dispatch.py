@@ -23,6 +23,7 @@ from standardwebhooks import Webhook
 
 from server.images import ImageLimits, InputImageError, check_url, pinned_request
 from server.jobs.events import Watch
+from server.jobs.store import StoreError
 from server.webhooks.outbox import Outbox, PendingDelivery
 
 log = logging.getLogger("beyond.webhooks")
@@ -175,6 +176,9 @@ class WebhookDispatcher:
             try:
                 await self._renew()
                 wait = await self._dispatch_due()
+            except StoreError as exc:  # a shared outbox whose Redis is away: said once a try, without a trace
+                log.warning("webhook outbox unreadable (%s); trying again in 5 s", exc)
+                wait = 5.0
             except Exception:
                 log.exception("webhook outbox unreadable; trying again in 5 s")
                 wait = 5.0

@@ -164,9 +164,10 @@ class Webhooks:
             # Still live (the change was progress): listed once for the fleet, in case this node goes away.
             with self._lock:
                 listed = job_id in self._watched
-                self._watched.add(job_id)
             if not listed:
                 self.outbox.watch(job_id)
+                with self._lock:
+                    self._watched.add(job_id)
             return
         job = self.store.get(job_id) if state is not None else None
         if job is not None and job.delivery.webhook_url:
