@@ -149,7 +149,6 @@ def build_services(settings: Settings) -> Services:
 
 def build_outbox(settings: Settings, store: JobStore) -> Outbox:
     """The webhook outbox: a file beside the SQLite job store's, or, on Redis, one shared by the fleet."""
-    keep = settings.result_ttl + KEEP_AFTER_EXPIRY
     if settings.redis_url is None:
         return SqliteOutbox(settings.data_dir / "webhooks.sqlite3")
     from server.jobs.redis_store import RedisJobStore
@@ -159,6 +158,7 @@ def build_outbox(settings: Settings, store: JobStore) -> Outbox:
     # A node that dies mid-send loses its lease after half the reclaim time, and every node looks every
     # quarter: its deliveries are taken over within BEYOND_RECLAIM_AFTER, as its jobs are.
     lease = settings.reclaim_after / 2
+    keep = settings.result_ttl + KEEP_AFTER_EXPIRY  # a delivery outlives its job, as the SQLite rows do
     return RedisOutbox(store.redis, prefix=store.prefix, where=store.where, lease=lease, poll=lease / 2, keep=keep)
 
 
