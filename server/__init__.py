@@ -8,6 +8,8 @@
   workers' registry (its docstring has the words: worker, engine process, `beyond worker`).
 - commands/: the `beyond` commands: cli (options and dispatch), serve, worker, outpaint, download, and the
   start-up both serve and worker need.
+- webhooks/: signed, durable webhook delivery: the outbox (SQLite on one box, Redis on a fleet), the
+  dispatcher that sends with retries, and the relay that turns job ends into deliveries.
 - static/: the playground's script and style sheet (package data).
-At the top, what every room uses: settings, logs, metrics, version, and the webhooks.
+At the top, what every room uses: settings, logs, metrics, version.
 """

@@ -21,7 +21,7 @@ import pytest
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from server.guard.images import ImageLimits
-from server.webhooks import WebhookDispatcher, WebhookOutbox, load_secret, sign_headers
+from server.webhooks import SqliteOutbox, WebhookDispatcher, load_secret, sign_headers
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
 LOOPBACK = ImageLimits(allow_private_urls=True)
@@ -105,8 +105,8 @@ def loopback_only(monkeypatch: pytest.MonkeyPatch) -> list[object]:
 
 
 @asynccontextmanager
-async def dispatching(path: Path, **options: Any) -> AsyncIterator[tuple[WebhookOutbox, WebhookDispatcher]]:
-    outbox = WebhookOutbox(path)
+async def dispatching(path: Path, **options: Any) -> AsyncIterator[tuple[SqliteOutbox, WebhookDispatcher]]:
+    outbox = SqliteOutbox(path)
     options.setdefault("limits", LOOPBACK)
     options.setdefault("schedule", FAST)
     dispatcher = WebhookDispatcher(outbox, SECRET, **options)
@@ -118,7 +118,7 @@ async def dispatching(path: Path, **options: Any) -> AsyncIterator[tuple[Webhook
         outbox.close()
 
 
-async def wait_for(outbox: WebhookOutbox, job_id: str, done: Callable[[dict], bool], limit: float = 10.0) -> dict:
+async def wait_for(outbox: SqliteOutbox, job_id: str, done: Callable[[dict], bool], limit: float = 10.0) -> dict:
     deadline = time.monotonic() + limit
     while True:
         status = await asyncio.to_thread(outbox.status, job_id)
@@ -219,7 +219,7 @@ def test_pending_delivery_enqueued_while_stopped_goes_out_on_start(
 ) -> None:
     receiver = receiver_factory()
     path = tmp_path / "hooks.sqlite3"
-    outbox = WebhookOutbox(path)
+    outbox = SqliteOutbox(path)
     assert outbox.enqueue("job-1", receiver.url, BODY)
     outbox.close()
 
@@ -349,7 +349,7 @@ def test_deliveries_run_concurrently_within_the_bound(
 
 def test_enqueue_is_once_per_job(tmp_path: Path, receiver_factory: Callable[..., Receiver]) -> None:
     receiver = receiver_factory()
-    outbox = WebhookOutbox(tmp_path / "hooks.sqlite3")
+    outbox = SqliteOutbox(tmp_path / "hooks.sqlite3")
     assert outbox.enqueue("job-1", receiver.url, BODY)
     assert not outbox.enqueue("job-1", receiver.url, b'{"other": 1}')
     assert outbox.status("job-1") == {"delivered": False, "attempts": 0, "last_status": None, "error": None}
@@ -360,7 +360,7 @@ def test_enqueue_is_once_per_job(tmp_path: Path, receiver_factory: Callable[...,
 
 
 def test_purge_forgets_finished_deliveries_only(tmp_path: Path) -> None:
-    outbox = WebhookOutbox(tmp_path / "hooks.sqlite3")
+    outbox = SqliteOutbox(tmp_path / "hooks.sqlite3")
     for job_id in ("done", "failed", "pending", "recent"):
         outbox.enqueue(job_id, "http://127.0.0.1:9/hook", BODY, now=1000.0 if job_id != "recent" else 5000.0)
     outbox.record("done", True, 200, None, None)
@@ -416,7 +416,7 @@ def test_unrecordable_attempt_is_not_resent_in_a_loop(
     """A write that fails (a full disk) leaves the delivery due: it must be held back, not flood the receiver."""
     receiver = receiver_factory()
 
-    class FullDisk(WebhookOutbox):
+    class FullDisk(SqliteOutbox):
         def record(self, *args: Any) -> None:
             raise sqlite3.OperationalError("database or disk is full")
 

@@ -27,10 +27,11 @@ from server.jobs.contract import to_units
 from server.jobs.inputs import InputStage
 from server.jobs.registry import EmbeddedRegistry, Heartbeat, LocalWorker, RedisRegistry, WorkerRegistry, worker_name
 from server.jobs.results_cache import FinishedJobs
+from server.jobs.store import JobStore
 from server.jobs.supervisor import Supervisor
 from server.metrics import Metrics
 from server.settings import Settings, get_settings
-from server.webhooks import KEEP_AFTER_EXPIRY, WebhookDispatcher, WebhookOutbox, Webhooks, load_secret
+from server.webhooks import KEEP_AFTER_EXPIRY, Outbox, SqliteOutbox, WebhookDispatcher, Webhooks, load_secret
 
 log = logging.getLogger("beyond")
 VERSION = "0.1.0"
@@ -76,13 +77,28 @@ def build_services(settings: Settings) -> Services:
     return services
 
 
+def build_outbox(settings: Settings, store: JobStore) -> Outbox:
+    """The webhook outbox: a file beside the SQLite job store's, or, on Redis, one shared by the fleet."""
+    if settings.redis_url is None:
+        return SqliteOutbox(settings.data_dir / "webhooks.sqlite3")
+    from server.jobs.redis_store import RedisJobStore
+    from server.webhooks.redis_outbox import RedisOutbox
+
+    assert isinstance(store, RedisJobStore)
+    # A node that dies mid-send loses its lease after half the reclaim time, and every node looks every
+    # quarter: its deliveries are taken over within BEYOND_RECLAIM_AFTER, as its jobs are.
+    lease = settings.reclaim_after / 2
+    keep = settings.result_ttl + KEEP_AFTER_EXPIRY  # a delivery outlives its job, as the SQLite rows do
+    return RedisOutbox(store.redis, prefix=store.prefix, where=store.where, lease=lease, poll=lease / 2, keep=keep)
+
+
 def build_webhooks(settings: Settings, services: Services) -> Webhooks | None:
-    """Webhook delivery, with BEYOND_WEBHOOK_SECRET only; its outbox is a file beside the job store's."""
+    """Webhook delivery, with BEYOND_WEBHOOK_SECRET only."""
     if settings.webhook_secret is None:
         return None
     secret = settings.webhook_secret.get_secret_value()
     load_secret(secret)  # a malformed secret stops the start (ValueError, worded without the secret)
-    outbox = WebhookOutbox(settings.data_dir / "webhooks.sqlite3")
+    outbox = build_outbox(settings, services.store)
     dispatcher = WebhookDispatcher(outbox, secret, services.limits, timeout=settings.webhook_timeout)
     return Webhooks(
         services.store,
