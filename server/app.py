@@ -25,11 +25,12 @@ from server.jobs.results_cache import FinishedJobs
 from server.jobs.sqlite_store import SqliteJobStore
 from server.jobs.store import JobStore
 from server.jobs.supervisor import Supervisor
+from server.loras import lora_library
 from server.metrics import Metrics
 from server.middleware import ServingMiddleware
 from server.ratelimit import RateLimiter
 from server.results import webhook_body
-from server.routes import events, health, playground, styles, v1, v2
+from server.routes import events, health, loras, playground, styles, v1, v2
 from server.schemas import SegBeyondRequest
 from server.settings import Settings, get_settings
 from server.webhooks import KEEP_AFTER_EXPIRY, WebhookDispatcher, WebhookOutbox, Webhooks, load_secret
@@ -97,6 +98,8 @@ def build_supervisor(settings: Settings, store: JobStore, metrics: Metrics | Non
         log_format=settings.log_format,
         max_batch=settings.max_batch,
         prefetch=settings.worker_prefetch,
+        lora_dir=settings.lora_dir,
+        lora_cache=settings.lora_cache,
     )
     return Supervisor(
         store,
@@ -137,6 +140,7 @@ def build_services(settings: Settings) -> Services:
         finished=FinishedJobs(),
         limits=limits,
         styles=default_registry(settings.styles_dir),
+        loras=lora_library(settings),
         keys=keys,
         limiter=RateLimiter(settings.rate_limit),
         metrics=metrics,
@@ -183,7 +187,8 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
         # Every route that takes a key says so; the output images and previews are open (their URL is the key).
         schema["components"]["securitySchemes"] = API_KEY_SCHEME
         for path, operations in schema.get("paths", {}).items():
-            if path.startswith(("/v1/seg-beyond", "/v2/")) and "/outputs/" not in path and "preview" not in path:
+            keyed = path.startswith(("/v1/seg-beyond", "/v1/loras", "/v2/"))
+            if keyed and "/outputs/" not in path and "preview" not in path:
                 for operation in operations.values():
                     operation["security"] = [{name: []} for name in API_KEY_SCHEME]
         request = SegBeyondRequest.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -236,6 +241,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1.router)
     app.include_router(v2.router)
     app.include_router(styles.router)
+    app.include_router(loras.router)
     app.include_router(events.router)
     app.include_router(playground.router)
     return app

@@ -83,6 +83,10 @@ class Settings(BaseSettings):
 
     styles_dir: Path | None = None
     expansion_model: Path | None = None
+    # A folder of SDXL LoRA files (*.safetensors) that requests may name in `loras`; unset: none.
+    lora_dir: Path | None = None
+    # Bytes of LoRA weights the engine keeps loaded (on its device), least recently used out first.
+    lora_cache: int = Field(1 << 30, ge=0)
 
     # A worker that dies this many times in a row while loading makes /health report failure.
     worker_restart_backoff: float = Field(2.0, ge=0)
@@ -106,6 +110,13 @@ class Settings(BaseSettings):
     def _device(cls, value: str) -> str:
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
             raise ValueError(f"must be auto, cpu, cuda, cuda:N or mps; got {value!r}")
+        return value
+
+    @field_validator("lora_dir")
+    @classmethod
+    def _lora_dir(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"no such folder: {value}")
         return value
 
     @field_validator("worker_name")
