@@ -121,6 +121,9 @@ class OutpaintEngine:
         from models.lora_files import LoraLibrary
         from models.lora_weights import EngineLoras, model_layout
 
+        if self.loras is not None:  # the model as it was, before new patches take note of its weights
+            self.loras.text.apply((), [])
+            self.loras.unet.apply((), [])
         components = self.pipeline.c
         library = LoraLibrary(Path(folder) if folder is not None else None, model_layout(components))
         self.loras = EngineLoras(library, components, self.device, self.dtype, cache_bytes)
