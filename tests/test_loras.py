@@ -452,3 +452,56 @@ def test_the_command_lines_lora_option_reads_name_and_scale() -> None:
     assert _lora("loras", "my:style:-1") == {"name": "my:style", "scale": -1.0}
     with pytest.raises(UsageError, match="--lora: expected NAME or NAME:SCALE, got 'style:strong'"):
         _lora("loras", "style:strong")
+
+
+@pytest.fixture()
+def page(tmp_path: Path) -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_playground import CHROMIUM, CHROMIUM_ARGS
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
+        finally:
+            browser.close()
+
+
+def test_the_playground_offers_the_loras_and_the_seam_controls(
+    lora_server: ServerProcess, page, tmp_path: Path
+) -> None:
+    picture = tmp_path / "picture.png"
+    picture.write_bytes(encode(noise_image(64, 48)))
+    page.goto(f"{lora_server.url}/")
+    page.wait_for_function("document.getElementById('loras-hint').textContent !== ''")
+    assert page.text_content("#loras-hint") == "3 on this server"  # the usable ones
+    assert page.input_value("#seam-width") == "16" and not page.is_checked("#color-match")
+    page.set_input_files("#file", str(picture))
+    page.wait_for_function("document.getElementById('canvas').dataset.frame")
+    page.fill("#prompt", "a quiet beach")
+
+    def submitted() -> dict:
+        with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/v2/seg-beyond")) as sent:
+            page.click("#submit")
+        body = sent.value.post_data_json
+        page.wait_for_selector("#submit:not([disabled])", timeout=60_000)  # done before the next one
+        return body
+
+    # Untouched, the form sends none of the extensions: the hosted API's body.
+    assert not {"loras", "seam_width", "color_match"} & set(submitted())
+    for _ in range(4):
+        page.click("#add-lora")
+    assert page.is_disabled("#add-lora")  # at most 4
+    options = page.eval_on_selector("#loras select", "s => Array.from(s.options, o => o.value)")
+    assert options == ["product", "style", "unet-only"]
+    for _ in range(2):
+        page.click("#loras .lora button")
+    page.select_option("#loras .lora:nth-child(2) select", "unet-only")
+    page.fill("#loras .lora:nth-child(2) input", "-0.5")
+    page.fill("#seam-width", "32")
+    page.check("#color-match")
+    body = submitted()
+    assert body["loras"] == [{"name": "product", "scale": 1}, {"name": "unet-only", "scale": -0.5}]
+    assert body["seam_width"] == 32 and body["color_match"] is True
+    assert page.locator("#error").is_hidden()
