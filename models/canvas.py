@@ -235,22 +235,54 @@ def match_colors(
     """
     width, height = original.size
     ch, cw = generated.shape[:2]
-    # Only pixels within COLOR_BAND of the original's rectangle can be in either band.
+    # Only pixels within COLOR_BAND of the original's rectangle can be in either band: a crop around it.
     y0, y1 = max(0, pad.top - COLOR_BAND - 1), min(ch, pad.top + height + COLOR_BAND + 1)
     x0, x1 = max(0, pad.left - COLOR_BAND - 1), min(cw, pad.left + width + COLOR_BAND + 1)
-    known = np.zeros((y1 - y0, x1 - x0), dtype=bool)
     inside = (slice(pad.top - y0, pad.top - y0 + height), slice(pad.left - x0, pad.left - x0 + width))
-    known[inside] = True if alpha is None else alpha == 255
-    new = np.ones_like(known)
-    new[inside] = False if alpha is None else alpha == 0
-    if not known.any() or not new.any():
+    reference, measured = _color_bands((y1 - y0, x1 - x0), inside, pad, alpha)
+    if not reference.any() or not measured.any():
         return generated
-    reference = known & (ndimage.distance_transform_edt(~new) <= COLOR_BAND)
-    measured = new & (ndimage.distance_transform_edt(~known) <= COLOR_BAND)
-    on_canvas = np.zeros((y1 - y0, x1 - x0, 3), dtype=np.float32)
-    on_canvas[inside] = np.asarray(original.convert("RGB"), dtype=np.float32)
-    target = on_canvas[reference]
-    source = generated[y0:y1, x0:x1][measured].astype(np.float32)
+    on_canvas = np.zeros((y1 - y0, x1 - x0, 3), dtype=np.uint8)
+    on_canvas[inside] = np.asarray(original.convert("RGB"))
+    target = on_canvas[reference].astype(np.float64)
+    source = generated[y0:y1, x0:x1][measured].astype(np.float64)
     gain = np.clip(target.std(axis=0) / np.maximum(source.std(axis=0), 1.0), 1 / COLOR_GAIN, COLOR_GAIN)
-    out = (generated.astype(np.float32) - source.mean(axis=0)) * gain + target.mean(axis=0)
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    # The map of each channel as a table of its 256 values: the same numbers, a lookup per pixel.
+    levels = np.arange(256, dtype=np.float64)[:, None]
+    table = np.clip((levels - source.mean(axis=0)) * gain + target.mean(axis=0) + 0.5, 0, 255).astype(np.uint8)
+    return np.stack([table[generated[..., c], c] for c in range(3)], axis=-1)
+
+
+def _color_bands(
+    shape: tuple[int, int], inside: tuple[slice, slice], pad: Padding, alpha: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """In a crop around the original (`inside` its place): its opaque pixels within COLOR_BAND of a new
+    pixel, and the new pixels within COLOR_BAND of an opaque one (distances between pixel centres)."""
+    if alpha is not None:
+        known = np.zeros(shape, dtype=bool)
+        known[inside] = alpha == 255
+        new = np.ones(shape, dtype=bool)
+        new[inside] = alpha == 0
+        reference = known & (ndimage.distance_transform_edt(~new) <= COLOR_BAND)
+        measured = new & (ndimage.distance_transform_edt(~known) <= COLOR_BAND)
+        return reference, measured
+    # Padding alone: the new area is what lies beyond the padded sides, so both distances are geometry.
+    (top, bottom), (left, right) = (inside[0].start, inside[0].stop), (inside[1].start, inside[1].stop)
+    ys = np.arange(shape[0], dtype=np.float64)[:, None]
+    xs = np.arange(shape[1], dtype=np.float64)[None, :]
+    dy = np.maximum(np.maximum(top - ys, ys - (bottom - 1)), 0)
+    dx = np.maximum(np.maximum(left - xs, xs - (right - 1)), 0)
+    outside = (dy > 0) | (dx > 0)
+    measured = outside & (np.hypot(dy, dx) <= COLOR_BAND)
+    # From inside, the nearest new pixel is across the nearest padded side.
+    to_new = np.full(shape, np.inf)
+    for padded, distance in (
+        (pad.top, ys - (top - 1)),
+        (pad.bottom, bottom - ys),
+        (pad.left, xs - (left - 1)),
+        (pad.right, right - xs),
+    ):
+        if padded:
+            to_new = np.minimum(to_new, distance)
+    reference = ~outside & (to_new <= COLOR_BAND)
+    return reference, measured

@@ -118,3 +118,18 @@ def test_color_match_uses_only_known_pixels() -> None:
     reference = pixels[:, 60 - COLOR_BAND : 60].reshape(-1, 3).mean(axis=0)
     band = out[:, 60 : 60 + COLOR_BAND].reshape(-1, 3).mean(axis=0)
     assert np.abs(band - reference).max() < 2
+
+
+@pytest.mark.parametrize("pad", [Padding(left=40), Padding(top=3, right=70), Padding(5, 6, 7, 8), Padding(bottom=100)])
+def test_color_match_measures_padding_as_it_measures_transparency(pad: Padding) -> None:
+    from models.canvas import match_colors
+
+    # The padding's bands come from geometry, a transparent area's from distance transforms: the same
+    # bands for an opaque picture.
+    rng = np.random.default_rng(3)
+    original = Image.fromarray(cast_picture())
+    generated = rng.integers(0, 256, (HEIGHT + pad.top + pad.bottom, WIDTH + pad.left + pad.right, 3), np.uint8)
+    opaque = np.full((HEIGHT, WIDTH), 255, np.uint8)
+    matched = match_colors(generated, original, pad)
+    assert np.array_equal(matched, match_colors(generated, original, pad, opaque))
+    assert not np.array_equal(matched, generated)
