@@ -16,11 +16,18 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
+from models.params import DEFAULT_SEAM_WIDTH
+
 # How far (canvas pixels) the generated area reaches into the original, so the model redraws the
 # border it must blend with; the paste-back feathers over the same band. The contract of the
-# engine is: opaque pixels farther than SEAM_BAND from a padded side and from any fully transparent
-# pixel are the original, bit for bit.
-SEAM_BAND = 16
+# engine is: opaque pixels farther than the band from a padded side and from any fully transparent
+# pixel are the original, bit for bit. A request sets the band's width (seam_width); this is its default.
+SEAM_BAND = DEFAULT_SEAM_WIDTH
+# color_match: the colour statistics are taken this many pixels deep on either side of the new area's edge.
+COLOR_BAND = 32
+# color_match: the most a channel's spread is scaled by (or divided by): a flat band beside the seam must
+# not blow the generated texture up, nor a noisy one flatten it.
+COLOR_GAIN = 2.0
 # Modes that carry an alpha channel (palette and colour-key transparency is in `Image.info`).
 ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
@@ -96,9 +103,14 @@ def split_alpha(image: Image.Image) -> tuple[Image.Image, np.ndarray | None]:
 
 
 def build_canvas(
-    image: Image.Image, pad: Padding, alpha: np.ndarray | None = None, weight: np.ndarray | None = None
+    image: Image.Image,
+    pad: Padding,
+    alpha: np.ndarray | None = None,
+    weight: np.ndarray | None = None,
+    band: int = SEAM_BAND,
 ) -> tuple[Image.Image, np.ndarray]:
-    """The padded canvas with its new area pre-filled, and the generation mask (canvas size).
+    """The padded canvas with its new area pre-filled, and the generation mask (canvas size), which
+    reaches `band` pixels into the original.
 
     With `alpha`, transparent pixels are new area too: they count for their opacity in the pre-fill,
     and the mask takes in every pixel the paste-back does not keep whole (`original_weight` < 1);
@@ -114,10 +126,10 @@ def build_canvas(
     filled = prefill(pixels, known)
     canvas = Image.fromarray(np.clip(filled + 0.5, 0, 255).astype(np.uint8))
     if alpha is None:
-        return canvas, generation_mask(width, height, pad)
+        return canvas, generation_mask(width, height, pad, band)
     mask = np.ones((ch, cw), dtype=np.float32)
     if weight is None:
-        weight = original_weight(width, height, pad, alpha)
+        weight = original_weight(width, height, pad, alpha, band)
     mask[region] = (weight < 1.0).astype(np.float32)
     return canvas, mask
 
@@ -148,7 +160,10 @@ def working_size(width: int, height: int, native_area: int, multiple: int = 64) 
 
 
 def seam_alpha(width: int, height: int, pad: Padding, band: int = SEAM_BAND) -> np.ndarray:
-    """Weight of the original for each of its pixels: 0 at a padded side, 1 from `band` pixels in."""
+    """Weight of the original for each of its pixels: 0 at a padded side, 1 from `band` pixels in
+    (a band of 0: 1 everywhere, the original pasted back whole)."""
+    if band == 0:
+        return np.ones((height, width), dtype=np.float32)
 
     def distance(n: int, before: int, after: int) -> np.ndarray:
         # Distance of each pixel centre to the nearer padded edge along one axis.
@@ -173,7 +188,7 @@ def original_weight(
     if alpha is None:
         return weight
     clear = alpha == 0
-    if clear.any():
+    if clear.any() and band > 0:
         # Distance of each pixel's centre to the nearest fully transparent pixel's edge (half a pixel
         # short of centre to centre), as seam_alpha measures it to a padded side.
         reach = ndimage.distance_transform_edt(~clear).astype(np.float32) - 0.5
@@ -203,3 +218,71 @@ def paste_back(
     blended = np.clip(weight * orig + (1 - weight) * region + 0.5, 0, 255).astype(np.uint8)
     out[pad.top : pad.top + height, pad.left : pad.left + width] = np.where(weight >= 1.0, orig, blended)
     return Image.fromarray(out)
+
+
+def match_colors(
+    generated: np.ndarray, original: Image.Image, pad: Padding, alpha: np.ndarray | None = None
+) -> np.ndarray:
+    """The generated canvas ((h, w, 3) uint8) with each channel's mean and spread moved to the original's
+    next to the seam: the answer to a colour cast of the new area.
+
+    The reference is the original's own pixels (opaque ones only: never the colour stored under a
+    transparent pixel) within COLOR_BAND pixels of the new area; the measured part is the generated
+    new area (padding and fully transparent pixels) within COLOR_BAND pixels of them. Each channel is
+    mapped by the affine map that gives the measured part the reference's mean and standard deviation
+    (the spread's factor kept within 1/COLOR_GAIN..COLOR_GAIN), over the whole generated canvas, so the
+    paste-back's feather blends two pictures of one colour.
+    """
+    width, height = original.size
+    ch, cw = generated.shape[:2]
+    # Only pixels within COLOR_BAND of the original's rectangle can be in either band: a crop around it.
+    y0, y1 = max(0, pad.top - COLOR_BAND - 1), min(ch, pad.top + height + COLOR_BAND + 1)
+    x0, x1 = max(0, pad.left - COLOR_BAND - 1), min(cw, pad.left + width + COLOR_BAND + 1)
+    inside = (slice(pad.top - y0, pad.top - y0 + height), slice(pad.left - x0, pad.left - x0 + width))
+    reference, measured = _color_bands((y1 - y0, x1 - x0), inside, pad, alpha)
+    if not reference.any() or not measured.any():
+        return generated
+    on_canvas = np.zeros((y1 - y0, x1 - x0, 3), dtype=np.uint8)
+    on_canvas[inside] = np.asarray(original.convert("RGB"))
+    target = on_canvas[reference].astype(np.float64)
+    source = generated[y0:y1, x0:x1][measured].astype(np.float64)
+    gain = np.clip(target.std(axis=0) / np.maximum(source.std(axis=0), 1.0), 1 / COLOR_GAIN, COLOR_GAIN)
+    # The map of each channel as a table of its 256 values: the same numbers, a lookup per pixel.
+    levels = np.arange(256, dtype=np.float64)[:, None]
+    table = np.clip((levels - source.mean(axis=0)) * gain + target.mean(axis=0) + 0.5, 0, 255).astype(np.uint8)
+    return np.stack([table[generated[..., c], c] for c in range(3)], axis=-1)
+
+
+def _color_bands(
+    shape: tuple[int, int], inside: tuple[slice, slice], pad: Padding, alpha: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """In a crop around the original (`inside` its place): its opaque pixels within COLOR_BAND of a new
+    pixel, and the new pixels within COLOR_BAND of an opaque one (distances between pixel centres)."""
+    if alpha is not None:
+        known = np.zeros(shape, dtype=bool)
+        known[inside] = alpha == 255
+        new = np.ones(shape, dtype=bool)
+        new[inside] = alpha == 0
+        reference = known & (ndimage.distance_transform_edt(~new) <= COLOR_BAND)
+        measured = new & (ndimage.distance_transform_edt(~known) <= COLOR_BAND)
+        return reference, measured
+    # Padding alone: the new area is what lies beyond the padded sides, so both distances are geometry.
+    (top, bottom), (left, right) = (inside[0].start, inside[0].stop), (inside[1].start, inside[1].stop)
+    ys = np.arange(shape[0], dtype=np.float64)[:, None]
+    xs = np.arange(shape[1], dtype=np.float64)[None, :]
+    dy = np.maximum(np.maximum(top - ys, ys - (bottom - 1)), 0)
+    dx = np.maximum(np.maximum(left - xs, xs - (right - 1)), 0)
+    outside = (dy > 0) | (dx > 0)
+    measured = outside & (np.hypot(dy, dx) <= COLOR_BAND)
+    # From inside, the nearest new pixel is across the nearest padded side.
+    to_new = np.full(shape, np.inf)
+    for padded, distance in (
+        (pad.top, ys - (top - 1)),
+        (pad.bottom, bottom - ys),
+        (pad.left, xs - (left - 1)),
+        (pad.right, right - xs),
+    ):
+        if padded:
+            to_new = np.minimum(to_new, distance)
+    reference = ~outside & (to_new <= COLOR_BAND)
+    return reference, measured

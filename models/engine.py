@@ -2,28 +2,44 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
-from models.canvas import Padding, build_canvas, original_weight, paste_back, split_alpha, working_size
+from models.canvas import (
+    SEAM_BAND,
+    Padding,
+    build_canvas,
+    match_colors,
+    original_weight,
+    paste_back,
+    split_alpha,
+    working_size,
+)
 from models.composer import ComposedPrompts, PromptComposer
 from models.devices import resolve_device, resolve_dtype
-from models.errors import Cancelled, OutOfMemory
+from models.errors import Cancelled, NoLoraFolder, OutOfMemory
 from models.names import SAMPLERS, SCHEDULERS
-from models.params import OutpaintParams
+from models.params import LoraRef, OutpaintParams
 from models.pipeline import LatentInputs, OutpaintPipeline, StepCallback, check_finite
 from models.prompts import encode_prompts
 from models.sampling.registry import SAMPLER_SPECS
 from models.seeds import draw_seed, sample_seeds
 from models.speed import SpeedOptions
 
+if TYPE_CHECKING:
+    from models.lora_weights import EngineLoras
+
 __all__ = ["Cancelled", "OutOfMemory", "OutpaintEngine", "OutpaintRequest", "OutpaintResult", "PreparedJob"]
+# Bytes of LoRA weights the engine keeps loaded by default (models/lora_weights.py LoraCache).
+DEFAULT_LORA_CACHE = 1 << 30
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +69,7 @@ class PreparedJob:
     inputs: LatentInputs | None = None  # None: nothing to outpaint
     # With transparent pixels: the original's weight in the paste-back, per pixel (None: the seam feather).
     weight: np.ndarray | None = None
+    alpha: np.ndarray | None = None  # the input's alpha, when some pixel is transparent
     busy: float = 0.0  # seconds of engine work spent on this job so far
 
     @property
@@ -97,6 +114,20 @@ class OutpaintEngine:
         self.pipeline = pipeline
         self.spec = spec
         self.composer = composer or PromptComposer()
+        self.loras: EngineLoras | None = None  # enable_loras; None: a request with LoRAs is refused
+
+    def enable_loras(self, folder: str | Path | None, cache_bytes: int = DEFAULT_LORA_CACHE) -> EngineLoras:
+        """Take LoRAs by name from `folder` (*.safetensors files), keeping up to `cache_bytes` of them loaded."""
+        from models.lora_files import LoraLibrary
+        from models.lora_weights import EngineLoras, model_layout
+
+        if self.loras is not None:  # the model as it was, before new patches take note of its weights
+            self.loras.text.apply((), [])
+            self.loras.unet.apply((), [])
+        components = self.pipeline.c
+        library = LoraLibrary(Path(folder) if folder is not None else None, model_layout(components))
+        self.loras = EngineLoras(library, components, self.device, self.dtype, cache_bytes)
+        return self.loras
 
     @classmethod
     def load(
@@ -149,20 +180,25 @@ class OutpaintEngine:
             raise ValueError(f"sampler: unknown {request.sampler!r}")
         if request.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler: unknown {request.scheduler!r}")
+        if request.loras:
+            self._lora_set().check(request.loras)
         started = time.perf_counter()
         first = draw_seed() if request.seed == -1 else request.seed
         seeds = sample_seeds(first, request.samples)
         original, alpha = split_alpha(request.image)
         pad = request.padding
         composed = self.composer.compose(request.prompt, request.negative_prompt, request.styles, seeds)
-        job = PreparedJob(request, seeds, original, composed, original.size)
+        job = PreparedJob(request, seeds, original, composed, original.size, alpha=alpha)
         # Transparent pixels are generated like padding: an image with some has something to outpaint.
         if pad.any or alpha is not None:
             out_of_memory = None
+            band = request.seam_width
             try:
                 if alpha is not None:
-                    job.weight = original_weight(*original.size, pad, alpha)
-                job.canvas, job.inputs = self._prepare_latents(original, pad, composed, seeds, alpha, job.weight)
+                    job.weight = original_weight(*original.size, pad, alpha, band)
+                job.canvas, job.inputs = self._prepare_latents(
+                    original, pad, composed, seeds, alpha, job.weight, band, request.loras
+                )
             except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
                 out_of_memory = str(exc) or type(exc).__name__
             if out_of_memory is not None:
@@ -211,6 +247,8 @@ class OutpaintEngine:
         started = time.perf_counter()
         out_of_memory = None
         try:
+            if self.loras is not None or request.loras:
+                self._lora_set().activate_unet(request.loras)
             images = self.pipeline.denoise(
                 [jobs[i].inputs for i in active],
                 request.steps,
@@ -242,17 +280,15 @@ class OutpaintEngine:
             if images is None:
                 raise Cancelled()
             check_finite(images, self.dtype)
-            pad = job.request.padding
+            request = job.request
+            pad = request.padding
             arrays = (images.permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).clip(0, 255).astype(np.uint8)
-            pictures = [
-                paste_back(
-                    Image.fromarray(a).resize(job.canvas, Image.Resampling.LANCZOS),
-                    job.original,
-                    pad,
-                    weight=job.weight,
-                )
-                for a in arrays
-            ]
+            pictures = []
+            for a in arrays:
+                generated = Image.fromarray(a).resize(job.canvas, Image.Resampling.LANCZOS)
+                if request.color_match:
+                    generated = Image.fromarray(match_colors(np.asarray(generated), job.original, pad, job.alpha))
+                pictures.append(paste_back(generated, job.original, pad, request.seam_width, job.weight))
         job.busy += time.perf_counter() - started
         composed = job.composed
         return OutpaintResult(
@@ -265,6 +301,20 @@ class OutpaintEngine:
             inference_time=job.busy,
             notes=composed.notes,
         )
+
+    def _lora_set(self) -> EngineLoras:
+        if self.loras is None:
+            raise NoLoraFolder()
+        return self.loras
+
+    @contextlib.contextmanager
+    def _text_encoders(self, loras: tuple[LoraRef, ...]) -> Iterator[None]:
+        """The text encoders under the request's LoRAs while its prompts are encoded."""
+        if self.loras is None and not loras:
+            yield
+            return
+        with self._lora_set().text_encoders(loras):
+            yield
 
     def _raise_out_of_memory(self, detail: str, samples: int, canvas: tuple[int, int]) -> None:
         # Called outside the except block, so the traceback no longer holds the failed run's
@@ -281,8 +331,10 @@ class OutpaintEngine:
         seeds: list[int],
         alpha: np.ndarray | None = None,
         weight: np.ndarray | None = None,
+        band: int = SEAM_BAND,
+        loras: tuple[LoraRef, ...] = (),
     ) -> tuple[tuple[int, int], LatentInputs]:
-        canvas, mask = build_canvas(original, pad, alpha, weight)
+        canvas, mask = build_canvas(original, pad, alpha, weight, band)
         # A compiled UNet has graphs for a fixed set of sizes: the nearest of them (else unchanged).
         work_w, work_h = self.pipeline.snap(working_size(*canvas.size, self.pipeline.native_area), canvas.size)
         pixels = np.asarray(canvas.resize((work_w, work_h), Image.Resampling.LANCZOS), dtype=np.float32)
@@ -290,5 +342,8 @@ class OutpaintEngine:
         # Bilinear then "any part new" keeps the overlap band inside the mask after downscaling.
         mask_small = Image.fromarray((mask * 255).astype(np.uint8)).resize((work_w, work_h), Image.Resampling.BILINEAR)
         mask_t = torch.from_numpy((np.asarray(mask_small) > 0).astype(np.float32))[None, None]
-        embeddings = encode_prompts(self.pipeline.c, composed.positives, composed.negatives, self.device, self.dtype)
+        with self._text_encoders(loras):
+            embeddings = encode_prompts(
+                self.pipeline.c, composed.positives, composed.negatives, self.device, self.dtype
+            )
         return canvas.size, self.pipeline.prepare(image, mask_t, embeddings, seeds)

@@ -95,3 +95,39 @@ class HubModelUnavailable(ModelSpecError):
         self.repo_id = repo_id
         self.cache_dir = cache_dir
         self.offline = offline
+
+
+class LoraError(EngineError, ValueError):
+    """A LoRA that a request names cannot be used; the message says why, naming the LoRA."""
+
+
+class NoLoraFolder(LoraError):
+    """A request names LoRAs, and this engine was given no folder of them."""
+
+    def __init__(self) -> None:
+        super().__init__("no LoRA folder is configured, so no LoRA can be used")
+
+
+class InvalidLoraName(LoraError):
+    """A name that cannot be a LoRA's: a path, or a name with characters no file name in the folder has."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"{name!r} is not a LoRA name (the file's name in the LoRA folder, without folders)")
+        self.name = name
+
+
+class UnknownLora(LoraError):
+    """No file of that name in the LoRA folder."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"unknown LoRA {name!r}")
+        self.name = name
+
+
+class LoraFileError(LoraError):
+    """The LoRA's file cannot be read, or its weights do not fit this model."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"LoRA {name!r} cannot be used: {reason}")
+        self.name = name
+        self.reason = reason

@@ -12,7 +12,7 @@ Torch-free: the HTTP process validates requests into this type.
 from __future__ import annotations
 
 import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from models.names import DEFAULT_SAMPLER, DEFAULT_SCHEDULER, DEFAULT_STYLES, SAMPLERS, SCHEDULERS
@@ -33,6 +33,7 @@ class Param:
     # Not a parameter of the hosted seg-beyond service: its JSON form leaves it out while it has its
     # default, so that a request that does not use it reads exactly as it would there.
     extension: bool = False
+    max_items: int | None = None  # a list: the most items it may hold
 
 
 def param(
@@ -44,9 +45,26 @@ def param(
     choices: tuple[str, ...] = (),
     per_job: bool = False,
     extension: bool = False,
+    max_items: int | None = None,
 ) -> Any:
-    """A field of `OutpaintParams` with its `Param` (no default: the parameter is required)."""
-    return field(default=default, metadata={"param": Param(description, ge, le, choices, per_job, extension)})
+    """A field of `OutpaintParams` (or of a list item's type) with its `Param` (no default: required)."""
+    info = Param(description, ge, le, choices, per_job, extension, max_items)
+    return field(default=default, metadata={"param": info})
+
+
+# The seam band's default width, in pixels (models/canvas.py SEAM_BAND).
+DEFAULT_SEAM_WIDTH = 16
+MAX_LORAS = 4
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """One LoRA of a request: a file of the server's LoRA folder, by name, and how strongly it applies."""
+
+    name: str = param(description="the LoRA's name: its file name in the LoRA folder, without .safetensors")
+    scale: float = param(
+        1.0, description="its strength: 1 as trained, 0 leaves the model as it is, below 0 inverts it", ge=-2, le=2
+    )
 
 
 @dataclass(frozen=True)
@@ -73,16 +91,41 @@ class OutpaintParams:
     right: int = param(0, description="pixels to add on this side", ge=0, le=1024, per_job=True)
     top: int = param(0, description="pixels to add on this side", ge=0, le=1024, per_job=True)
     bottom: int = param(0, description="pixels to add on this side", ge=0, le=1024, per_job=True)
+    # Extensions (docs/extensions.md). Per job: each part of a batch has its own mask and paste-back.
+    seam_width: int = param(
+        DEFAULT_SEAM_WIDTH,
+        description="pixels of the original, next to the new area, that the model redraws and the paste-back"
+        " feathers into the original",
+        ge=0,
+        le=128,
+        per_job=True,
+        extension=True,
+    )
+    color_match: bool = param(
+        False,
+        description="match the colour of the generated area (mean and spread of each channel) to the"
+        " original's next to the seam, measured on the original's own pixels",
+        per_job=True,
+        extension=True,
+    )
+    # Batched: a batch runs under one set of LoRAs, so jobs with different sets never share one.
+    loras: tuple[LoraRef, ...] = param(
+        (),
+        description="LoRAs applied to the model for this request, each by name with its scale",
+        max_items=MAX_LORAS,
+        extension=True,
+    )
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form the job stores keep and results echo as `parameters` (a tuple as a list)."""
         # Flat fields: a shallow copy does (asdict's deep copy costs ~25 us on every request's path).
         data = {name: getattr(self, name) for name in NAMES}
-        for name in _TUPLES:
-            data[name] = list(data[name])
         for name, default in _EXTENSION_DEFAULTS.items():
             if data[name] == default:
                 del data[name]
+        for name, item in _TUPLES.items():
+            if name in data:
+                data[name] = [asdict(v) for v in data[name]] if is_dataclass(item) else list(data[name])
         return data
 
     @classmethod
@@ -90,9 +133,9 @@ class OutpaintParams:
         """Read a `to_json` form, also one an older release wrote: unknown keys are dropped, missing
         ones take their default."""
         values = {k: v for k, v in data.items() if k in NAMES}
-        for name in _TUPLES:
+        for name, item in _TUPLES.items():
             if name in values:
-                values[name] = tuple(values[name])
+                values[name] = tuple(item(**v) if is_dataclass(item) else v for v in values[name])
         return cls(**values)
 
     def values(self) -> dict[str, Any]:
@@ -107,14 +150,18 @@ class OutpaintParams:
         return width + self.left + self.right, height + self.top + self.bottom
 
 
-def _parameters() -> dict[str, tuple[Any, Any, Param]]:
-    hints = typing.get_type_hints(OutpaintParams)
-    return {f.name: (hints[f.name], f.default, f.metadata["param"]) for f in fields(OutpaintParams)}
+def parameters_of(cls: type) -> dict[str, tuple[Any, Any, Param]]:
+    """The fields of a dataclass made with `param` (OutpaintParams, LoraRef): name -> (type, default, Param)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], f.default, f.metadata["param"]) for f in fields(cls)}
 
 
 # Each parameter in order: its name -> (type, default or dataclasses.MISSING when required, Param).
-PARAMETERS: dict[str, tuple[Any, Any, Param]] = _parameters()
+PARAMETERS: dict[str, tuple[Any, Any, Param]] = parameters_of(OutpaintParams)
 NAMES: tuple[str, ...] = tuple(PARAMETERS)
 BATCHED: tuple[str, ...] = tuple(name for name, (_, _, info) in PARAMETERS.items() if not info.per_job)
-_TUPLES = tuple(name for name, (kind, _, _) in PARAMETERS.items() if typing.get_origin(kind) is tuple)
+# Each list parameter (a tuple) -> the type of its items (str, or a dataclass such as LoraRef).
+_TUPLES: dict[str, Any] = {
+    name: typing.get_args(kind)[0] for name, (kind, _, _) in PARAMETERS.items() if typing.get_origin(kind) is tuple
+}
 _EXTENSION_DEFAULTS = {name: default for name, (_, default, info) in PARAMETERS.items() if info.extension}

@@ -92,6 +92,10 @@ class Settings(BaseSettings):
 
     styles_dir: Path | None = None
     expansion_model: Path | None = None
+    # A folder of SDXL LoRA files (*.safetensors) that requests may name in `loras`; unset: none.
+    lora_dir: Path | None = None
+    # Bytes of LoRA weights the engine keeps loaded (on its device), least recently used out first.
+    lora_cache: int = Field(1 << 30, ge=0)
 
     # Seconds before restarting an engine process that died while loading the model, doubled at each such
     # death in a row (at most 60); meanwhile /health lists its worker as failed, with the error.
@@ -125,6 +129,13 @@ class Settings(BaseSettings):
             sides = re.fullmatch(r"\d+x\d+(,\d+x\d+)*", value.replace(" ", ""))
             if sides is None or any(int(v) % 64 or not int(v) for v in re.findall(r"\d+", value)):
                 raise ValueError("must be WxH,WxH,... with sides that are positive multiples of 64")
+        return value
+
+    @field_validator("lora_dir")
+    @classmethod
+    def _lora_dir(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"no such folder: {value}")
         return value
 
     @field_validator("worker_name")

@@ -75,6 +75,9 @@ def test_keys_are_required_and_only_in_x_api_key(guarded: ServerProcess) -> None
     assert v2(guarded, None, steps=3).status_code == 401
     assert get(guarded, "/health", None).status_code == 200
     assert get(guarded, "/v1/styles", None).status_code == 200
+    # The LoRA names are the operator's: listed to keys only.
+    assert get(guarded, "/v1/loras", None).status_code == 401
+    assert get(guarded, "/v1/loras", KEY_A).json() == {"loras": []}
 
 
 def test_a_key_sees_only_its_own_requests(guarded: ServerProcess) -> None:

@@ -12,7 +12,7 @@ from dataclasses import MISSING, replace
 import pytest
 
 from models.names import DEFAULT_STYLES, SAMPLERS
-from models.params import BATCHED, PARAMETERS, OutpaintParams
+from models.params import BATCHED, PARAMETERS, LoraRef, OutpaintParams
 from models.sampling.registry import SAMPLER_SPECS, Noise
 from server.http.schemas import EXTENSION, SegBeyondRequest
 from server.jobs.contract import JobParams
@@ -22,8 +22,12 @@ from tests.helpers import ROOT, smooth_image
 # The request body's fields that are not engine parameters.
 BODY_ONLY = {"input_image", "base64", "output_format", "output_quality", "webhook_url"}
 # What the engine's batched denoise gives each row of its own (models/pipeline.py: per-part prompts,
-# noise, seeds, canvas and mask); everything else a batch shares.
-PER_ROW = {"prompt", "negative_prompt", "samples", "styles", "seed", "left", "right", "top", "bottom"}
+# noise, seeds, canvas and mask; models/engine.py: each job's own paste-back); everything else a batch
+# shares.
+PER_ROW = {
+    *("prompt", "negative_prompt", "samples", "styles", "seed", "left", "right", "top", "bottom"),
+    *("seam_width", "color_match"),
+}
 
 # A job's parameters as the first release stored them (its JobParams.to_json), key order included.
 FIRST_RELEASE_JSON = (
@@ -40,8 +44,12 @@ def test_every_engine_parameter_is_one_body_field_with_its_default_and_range() -
     assert list(body)[: len(PARAMETERS) + 1] == ["input_image", *PARAMETERS]
     for name, (_, default, info) in PARAMETERS.items():
         field = body[name]
-        limits = {bound: getattr(m, bound) for m in field.metadata for bound in ("ge", "le") if hasattr(m, bound)}
-        assert (limits.get("ge"), limits.get("le")) == (info.ge, info.le), name
+        limits = {type(m).__name__: m for m in field.metadata}
+        bounds = (
+            getattr(limits.get(kind), attr, None)
+            for kind, attr in (("Ge", "ge"), ("Le", "le"), ("MaxLen", "max_length"))
+        )
+        assert tuple(bounds) == (info.ge, info.le, info.max_items), name
         if name == "styles":  # the hosted API's form: one comma-separated string
             assert field.default == DEFAULT_STYLES == ",".join(default)
             continue
@@ -94,10 +102,14 @@ def another_value(name: str) -> object:
     kind, default, info = PARAMETERS[name]
     if info.choices:
         return next(choice for choice in info.choices if choice != default)
+    if kind is bool:
+        return not default
     if kind in (int, float):
         return kind(info.le if default != info.le else info.ge)
     if kind is str:
         return f"{default} and more"
+    if kind == tuple[LoraRef, ...]:
+        return (*default, LoraRef("a-style"))
     return default[:-1] if default else ("Sharp",)
 
 

@@ -18,7 +18,7 @@ messages are for people: they say what is wrong and what to do.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from models.errors import HubModelUnavailable, InvalidTokenizerDir, ModelSpecError, TokenizersNotFound
 from models.loading.random_weights import RANDOM_SPECS
@@ -41,6 +41,7 @@ __all__ = [
     "TokenizersNotFound",
     "check_spec",
     "load_components",
+    "model_configs",
     "source_for",
 ]
 
@@ -57,3 +58,9 @@ def load_components(spec: str, *, progress: bool = True, tokenizer_dir: str | Pa
 def check_spec(spec: str, tokenizer_dir: str | Path | None = None) -> None:
     """Raise `ModelSpecError` if `spec` cannot possibly load. Cheap: no torch, no weights read."""
     source_for(spec, tokenizer_dir).check()
+
+
+def model_configs(spec: str, tokenizer_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """The configs of the unet and text encoders of the model `spec` names, without torch or its weights
+    (SDXL's for a Hub model not in the cache yet); `ModelSpecError` for a spec of no accepted form."""
+    return source_for(spec, tokenizer_dir).configs()

@@ -19,6 +19,7 @@ from models.loading.source import (
     MODEL_PARTS,
     TOKENIZER_PARTS,
     fit_tokenizer,
+    folder_configs,
     has_tokenizer_files,
     read_json,
     tokenizer_download_hint,
@@ -191,3 +192,6 @@ class FolderSource:
 
     def load(self, *, progress: bool = True) -> Components:
         return load_folder(self.folder)
+
+    def configs(self) -> dict[str, dict[str, Any]]:
+        return folder_configs(self.folder)

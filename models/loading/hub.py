@@ -12,11 +12,11 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from models.errors import HubModelUnavailable, ModelSpecError
 from models.loading.folder import WEIGHTS, WEIGHTS_INDEX, folder_problems, load_folder
-from models.loading.source import ACCEPTED_FORMS, MODEL_PARTS
+from models.loading.source import ACCEPTED_FORMS, MODEL_PARTS, folder_configs, sdxl_configs
 
 if TYPE_CHECKING:
     from models.components import Components
@@ -176,3 +176,10 @@ class HubSource:
 
     def load(self, *, progress: bool = True) -> Components:
         return load_hub(self.repo_id, progress=progress)
+
+    def configs(self) -> dict[str, dict[str, Any]]:
+        folder = cached_snapshot(self.repo_id)
+        try:
+            return folder_configs(folder) if folder is not None else sdxl_configs()
+        except ModelSpecError:  # not all there yet: it is fetched when the engine loads
+            return sdxl_configs()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from models.errors import ModelSpecError
-from models.loading.source import ACCEPTED_FORMS
+from models.loading.source import ACCEPTED_FORMS, sdxl_configs
 
 if TYPE_CHECKING:
     from models.components import Components
@@ -22,6 +22,18 @@ class RandomSource:
     def check(self) -> None:
         if self.name not in RANDOM_SPECS:
             raise ModelSpecError(f"Unknown random model {self.name!r}.\n{ACCEPTED_FORMS}")
+
+    def configs(self) -> dict[str, dict[str, Any]]:
+        from models import architectures as arch
+
+        self.check()
+        if self.name == "random:sdxl":
+            return sdxl_configs()
+        return {
+            "unet": arch.TINY_UNET,
+            "text_encoder": arch.TINY_TEXT_ENCODER,
+            "text_encoder_2": arch.TINY_TEXT_ENCODER_2,
+        }
 
     def load(self, *, progress: bool = True) -> Components:
         from models.random_models import build_random

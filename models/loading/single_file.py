@@ -222,3 +222,6 @@ class SingleFileSource:
 
     def load(self, *, progress: bool = True) -> Components:
         return load_single_file(single_file_plan(self.path, self.tokenizer_dir))
+
+    def configs(self) -> dict[str, dict[str, Any]]:
+        return infer_configs(self.path)

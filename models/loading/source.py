@@ -45,6 +45,22 @@ class ModelSource(Protocol):
         """The model's components in fp32 on the CPU. `progress` shows download progress bars."""
         ...
 
+    def configs(self) -> dict[str, dict[str, Any]]:
+        """The configs of its unet, text_encoder and text_encoder_2 (diffusers' and transformers' forms),
+        read without torch or weights; SDXL's where they cannot be read yet (a Hub model not downloaded)."""
+        ...
+
+
+def sdxl_configs() -> dict[str, dict[str, Any]]:
+    from models import architectures as arch
+
+    return {"unet": arch.SDXL_UNET, "text_encoder": arch.SDXL_TEXT_ENCODER, "text_encoder_2": arch.SDXL_TEXT_ENCODER_2}
+
+
+def folder_configs(folder: Path) -> dict[str, dict[str, Any]]:
+    """The configs of a diffusers folder's unet and text encoders."""
+    return {part: read_json(folder / part / "config.json") for part in ("unet", "text_encoder", "text_encoder_2")}
+
 
 def read_json(path: Path) -> dict[str, Any]:
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from models.names import DEFAULT_MODEL
-from models.params import PARAMETERS
+from models.params import PARAMETERS, LoraRef
 
 PROG = "beyond outpaint"
 # Output format by extension; the options are those the server uses for its JPEGs.
@@ -27,7 +27,17 @@ FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     ".webp": ("WEBP", {"quality": 95}),
 }
 # The metavar of an engine parameter's option, by its type (a parameter with choices: NAME).
-METAVARS: dict[Any, str] = {int: "N", float: "X", str: "TEXT", tuple[str, ...]: "LIST"}
+METAVARS: dict[Any, str] = {
+    int: "N",
+    float: "X",
+    str: "TEXT",
+    bool: "BOOL",
+    tuple[str, ...]: "LIST",
+    tuple[LoraRef, ...]: "NAME:SCALE",
+}
+# Options with a spelling of their own besides the parameter's: `--lora NAME:SCALE`, once per LoRA.
+ALIASES = {"loras": "--lora"}
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
 class UsageError(Exception):
@@ -36,7 +46,9 @@ class UsageError(Exception):
 
 def _parameter_help(name: str) -> str:
     """A parameter's help: what it is, its default and range, all from the engine's list."""
-    _, default, info = PARAMETERS[name]
+    kind, default, info = PARAMETERS[name]
+    if kind == tuple[LoraRef, ...]:
+        return f"{info.description} (default none; once per LoRA: NAME, or NAME:SCALE with SCALE -2..2, 1 if left out)"
     if default is MISSING or default == "":
         return info.description
     shown = ",".join(default) if isinstance(default, tuple) else default
@@ -55,17 +67,25 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("input", metavar="INPUT", help="the image to extend (PNG, JPEG or WebP)")
     # One option per engine parameter (models/params.py), in the list's order.
     for name, (kind, default, info) in PARAMETERS.items():
+        spellings = [f"--{name.replace('_', '-')}", *([ALIASES[name]] if name in ALIASES else [])]
+        how: dict[str, Any] = {}
+        if kind is bool:  # `--color-match` alone is true
+            how = {"nargs": "?", "const": "true"}
+        elif kind == tuple[LoraRef, ...]:
+            how = {"action": "append"}
         parser.add_argument(
-            f"--{name.replace('_', '-')}",
+            *spellings,
             dest=name,
             required=default is MISSING,
             metavar="NAME" if info.choices else METAVARS[kind],
             help=_parameter_help(name),
+            **how,
         )
     parser.add_argument(
         "--model", metavar="SPEC", help=f"model spec, as for serve (BEYOND_MODEL, default {DEFAULT_MODEL})"
     )
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (BEYOND_DEVICE, default auto)")
+    parser.add_argument("--lora-dir", metavar="DIR", help="the folder of LoRA files --lora names (BEYOND_LORA_DIR)")
     parser.add_argument(
         "-o",
         "--output",
@@ -91,6 +111,12 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
         text = getattr(args, name)
         if text is None:
             continue
+        if kind is bool:
+            fields[name] = _flag(name, text)
+            continue
+        if kind == tuple[LoraRef, ...]:
+            fields[name] = [_lora(name, item) for item in text]
+            continue
         if kind not in (int, float):
             fields[name] = text  # text, or a comma-separated list as in the request body
             continue
@@ -102,8 +128,28 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
     return fields
 
 
-def validate(fields: dict[str, Any], registry: Any) -> dict[str, Any]:
-    """The engine's parameters, checked by the API's request model (same defaults, same ranges)."""
+def _flag(name: str, text: str) -> bool:
+    if text.strip().lower() in _TRUE:
+        return True
+    if text.strip().lower() in _FALSE:
+        return False
+    raise UsageError(f"--{name.replace('_', '-')}: expected true or false, got {text!r}")
+
+
+def _lora(name: str, text: str) -> dict[str, Any]:
+    """`NAME` or `NAME:SCALE` as a request's LoRA object."""
+    lora, colon, scale = text.rpartition(":")
+    if not colon:
+        return {"name": text}
+    try:
+        return {"name": lora, "scale": float(scale)}
+    except ValueError:
+        raise UsageError(f"{ALIASES[name]}: expected NAME or NAME:SCALE, got {text!r}") from None
+
+
+def validate(fields: dict[str, Any], registry: Any, loras: Any = None) -> dict[str, Any]:
+    """The engine's parameters, checked by the API's request model (same defaults, same ranges);
+    `loras` is the LoRA folder (a models.lora_files.LoraLibrary), when there is one."""
     from pydantic import ValidationError
 
     from server.http.errors import describe_validation_error
@@ -111,10 +157,13 @@ def validate(fields: dict[str, Any], registry: Any) -> dict[str, Any]:
 
     try:
         # input_image is the file here; the model wants some non-empty text for it.
-        request = SegBeyondRequest.model_validate({"input_image": "-", **fields}, context={"registry": registry})
+        request = SegBeyondRequest.model_validate(
+            {"input_image": "-", **fields}, context={"registry": registry, "loras": loras}
+        )
     except ValidationError as exc:
         field, _, reason = describe_validation_error(list(exc.errors())).partition(": ")
-        raise UsageError(f"--{field.replace('_', '-')}: {_one_line(reason)}") from None
+        option = ALIASES.get(field.split(".")[0]) or f"--{field.replace('_', '-')}"
+        raise UsageError(f"{option}: {_one_line(reason)}") from None
     # A seed of -1 stays -1: the engine draws it and prints it with the result.
     return request.job_params(registry, request.seed)
 
@@ -212,21 +261,27 @@ def _outpaint(args: argparse.Namespace) -> int:
     from server.settings import Settings
 
     # The server's settings (BEYOND_* variables) for what the command line does not say.
+    given = {"model": args.model, "device": args.device, "lora_dir": args.lora_dir}
     try:
-        settings = Settings(**{k: v for k, v in (("model", args.model), ("device", args.device)) if v})
+        settings = Settings(**{k: v for k, v in given.items() if v})
     except ValidationError as exc:
         error = exc.errors()[0]
         field = str(error["loc"][0]) if error.get("loc") else ""
         reason = _one_line(str(error.get("msg")).removeprefix("Value error, "))
-        given = {"model": args.model, "device": args.device}.get(field)
-        if given:  # the command line's own value: name the option
-            raise UsageError(f"--{field} {given}: {reason}") from None
+        if given.get(field):  # the command line's own value: name the option
+            raise UsageError(f"--{field.replace('_', '-')} {given[field]}: {reason}") from None
         raise UsageError(f"invalid BEYOND_{field.upper()} setting: {reason}") from None
     try:
         registry = default_registry(settings.styles_dir)
     except StyleFileError as exc:
         raise UsageError(f"cannot load the styles: {_one_line(str(exc))}") from None
-    params = validate(request_fields(args), registry)
+    fields = request_fields(args)
+    loras = None
+    if fields.get("loras"):
+        from server.guard.loras import lora_library
+
+        loras = lora_library(settings)
+    params = validate(fields, registry, loras)
     limits = ImageLimits(
         max_bytes=settings.max_input_bytes,
         max_pixels=settings.max_input_pixels,
@@ -289,4 +344,5 @@ def load_engine(settings: Any) -> Any:
         engine.composer = build_composer(settings.styles_dir, settings.expansion_model, device=engine.device)
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot load the prompt expansion model: {_one_line(str(exc))}") from None
+    engine.enable_loras(settings.lora_dir, settings.lora_cache)
     return engine

@@ -154,6 +154,8 @@ def build_supervisor(settings: Settings, store: JobStore, metrics: Metrics | Non
         limits=image_limits(settings),
         styles_dir=settings.styles_dir,
         expansion_model=settings.expansion_model,
+        lora_dir=settings.lora_dir,
+        lora_cache=settings.lora_cache,
         tokenizer_dir=settings.tokenizer_dir,
         cpu_threads=settings.cpu_threads,
         channels_last=settings.channels_last,

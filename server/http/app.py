@@ -16,12 +16,13 @@ from models.styles import default_registry
 from server.commands.startup import build_store, build_supervisor, image_limits, redis_tls
 from server.guard.auth import API_KEY_SCHEME, KeyRing
 from server.guard.hosts import AllowedHosts
+from server.guard.loras import lora_library
 from server.guard.ratelimit import RateLimiter
 from server.http.deps import Services
 from server.http.errors import install_error_handlers
 from server.http.middleware import ServingMiddleware
 from server.http.results import webhook_body
-from server.http.routes import events, health, playground, styles, v1, v2
+from server.http.routes import events, health, loras, playground, styles, v1, v2
 from server.http.schemas import SegBeyondRequest
 from server.jobs.contract import to_units
 from server.jobs.inputs import InputStage
@@ -67,6 +68,7 @@ def build_services(settings: Settings) -> Services:
         finished=FinishedJobs(),
         limits=limits,
         styles=default_registry(settings.styles_dir),
+        loras=lora_library(settings),
         keys=keys,
         limiter=RateLimiter(settings.rate_limit),
         metrics=metrics,
@@ -128,7 +130,8 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
         # Every route that takes a key says so; the output images and previews are open (their URL is the key).
         schema["components"]["securitySchemes"] = API_KEY_SCHEME
         for path, operations in schema.get("paths", {}).items():
-            if path.startswith(("/v1/seg-beyond", "/v2/")) and "/outputs/" not in path and "preview" not in path:
+            keyed = path.startswith(("/v1/seg-beyond", "/v1/loras", "/v2/"))
+            if keyed and "/outputs/" not in path and "preview" not in path:
                 for operation in operations.values():
                     operation["security"] = [{name: []} for name in API_KEY_SCHEME]
         request = SegBeyondRequest.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -182,6 +185,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1.router)
     app.include_router(v2.router)
     app.include_router(styles.router)
+    app.include_router(loras.router)
     app.include_router(events.router)
     app.include_router(playground.router)
     return app

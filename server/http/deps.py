@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from pydantic import ValidationError
 
+from models.lora_files import LoraLibrary
 from models.styles import StyleRegistry
 from server.guard.auth import KeyRing
 from server.guard.images import ImageLimits
@@ -35,6 +36,7 @@ class Services:
     finished: FinishedJobs
     limits: ImageLimits
     styles: StyleRegistry
+    loras: LoraLibrary  # BEYOND_LORA_DIR (none: a request with loras is refused)
     keys: KeyRing
     limiter: RateLimiter
     metrics: Metrics
@@ -89,7 +91,7 @@ async def parse_body(request: Request, services: ServicesDep) -> SegBeyondReques
     if not isinstance(data, dict):
         raise BadRequest("body: must be a JSON object")
     try:
-        body = SegBeyondRequest.model_validate(data, context={"registry": services.styles})
+        body = SegBeyondRequest.model_validate(data, context={"registry": services.styles, "loras": services.loras})
     except ValidationError as exc:
         raise BadRequest(describe_validation_error(exc.errors(include_url=False))) from None
     limit = services.settings.max_prompt_chars

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import MISSING
+import typing
+from dataclasses import MISSING, is_dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -19,8 +20,10 @@ from pydantic import (
     field_validator,
 )
 
+from models.errors import LoraError, NoLoraFolder, UnknownLora
+from models.lora_files import LoraLibrary
 from models.names import DEFAULT_STYLES
-from models.params import PARAMETERS
+from models.params import PARAMETERS, LoraRef, Param, parameters_of
 from models.styles import StyleRegistry, UnknownStyle, default_registry
 from server.jobs.contract import OUTPUT_FORMATS, Delivery, JobParams
 
@@ -31,7 +34,9 @@ assert set(OutputFormat.__args__) == set(OUTPUT_FORMATS)  # type: ignore[attr-de
 
 # The engine's parameters (models/params.py) in the request body. A parameter's JSON type follows its
 # type; one with choices is an enum named after it (the one place the API checks sampler and scheduler
-# names). Where the hosted API's form is not the engine's, the body has its own field (_HOSTED_FORMS).
+# names); a list of dataclass items (loras) is an array of objects with the item's own fields, its
+# length at most max_items. Where the hosted API's form is not the engine's, the body has its own field
+# (_HOSTED_FORMS).
 _STRICT: dict[Any, Any] = {int: StrictInt, float: StrictFloat, str: StrictStr, bool: StrictBool}
 _HOSTED_FORMS: dict[str, tuple[Any, Any]] = {
     "negative_prompt": (StrictStr | None, Field(None, description=PARAMETERS["negative_prompt"][2].description)),
@@ -48,17 +53,36 @@ def _body_field(name: str) -> tuple[Any, Any]:
     if name in _HOSTED_FORMS:
         return _HOSTED_FORMS[name]
     kind, default, info = PARAMETERS[name]
-    annotation = _STRICT[kind]
+    return _field(name, kind, default, info)
+
+
+def _field(name: str, kind: Any, default: Any, info: Param) -> tuple[Any, Any]:
+    """(annotation, FieldInfo) of a field made with models.params.param: a parameter, or a list item's field."""
+    limits: dict[str, Any] = {key: value for key, value in (("ge", info.ge), ("le", info.le)) if value is not None}
+    if typing.get_origin(kind) is tuple:
+        (item, _) = typing.get_args(kind)
+        annotation = list[_item_model(item)]  # type: ignore[misc]
+        if info.max_items is not None:
+            limits["max_length"] = info.max_items
+    else:
+        annotation = _STRICT[kind]
     if info.choices:
         title = "".join(part.title() for part in name.split("_"))
         annotation = enum.Enum(title, {choice: choice for choice in info.choices}, type=str)  # type: ignore[misc]
         default = default if default is MISSING else annotation(default)
-    limits: dict[str, Any] = {key: value for key, value in (("ge", info.ge), ("le", info.le)) if value is not None}
     if kind is float:
         # NaN, Infinity and 1e999 are JSON to Python: "must be finite" rather than "less than or equal to 25".
         limits["allow_inf_nan"] = False
     description = (EXTENSION if info.extension else "") + info.description
     return annotation, Field(... if default is MISSING else default, description=description, **limits)
+
+
+def _item_model(item: type) -> type[BaseModel]:
+    """The body form of a list's items, from the item type's own fields (a JSON object with no other keys)."""
+    if not is_dataclass(item):
+        raise TypeError(f"a list parameter's items must be a dataclass of models.params.param fields, not {item}")
+    fields = {name: _field(name, *spec) for name, spec in parameters_of(item).items()}
+    return create_model(item.__name__, __config__=ConfigDict(extra="forbid"), **fields)  # type: ignore[call-overload]
 
 
 _FIELDS = {name: _body_field(name) for name in PARAMETERS}
@@ -122,6 +146,26 @@ class SegBeyondRequest(_WithParameters):  # type: ignore[misc,valid-type]
     def _known_choice(cls, value: Any, info: ValidationInfo) -> Any:
         return _known(value, PARAMETERS[info.field_name][2].choices, info.field_name)
 
+    @field_validator("loras")
+    @classmethod
+    def _usable_loras(cls, value: tuple[Any, ...], info: ValidationInfo) -> tuple[Any, ...]:
+        # The server passes its LoRA folder (BEYOND_LORA_DIR) as validation context: unknown names and
+        # files that do not fit the served model are refused here, before a job exists.
+        if not value:
+            return value
+        library: LoraLibrary | None = (info.context or {}).get("loras")
+        try:
+            if library is None or not library.configured:
+                raise NoLoraFolder()
+            library.check(LoraRef(item.name, item.scale) for item in value)
+        except NoLoraFolder:
+            raise ValueError("this server has no LoRA folder (BEYOND_LORA_DIR), so it takes no LoRAs") from None
+        except UnknownLora as exc:
+            raise ValueError(f"{exc}; GET /v1/loras lists the LoRAs of this server") from None
+        except LoraError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
     @field_validator("styles")
     @classmethod
     def _known_styles(cls, value: str, info: ValidationInfo) -> str:
@@ -150,6 +194,7 @@ class SegBeyondRequest(_WithParameters):  # type: ignore[misc,valid-type]
         for name, (kind, _, _) in PARAMETERS.items():
             value = getattr(self, name)
             values[name] = value.value if isinstance(value, enum.Enum) else float(value) if kind is float else value
+        values["loras"] = tuple(LoraRef(item.name, float(item.scale)) for item in self.loras)
         values["negative_prompt"] = self.negative_prompt or ""
         values["styles"] = tuple(registry.parse(self.styles))
         values["seed"] = seed
@@ -244,3 +289,19 @@ class CancelResponse(BaseModel):
     status: Status
     cancel_requested: bool
     error: str | None = None
+
+
+class LoraInfo(BaseModel):
+    name: str = Field(description="what a request names it by in `loras`: its file name without .safetensors")
+    size: int = Field(description="the file's size in bytes")
+    format: Literal["kohya", "diffusers"] | None = Field(
+        description="kohya (A1111, as on model sites) or diffusers (PEFT); none when the file cannot be used"
+    )
+    parts: list[str] | None = Field(
+        None, description="the parts of the model it changes: unet, text_encoder, text_encoder_2"
+    )
+    error: str | None = Field(None, description="why it cannot be used (a request naming it gets 400)")
+
+
+class LoraList(BaseModel):
+    loras: list[LoraInfo] = Field(description=EXTENSION + "the LoRAs of this server (BEYOND_LORA_DIR), by name")

@@ -93,7 +93,7 @@ def preview_jpeg(rgb: Any) -> bytes:
 
 def failure(job: RunJob, exc: BaseException) -> JobFailed:
     """A job's failure in our words: the client never sees an exception's text unless it is ours."""
-    from models.errors import Cancelled, NonFiniteOutput
+    from models.errors import Cancelled, LoraError, NonFiniteOutput
     from server.guard.images import InputImageError
 
     def failed(error: str, kind: FailureKind) -> JobFailed:
@@ -103,6 +103,8 @@ def failure(job: RunJob, exc: BaseException) -> JobFailed:
         return failed("cancelled", FailureKind.CANCELLED)
     if isinstance(exc, InputImageError):
         return failed(str(exc), FailureKind.INPUT)
+    if isinstance(exc, LoraError):  # a LoRA that was usable at submission and is not now (its file changed)
+        return failed(f"loras: {exc}", FailureKind.INPUT)
     if isinstance(exc, MemoryError):
         log.warning("job %s: %s (%s)", job.job_id, exc, getattr(exc, "detail", ""))
         return failed("out of memory; try fewer samples or a smaller canvas", FailureKind.OUT_OF_MEMORY)
@@ -196,6 +198,7 @@ class Worker:
             config.model, config.device, config.dtype, speed, tokenizer_dir=config.tokenizer_dir
         )
         engine.composer = build_composer(config.styles_dir, config.expansion_model, device=engine.device)
+        engine.enable_loras(config.lora_dir, config.lora_cache)
         self.engine = engine
         self.use_device()
         # A compiled UNet is compiled for every working size now, before the worker reports ready:

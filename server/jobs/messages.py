@@ -37,6 +37,9 @@ class WorkerConfig:
     # Jobs the supervisor keeps in the worker beyond the running batch (decoded and prepared ahead).
     # False: one job at a time, nothing prepared ahead (and so nothing batched).
     prefetch: bool = True
+    # The LoRA files requests may name, and the bytes of them the engine keeps loaded.
+    lora_dir: Path | None = None
+    lora_cache: int = 1 << 30
 
 
 # supervisor -> worker

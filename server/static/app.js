@@ -8,6 +8,7 @@ const UNKNOWN_SIZE = [1024, 1024];
 const KEY_STORAGE = "beyond.apiKey";
 const EDGE_GRAB = 8; // CSS pixels either side of an edge that start a drag
 const MARGIN = 16; // CSS pixels kept free around the padded canvas
+const MAX_LORAS = 4;
 
 const $ = (id) => document.getElementById(id);
 
@@ -18,6 +19,8 @@ const state = {
   layout: null, // where the last draw put things, in CSS pixels
   drag: null, // {side, layout} while an edge is dragged: the layout stays put so the edge follows the pointer
   run: null, // {id, controller} while a request runs
+  loras: [], // the usable LoRAs of the server (GET /v1/loras)
+  seamWidth: 16, // seam_width's default, from the API's description: sent only when changed
 };
 
 // ---------------------------------------------------------------- API access
@@ -368,10 +371,62 @@ async function loadOptions() {
     fillSelect($("sampler"), choices(schemas, request.sampler), [request.sampler.default]);
     fillSelect($("scheduler"), choices(schemas, request.scheduler), [request.scheduler.default]);
     defaultStyles = request.styles.default.split(",").filter(Boolean);
+    state.seamWidth = request.seam_width.default;
+    $("seam-width").value = String(state.seamWidth);
   } catch (error) {
     showError(`Could not read the API's options: ${error.message}`);
   }
-  await loadStyles(defaultStyles);
+  await Promise.all([loadStyles(defaultStyles), loadLoras()]);
+}
+
+// ---------------------------------------------------------------- LoRAs (an extension: sent only when chosen)
+
+async function loadLoras() {
+  const hint = $("loras-hint");
+  try {
+    const body = await api("v1/loras");
+    state.loras = body.loras.filter((lora) => !lora.error).map((lora) => lora.name);
+    hint.textContent = state.loras.length ? `${state.loras.length} on this server` : "none on this server";
+  } catch (error) {
+    state.loras = [];
+    hint.textContent = `cannot list them: ${error.message}`;
+  }
+  for (const select of document.querySelectorAll("#loras select")) {
+    const chosen = select.value;
+    fillSelect(select, state.loras, [chosen]);
+  }
+  updateLoraButton();
+}
+
+function updateLoraButton() {
+  $("add-lora").disabled = !state.loras.length || $("loras").children.length >= MAX_LORAS;
+}
+
+function addLora() {
+  const row = document.createElement("div");
+  row.className = "lora";
+  const name = document.createElement("select");
+  name.setAttribute("aria-label", "LoRA");
+  fillSelect(name, state.loras, [state.loras[0]]);
+  const scale = document.createElement("input");
+  Object.assign(scale, { type: "number", min: "-2", max: "2", step: "0.05", value: "1", title: "scale, -2 to 2" });
+  scale.setAttribute("aria-label", "LoRA scale");
+  const remove = document.createElement("button");
+  Object.assign(remove, { type: "button", textContent: "×", title: "remove this LoRA" });
+  remove.addEventListener("click", () => {
+    row.remove();
+    updateLoraButton();
+  });
+  row.append(name, scale, remove);
+  $("loras").append(row);
+  updateLoraButton();
+}
+
+function chosenLoras() {
+  return Array.from($("loras").children, (row) => ({
+    name: row.querySelector("select").value,
+    scale: Number(row.querySelector("input").value),
+  })).filter((lora) => lora.name);
 }
 
 async function loadStyles(defaults) {
@@ -411,6 +466,12 @@ function requestBody() {
   };
   const negative = $("negative-prompt").value;
   if (negative.trim()) body.negative_prompt = negative;
+  // Extensions go only when used, so an untouched form sends what the hosted API takes.
+  const seam = Number($("seam-width").value);
+  if (seam !== state.seamWidth) body.seam_width = seam;
+  if ($("color-match").checked) body.color_match = true;
+  const loras = chosenLoras();
+  if (loras.length) body.loras = loras;
   return body;
 }
 
@@ -535,6 +596,8 @@ function start() {
     if (apiKey()) localStorage.setItem(KEY_STORAGE, apiKey());
     else localStorage.removeItem(KEY_STORAGE);
   });
+  key.addEventListener("change", loadLoras); // a server with keys lists its LoRAs to keys only
+  $("add-lora").addEventListener("click", addLora);
   $("file").addEventListener("change", () => useFile($("file").files[0]));
   $("use-url").addEventListener("click", () => useUrl($("url").value));
   $("url").addEventListener("keydown", (event) => {

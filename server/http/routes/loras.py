@@ -1,0 +1,19 @@
+"""GET /v1/loras: the LoRAs a request may name (the files of BEYOND_LORA_DIR), with their size and format."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+
+from server.guard.auth import CallerDep
+from server.http.deps import ServicesDep
+from server.http.routes.responses import errors
+from server.http.schemas import LoraList
+
+router = APIRouter()
+
+
+@router.get("/v1/loras", summary="The LoRAs a request may name", responses=errors(401, 403))
+async def list_loras(services: ServicesDep, _: CallerDep) -> LoraList:
+    # Reads each new or changed file's header: a thread's work, not the event loop's.
+    return LoraList(loras=await run_in_threadpool(services.loras.describe))
