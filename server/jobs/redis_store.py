@@ -40,6 +40,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from redis.backoff import ExponentialBackoff
@@ -68,6 +69,18 @@ from server.jobs.store import DiskFull, FileGone, InsufficientBalance, QueueFull
 log = logging.getLogger("beyond.redis")
 
 LISTENER_BACKOFF = (0.1, 5.0)  # first and longest wait between reconnections of the pub/sub listener
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """The job stream as /metrics shows it (server/metrics.py)."""
+
+    length: int  # its entries: the jobs waiting for a worker plus the jobs workers hold (XLEN)
+    pending: int  # entries delivered to a worker and not yet done: the jobs workers hold
+    # The group's lag as Redis reports it: entries not yet delivered. None where Redis cannot count it
+    # (an entry past the group's read position was deleted); after such deletions it can also be too high.
+    lag: int | None
+    oldest_age: float  # seconds since the oldest job not started yet was submitted; 0 when none waits
 
 
 def _pairs(flat: list[Any]) -> dict[str, bytes]:
@@ -380,6 +393,20 @@ class RedisJobStore:
     def queued_count(self) -> int:
         with self._errors():
             return int(self.redis.zcard(self._key("queued")))
+
+    def stream_stats(self) -> StreamStats:
+        stream = self._key("stream")
+        with self._errors():
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xlen(stream)
+            pipe.xinfo_groups(stream)
+            pipe.zrange(self._key("queued"), 0, 0)
+            pipe.time()
+            length, groups, oldest, (seconds, micros) = pipe.execute()
+            created = self.redis.hget(self._key("job", oldest[0].decode()), "created_at") if oldest else None
+        group = next((g for g in groups if g["name"] in (GROUP, GROUP.encode())), {})
+        age = max(0.0, seconds + micros / 1e6 - float(created)) if created is not None else 0.0
+        return StreamStats(int(length), int(group.get("pending", 0)), group.get("lag"), age)
 
     def read_file(self, job_id: str, name: str) -> bytes:
         with self._errors():
