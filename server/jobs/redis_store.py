@@ -21,6 +21,7 @@ Key layout (prefix `beyond:` by default):
     stream              the stream of runnable jobs, entries {job: <id>}; group "workers"
     queued              zset by seq of the jobs waiting: QUEUED, or claimed but not started (queue bound, position)
     awaiting            zset of QUEUED URL jobs without their input yet, by seq
+    fetch:<id>          string: the consumer name of the node fetching a URL job's input, for reclaim_after
     processing          zset of PROCESSING job ids by seq
     owner:=<owner>      zset of an owner's job ids by seq (`owner:-` for jobs without a key)
     expiry              zset of "<id> <owner key>" by expires_at: what purge_expired cleans up
@@ -443,6 +444,12 @@ class RedisJobStore:
             ids = self.redis.zrange(self._key("awaiting"), 0, -1)
         jobs = self._jobs(ids)
         return [j for j in jobs if j is not None and j.status == JobStatus.QUEUED and not j.input_ready]
+
+    def lease_input(self, job_id: str) -> bool:
+        """This node is to fetch the job's input now: True while the job waits for its input and no other
+        node holds its fetch. The lease lasts reclaim_after; asking again holds it longer. A node restarted
+        under the same consumer name holds its previous life's leases: it fetches again at once."""
+        return bool(self._run("lease_input", job_id, self.consumer, int(self.reclaim_after * 1000)))
 
     def attach_input(self, job_id: str, image: bytes) -> bool:
         """The fetched input of a URL job: it enters the stream. False if the job ended meanwhile."""
