@@ -114,6 +114,8 @@ class Settings(BaseSettings):
     worker_name: str | None = None
     # How often a worker refreshes its registry card; a card not refreshed for 3 times this is gone.
     heartbeat_interval: float = Field(2.0, gt=0)
+    # `beyond worker` only: serve its Prometheus metrics on this port of `host` (unset: none; it has no HTTP).
+    metrics_port: int | None = Field(None, ge=1, le=65535)
 
     @field_validator("device")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import io
 import os
@@ -215,22 +216,33 @@ def serve_expecting_exit(data_dir: Path, env: dict[str, str]) -> subprocess.Comp
 
 
 class ImageServer:
-    """A loopback HTTP server for input_image URLs: path -> (status, bytes, content type)."""
+    """A loopback HTTP server for input_image URLs: path -> (status, bytes, content type). It counts the
+    requests for each path (`hits`); a path added with a `gate` is answered only once the gate is set."""
 
     def __init__(self) -> None:
         self.routes: dict[str, tuple[int, bytes, str, dict[str, str]]] = {}
-        routes = self.routes
+        self.gates: dict[str, threading.Event] = {}
+        self.hits: collections.Counter[str] = collections.Counter()
+        routes, gates, hits, lock = self.routes, self.gates, self.hits, threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                with lock:
+                    hits[self.path] += 1
+                gate = gates.get(self.path)
+                if gate is not None:
+                    gate.wait(120)
                 status, body, ctype, headers = routes.get(self.path, (404, b"not found", "text/plain", {}))
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", ctype)
+                    self.send_header("Content-Length", str(len(body)))
+                    for key, value in headers.items():
+                        self.send_header(key, value)
+                    self.end_headers()
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the fetching node hung up (a test killed it)
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -240,12 +252,22 @@ class ImageServer:
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def add(
-        self, path: str, body: bytes, ctype: str = "image/png", status: int = 200, headers: dict[str, str] | None = None
+        self,
+        path: str,
+        body: bytes,
+        ctype: str = "image/png",
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+        gate: threading.Event | None = None,
     ) -> str:
         self.routes[path] = (status, body, ctype, headers or {})
+        if gate is not None:
+            self.gates[path] = gate
         return self.url + path
 
     def close(self) -> None:
+        for gate in self.gates.values():
+            gate.set()
         self.httpd.shutdown()
 
 

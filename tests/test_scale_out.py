@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,11 +22,22 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.jobs.contract import FailureKind, ImageSource, Job, JobParams, JobStatus
 from server.jobs.redis_store import RedisJobStore
 from server.jobs.supervisor import Supervisor
-from tests.helpers import LONG_JOB, ROOT, ServerProcess, encode, jpeg, request_body, smooth_image, tiny_worker_config
+from tests.helpers import (
+    LONG_JOB,
+    ROOT,
+    ServerProcess,
+    encode,
+    free_port,
+    jpeg,
+    request_body,
+    smooth_image,
+    tiny_worker_config,
+)
 from tests.redis_helpers import RedisServer
 
 WORKERS = ("w1", "w2", "w3")
@@ -42,6 +54,7 @@ class Cluster:
     redis: RedisServer
     apis: list[ServerProcess]
     workers: dict[str, ServerProcess]
+    metrics: dict[str, str]  # each worker's metrics URL (`beyond worker --metrics-port`)
 
     def stop(self) -> None:
         for proc in [*self.workers.values(), *self.apis]:
@@ -63,10 +76,15 @@ def start_cluster(folder: Path, apis: int, workers: tuple[str, ...], **extra: st
     redis = RedisServer(folder / "redis").start()
     env = node_env(redis, **extra)
     api_nodes = [ServerProcess(folder / f"api{i}", env=env, args=("--no-worker",)).start() for i in range(apis)]
+    ports = {name: free_port() for name in workers}
     worker_nodes = {
-        name: ServerProcess(folder / name, env=env, role="worker", args=("--name", name)).start() for name in workers
+        name: ServerProcess(
+            folder / name, env=env, role="worker", args=("--name", name, "--metrics-port", str(ports[name]))
+        ).start()
+        for name in workers
     }
-    cluster = Cluster(redis, api_nodes, worker_nodes)
+    metrics = {name: f"http://127.0.0.1:{port}/metrics" for name, port in ports.items()}
+    cluster = Cluster(redis, api_nodes, worker_nodes, metrics)
     try:
         for api in api_nodes:
             api.wait_ready()
@@ -75,6 +93,16 @@ def start_cluster(folder: Path, apis: int, workers: tuple[str, ...], **extra: st
         cluster.stop()
         raise
     return cluster
+
+
+def scrape(url: str) -> dict[str, float]:
+    """A Prometheus page's samples by name, with their labels: 'name{label="value"}' -> value."""
+    samples = {}
+    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+        for sample in family.samples:
+            labels = ",".join(f'{key}="{value}"' for key, value in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
 
 
 def worker_cards(api: ServerProcess) -> list[dict]:
@@ -201,6 +229,47 @@ def test_a_free_worker_gets_the_next_job_and_a_busy_one_keeps_its_own(local_node
     assert (final.status, final.attempts) == (JobStatus.COMPLETED, 1)
 
 
+def held_while(node: LocalNode, running: Job, timeout: float) -> tuple[list[str], float]:
+    """The jobs the worker held when it first held more than `running`, and `running`'s progress then."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        held = list(node.supervisor.status.in_flight)
+        if len(held) > 1:
+            return held, node.store.get(running.id).progress or 0.0
+        time.sleep(0.01)
+    raise TimeoutError(f"the worker never held more than {list(node.supervisor.status.in_flight)}")
+
+
+def test_a_busy_worker_claims_ahead_in_its_last_steps_or_when_no_other_worker_is_idle(local_node: LocalNode) -> None:
+    """Prefetch on a shared store: the next job is claimed while one denoises (so that it is prepared
+    meanwhile) in the running job's last steps; sooner only when no other worker is idle."""
+    node = local_node
+    assert node.supervisor.others_idle is None  # nothing tells it: another worker may be idle
+    first, second = node.submit(2)
+    held, progress = held_while(node, first, 120)
+    # Claimed ahead (the first still held), in its last steps: not while most of its steps were left.
+    assert held == [first.id, second.id]
+    assert progress >= 0.5, progress
+    assert node.store.get(first.id).status == JobStatus.PROCESSING
+    deadline = time.monotonic() + 60
+    while (node.store.get(second.id).progress or 0) <= 0.02 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # Every other worker busy: the next job is claimed at once, with nearly all of the running one left.
+    node.supervisor.others_idle = lambda: False
+    (third,) = node.submit(1)
+    held, progress = held_while(node, second, 30)
+    assert held == [second.id, third.id] and progress < 0.5, progress
+    assert node.other.claim_next() is None  # the free stand-in finds nothing: it is held here
+    for job in (second, third):
+        node.store.request_cancel(job.id)
+    while not node.store.get(second.id).finished and time.monotonic() < deadline + 60:
+        time.sleep(0.1)
+    ended = [node.store.get(job.id) for job in (first, second, third)]
+    assert [(job.status, job.attempts) for job in ended] == [(JobStatus.COMPLETED, 1)] + [(JobStatus.FAILED, 1)] * 2
+    # In queue order; the third, cancelled while it was held, never started.
+    assert ended[0].started_at < ended[1].started_at and ended[2].started_at is None
+
+
 def test_the_jobs_of_a_hung_engine_are_taken_over(local_node: LocalNode) -> None:
     """An engine process that is alive but silent (a hung driver; here SIGSTOP) does not keep its jobs."""
     node = local_node
@@ -263,6 +332,35 @@ def test_thirty_jobs_on_two_api_nodes_and_three_workers(cluster: Cluster) -> Non
     assert jpeg(v1.content).size == (48 + 16, 48)
 
 
+def test_with_every_worker_busy_one_claims_the_next_job_ahead(cluster: Cluster) -> None:
+    """Prefetch across real workers: while another worker is idle a busy one leaves new jobs to it; with all
+    three busy, one of them claims the next job at once (held, still QUEUED to the client), long before any
+    running job ends. /metrics on an API node counts them in the stream."""
+    a, b = cluster.apis
+    wait_workers(a, lambda cards: sum(c["state"] == "ready" and not c["current_job"] for c in cards) == 3)
+    ids = [submit(a, seed=30 + i, **SLOW) for i in range(3)]
+    cards = wait_workers(b, lambda cs: sum(c["current_job"] in ids for c in cs) == 3)
+    assert sorted(c["current_job"] for c in cards) == sorted(ids)  # one each: none was claimed ahead
+    ahead = submit(b, seed=33, **SLOW)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        held = {name: scrape(url)["beyond_worker_jobs_held"] for name, url in cluster.metrics.items()}
+        if sum(held.values()) == 4:
+            break
+        time.sleep(0.1)
+    assert sorted(held.values()) == [1, 1, 2], held
+    assert status(a, ahead)[1]["status"] == "QUEUED"
+    assert all(status(a, request_id)[1]["status"] == "PROCESSING" for request_id in ids)
+    queue = scrape(f"{a.url}/metrics")
+    assert (queue["beyond_stream_length"], queue["beyond_stream_pending"], queue["beyond_queue_depth"]) == (4, 4, 1)
+    assert "beyond_stream_lag" in queue and queue["beyond_queue_oldest_age_seconds"] > 0
+    for request_id in [*ids, ahead]:
+        assert httpx.post(f"{b.url}/v2/requests/{request_id}/cancel", timeout=30).status_code == 200
+    for request_id in [*ids, ahead]:
+        assert wait_status(a, request_id, finished, timeout=60)["status"] == "FAILED"
+    wait_workers(a, lambda cs: not any(c["current_job"] for c in cs), timeout=30)
+
+
 def test_cancel_on_the_node_that_did_not_accept_the_job(cluster: Cluster) -> None:
     a, b = cluster.apis
     wait_workers(a, lambda cards: sum(c["state"] == "ready" and not c["current_job"] for c in cards) == 3)
@@ -286,6 +384,63 @@ def test_cancel_on_the_node_that_did_not_accept_the_job(cluster: Cluster) -> Non
     assert time.monotonic() - started < 15
     cards = wait_workers(a, lambda cs: not any(c["current_job"] for c in cs), timeout=15)
     assert all(c["state"] == "ready" for c in cards)
+
+
+def test_every_worker_exports_its_metrics(cluster: Cluster) -> None:
+    """Each `beyond worker --metrics-port` serves its own counters and gauges: jobs, steps, busy time, the
+    jobs it holds and the age of the oldest, failures and engine deaths; an API node the stream's."""
+    a, b = cluster.apis
+    wait_workers(a, lambda cards: sum(c["state"] == "ready" and not c["current_job"] for c in cards) == 3)
+    before = {name: scrape(url) for name, url in cluster.metrics.items()}
+    ids = [submit(cluster.apis[i % 2], seed=40 + i, **QUICK) for i in range(6)]
+    for request_id in ids:
+        assert wait_status(b, request_id, finished)["status"] == "COMPLETED"
+    after = {name: scrape(url) for name, url in cluster.metrics.items()}
+
+    def grew(name: str, sample: str) -> float:
+        return after[name].get(sample, 0.0) - before[name].get(sample, 0.0)
+
+    completed = {name: grew(name, "beyond_jobs_completed_total") for name in WORKERS}
+    assert sum(completed.values()) == len(ids), completed  # each job counted once, by the worker that ran it
+    for name in WORKERS:
+        page = after[name]
+        assert page[f'beyond_worker_info{{name="{name}"}}'] == 1
+        assert grew(name, "beyond_denoising_steps_total") == QUICK["steps"] * completed[name]
+        assert grew(name, "beyond_job_inference_seconds_count") == completed[name]
+        assert (grew(name, "beyond_worker_busy_seconds_total") > 0) == (completed[name] > 0)
+        assert page["beyond_worker_jobs_held"] == 0 and page["beyond_worker_job_age_seconds"] == 0
+        assert page["beyond_gpu_peak_memory_bytes"] == 0  # a CPU
+        assert grew(name, "beyond_worker_deaths_total") == 0
+    queue = scrape(f"{a.url}/metrics")
+    assert (queue["beyond_stream_length"], queue["beyond_stream_pending"], queue["beyond_queue_depth"]) == (0, 0, 0)
+    assert queue["beyond_queue_oldest_age_seconds"] == 0
+
+    # A running job's age grows; cancelled, it is a failure of its worker.
+    request_id = submit(a, seed=50, **SLOW)
+    name = running_on(b, request_id)
+    wait_status(a, request_id, lambda s: s.get("progress", 0) > 0.02)
+    time.sleep(1.0)
+    page = scrape(cluster.metrics[name])
+    assert page["beyond_worker_jobs_held"] == 1 and page["beyond_worker_job_age_seconds"] >= 1.0
+    assert httpx.post(f"{a.url}/v2/requests/{request_id}/cancel", timeout=30).status_code == 200
+    wait_status(b, request_id, finished, timeout=60)
+    cancelled = 'beyond_job_failures_total{reason="cancelled"}'
+    deadline = time.monotonic() + 10
+    while scrape(cluster.metrics[name]).get(cancelled, 0) == after[name].get(cancelled, 0):
+        assert time.monotonic() < deadline, "the cancelled job was not counted"
+        time.sleep(0.1)
+    assert scrape(cluster.metrics[name])[cancelled] == after[name].get(cancelled, 0) + 1
+
+    # Its engine process killed: a death, counted by the worker that restarts it.
+    card = next(c for c in worker_cards(a) if c["name"] == name)
+    os.kill(card["engine_pid"], signal.SIGKILL)
+    wait_workers(
+        a,
+        lambda cs: any(
+            c["name"] == name and c["state"] == "ready" and c["restarts"] == card["restarts"] + 1 for c in cs
+        ),
+    )
+    assert scrape(cluster.metrics[name])["beyond_worker_deaths_total"] == after[name]["beyond_worker_deaths_total"] + 1
 
 
 def test_sigterm_stops_a_worker_within_seconds_and_its_job_runs_elsewhere(cluster: Cluster) -> None:
@@ -403,3 +558,21 @@ def test_roles_that_need_redis_refuse_to_start_without_it(tmp_path: Path, comman
     assert out.returncode == 2
     assert out.stderr.strip().endswith("set BEYOND_REDIS_URL")
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_worker_whose_metrics_port_is_taken_stops_at_once(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "server.cli", "worker", "--model", "random:tiny", "--data-dir", str(tmp_path),
+             "--metrics-port", str(port)],
+            cwd=ROOT,
+            env={**os.environ, "BEYOND_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"beyond: cannot serve metrics on 127.0.0.1:{port}: Address already in use"

@@ -61,6 +61,7 @@ from tests.store_helpers import (
     OWNER,
     RESULT,
     TTL,
+    UNKNOWN,
     Stores,
     apply,
     drive,
@@ -557,6 +558,19 @@ def test_url_jobs_wait_for_their_input(store: JobStore) -> None:
     assert store.attach_input(gone.id, b"late") is False and store.claim_next() is None
 
 
+def test_a_url_job_is_fetched_while_it_waits_for_its_input(store: JobStore) -> None:
+    url_job = queue(store, url="http://127.0.0.1:9/in.png")
+    assert store.lease_input(url_job.id) is True
+    assert store.lease_input(url_job.id) is True  # asked again by its node: held longer
+    store.attach_input(url_job.id, FETCHED)
+    assert store.lease_input(url_job.id) is False  # stored: nothing left to fetch
+    gone = queue(store, url="http://127.0.0.1:9/other.png")
+    store.request_cancel(gone.id)
+    assert store.lease_input(gone.id) is False
+    assert store.lease_input(queue(store).id) is False  # its image came with it
+    assert store.lease_input(UNKNOWN) is False
+
+
 # -- expiry, events, health ---------------------------------------------------------------------------------
 
 
@@ -701,6 +715,24 @@ def test_a_cancel_asked_on_one_node_reaches_the_worker_on_another(nodes) -> None
     assert worker.set_progress(job.id, claimed.attempts, 0.1) is False
     api.request_cancel(job.id)
     assert worker.set_progress(job.id, claimed.attempts, 0.2) is True
+
+
+def test_one_node_at_a_time_fetches_a_url_input_and_another_takes_over_after_its_lease(nodes) -> None:
+    a, b = nodes(reclaim_after=0.4), nodes(reclaim_after=0.4)
+    job = queue(a, url="http://127.0.0.1:9/in.png")
+    assert a.lease_input(job.id) is True and b.lease_input(job.id) is False
+    time.sleep(0.25)
+    assert a.lease_input(job.id) is True  # held longer while its fetch goes on
+    time.sleep(0.25)
+    assert b.lease_input(job.id) is False  # past the first lease, but it was held longer
+    # Its node restarted under the same consumer name: the fetch is its own again at once.
+    restarted = nodes(reclaim_after=0.4, consumer=a.consumer)
+    assert restarted.lease_input(job.id) is True
+    time.sleep(0.5)  # then it dies too: its lease runs out and another node takes the fetch over
+    assert b.lease_input(job.id) is True and a.lease_input(job.id) is False
+    assert b.attach_input(job.id, FETCHED) is True
+    assert a.lease_input(job.id) is False and b.lease_input(job.id) is False
+    assert b.redis.exists(f"{b.prefix}fetch:{job.id}") == 0  # the lease goes with the fetch
 
 
 def test_a_silent_workers_job_is_reclaimed_then_failed_after_the_second_death(nodes) -> None:

@@ -5,6 +5,8 @@ as the API nodes put it in. Each is the supervisor of `beyond serve` without the
 ready job, runs it in its engine process and writes the outcome back to the store; its card in the
 worker registry (server/jobs/registry.py) is refreshed every BEYOND_HEARTBEAT_INTERVAL seconds.
 SIGTERM (or Ctrl-C) stops it within a few seconds and puts its running job back in the queue.
+With `--metrics-port` (BEYOND_METRICS_PORT) it serves its Prometheus metrics on that port of
+BEYOND_HOST: its jobs, failures, engine deaths, steps, busy time, GPU memory and the jobs it holds.
 """
 
 from __future__ import annotations
@@ -29,14 +31,27 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     worker.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps: one worker per GPU (BEYOND_DEVICE)")
     worker.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], help="compute precision (BEYOND_DTYPE)")
     worker.add_argument("--name", help="its name in the worker registry (BEYOND_WORKER_NAME, default <host>-<pid>)")
+    worker.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics on this port (BEYOND_METRICS_PORT; default: none)"
+    )
+    worker.add_argument("--host", help="interface the metrics port listens on (BEYOND_HOST, default 127.0.0.1)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from server.jobs.registry import Heartbeat, LocalWorker, RedisRegistry, worker_name
+    from prometheus_client import start_http_server
+
+    from server.jobs.registry import Heartbeat, LocalWorker, RedisRegistry, share_state, worker_name
     from server.jobs.store import StoreError
+    from server.metrics import Metrics
 
     settings = load_settings(
-        model=args.model, data_dir=args.data_dir, device=args.device, dtype=args.dtype, worker_name=args.name
+        model=args.model,
+        data_dir=args.data_dir,
+        device=args.device,
+        dtype=args.dtype,
+        worker_name=args.name,
+        metrics_port=args.metrics_port,
+        host=args.host,
     )
     if settings is None:
         return 2
@@ -47,6 +62,16 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"beyond: {problem}", file=sys.stderr)
         return 2
+    metrics = Metrics()
+    exporter = None
+    if settings.metrics_port is not None:
+        try:
+            exporter, _ = start_http_server(settings.metrics_port, settings.host, metrics.registry)
+        except OSError as exc:
+            where = f"{settings.host}:{settings.metrics_port}"
+            print(f"beyond: cannot serve metrics on {where}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        log.info("metrics on http://%s:%s/metrics", settings.host, settings.metrics_port)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
         store = build_store(settings)
@@ -63,13 +88,12 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    supervisor = build_supervisor(settings, store, None)
+    supervisor = build_supervisor(settings, store, metrics)
     name = worker_name(settings.worker_name)
-    heartbeat = Heartbeat(
-        RedisRegistry(settings.redis_url, ttl=3 * settings.heartbeat_interval, tls=redis_tls(settings)),
-        LocalWorker(supervisor, name, os.getpid()),
-        settings.heartbeat_interval,
-    )
+    metrics.name_worker(name)
+    registry = RedisRegistry(settings.redis_url, ttl=3 * settings.heartbeat_interval, tls=redis_tls(settings))
+    heartbeat = Heartbeat(registry, LocalWorker(supervisor, name, os.getpid()), settings.heartbeat_interval)
+    share_state(supervisor, registry, heartbeat)
     try:
         supervisor.start()  # gives back the jobs this worker ran before a restart
     except StoreError as exc:
@@ -81,5 +105,7 @@ def run(args: argparse.Namespace) -> int:
         pass
     supervisor.stop()
     heartbeat.stop()
+    if exporter is not None:
+        exporter.shutdown()
     log.info("worker %s stopped", name)
     return 0

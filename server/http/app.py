@@ -26,7 +26,15 @@ from server.http.routes import events, health, loras, playground, styles, v1, v2
 from server.http.schemas import SegBeyondRequest
 from server.jobs.contract import to_units
 from server.jobs.inputs import InputStage
-from server.jobs.registry import EmbeddedRegistry, Heartbeat, LocalWorker, RedisRegistry, WorkerRegistry, worker_name
+from server.jobs.registry import (
+    EmbeddedRegistry,
+    Heartbeat,
+    LocalWorker,
+    RedisRegistry,
+    WorkerRegistry,
+    share_state,
+    worker_name,
+)
 from server.jobs.results_cache import FinishedJobs
 from server.jobs.store import JobStore
 from server.jobs.supervisor import Supervisor
@@ -48,13 +56,22 @@ def build_registry(settings: Settings, supervisor: Supervisor | None) -> tuple[W
     registry = RedisRegistry(
         settings.redis_url, ttl=3 * settings.heartbeat_interval, local=local, tls=redis_tls(settings)
     )
-    return registry, Heartbeat(registry, local, settings.heartbeat_interval) if local else None
+    if local is None:
+        return registry, None
+    heartbeat = Heartbeat(registry, local, settings.heartbeat_interval)
+    share_state(local.supervisor, registry, heartbeat)
+    return registry, heartbeat
 
 
 def build_services(settings: Settings) -> Services:
     limits = image_limits(settings)
     store = build_store(settings)
     metrics = Metrics()
+    if settings.redis_url:
+        from server.jobs.redis_store import RedisJobStore
+
+        assert isinstance(store, RedisJobStore)
+        metrics.watch_stream(store.stream_stats)
     supervisor = build_supervisor(settings, store, metrics) if settings.local_worker else None
     workers, heartbeat = build_registry(settings, supervisor)
     keys = KeyRing.load(settings.api_keys.get_secret_value() if settings.api_keys else None, settings.api_keys_file)

@@ -159,9 +159,24 @@ if redis.call('HGET', k, 'input_ready') == '1' then return 1 end
 redis.call('HSET', fileskey(id), INPUT_NAME, image)
 redis.call('HSET', k, 'input_ready', 1)
 redis.call('ZREM', P .. 'awaiting', id)
+redis.call('DEL', P .. 'fetch:' .. id)
 redis.call('HSET', k, 'entry', redis.call('XADD', STREAM, '*', 'job', id))
 notify(id)
 notify_work()
+return 1
+""")
+
+# ARGV[4..]: id, holder (a node's consumer name), lease ms. 1 when the holder is to fetch the job's input now
+# (its lease is taken, or held longer); 0 when the job no longer waits for its input or another node holds
+# the lease. A lease not held longer (its node died) runs out, and another node takes the fetch over.
+LEASE_INPUT = script("""
+local id, holder, ms = ARGV[4], ARGV[5], ARGV[6]
+local k = jobkey(id)
+if redis.call('HGET', k, 'status') ~= QUEUED or redis.call('HGET', k, 'input_ready') == '1' then return 0 end
+local lease = P .. 'fetch:' .. id
+local current = redis.call('GET', lease)
+if current and current ~= holder then return 0 end
+redis.call('SET', lease, holder, 'PX', ms)
 return 1
 """)
 
@@ -383,6 +398,7 @@ return #members
 SCRIPTS = {
     "create": CREATE,
     "attach": ATTACH,
+    "lease_input": LEASE_INPUT,
     "claim": CLAIM,
     "touch": TOUCH,
     "keep_alive": KEEP_ALIVE,

@@ -21,6 +21,7 @@ Key layout (prefix `beyond:` by default):
     stream              the stream of runnable jobs, entries {job: <id>}; group "workers"
     queued              zset by seq of the jobs waiting: QUEUED, or claimed but not started (queue bound, position)
     awaiting            zset of QUEUED URL jobs without their input yet, by seq
+    fetch:<id>          string: the consumer name of the node fetching a URL job's input, for reclaim_after
     processing          zset of PROCESSING job ids by seq
     owner:=<owner>      zset of an owner's job ids by seq (`owner:-` for jobs without a key)
     expiry              zset of "<id> <owner key>" by expires_at: what purge_expired cleans up
@@ -44,6 +45,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from redis.backoff import ExponentialBackoff
@@ -72,6 +74,18 @@ from server.jobs.store import DiskFull, FileGone, InsufficientBalance, QueueFull
 log = logging.getLogger("beyond.redis")
 
 LISTENER_BACKOFF = (0.1, 5.0)  # first and longest wait between reconnections of the pub/sub listener
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """The job stream as /metrics shows it (server/metrics.py)."""
+
+    length: int  # its entries: the jobs waiting for a worker plus the jobs workers hold (XLEN)
+    pending: int  # entries delivered to a worker and not yet done: the jobs workers hold
+    # The group's lag as Redis reports it: entries not yet delivered. None where Redis cannot count it
+    # (an entry past the group's read position was deleted); after such deletions it can also be too high.
+    lag: int | None
+    oldest_age: float  # seconds since the oldest job not started yet was submitted; 0 when none waits
 
 
 def _pairs(flat: list[Any]) -> dict[str, bytes]:
@@ -385,6 +399,20 @@ class RedisJobStore:
         with self._errors():
             return int(self.redis.zcard(self._key("queued")))
 
+    def stream_stats(self) -> StreamStats:
+        stream = self._key("stream")
+        with self._errors():
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xlen(stream)
+            pipe.xinfo_groups(stream)
+            pipe.zrange(self._key("queued"), 0, 0)
+            pipe.time()
+            length, groups, oldest, (seconds, micros) = pipe.execute()
+            created = self.redis.hget(self._key("job", oldest[0].decode()), "created_at") if oldest else None
+        group = next((g for g in groups if g["name"] in (GROUP, GROUP.encode())), {})
+        age = max(0.0, seconds + micros / 1e6 - float(created)) if created is not None else 0.0
+        return StreamStats(int(length), int(group.get("pending", 0)), group.get("lag"), age)
+
     def read_file(self, job_id: str, name: str) -> bytes:
         with self._errors():
             data = self.redis.hget(self._key("files", job_id), name)
@@ -420,6 +448,12 @@ class RedisJobStore:
             ids = self.redis.zrange(self._key("awaiting"), 0, -1)
         jobs = self._jobs(ids)
         return [j for j in jobs if j is not None and j.status == JobStatus.QUEUED and not j.input_ready]
+
+    def lease_input(self, job_id: str) -> bool:
+        """This node is to fetch the job's input now: True while the job waits for its input and no other
+        node holds its fetch. The lease lasts reclaim_after; asking again holds it longer. A node restarted
+        under the same consumer name holds its previous life's leases: it fetches again at once."""
+        return bool(self._run("lease_input", job_id, self.consumer, int(self.reclaim_after * 1000)))
 
     def attach_input(self, job_id: str, image: bytes) -> bool:
         """The fetched input of a URL job: it enters the stream. False if the job ended meanwhile."""

@@ -6,7 +6,9 @@ Two implementations behind one Protocol, so /health and v1 are the same code on 
 - `RedisRegistry`: every worker node publishes itself under `beyond:workers:<name>` (JSON, see
   `WorkerInfo`) with a TTL, refreshed by a `Heartbeat` every few seconds; a worker that stops
   refreshing (killed, partitioned) drops out of the list when its key expires. Its running job is
-  taken over by the store's reclaim (BEYOND_RECLAIM_AFTER), not by this module.
+  taken over by the store's reclaim (BEYOND_RECLAIM_AFTER), not by this module. A worker's card is also
+  published as soon as it becomes busy or idle: a busy worker reads the cards to learn whether another
+  one is idle before it claims a job ahead of its running one (`share_state`).
 """
 
 from __future__ import annotations
@@ -153,6 +155,15 @@ class RedisRegistry:
         except redis.RedisError as exc:
             raise self._failure(exc, "written") from None
 
+    def idle_besides(self, name: str) -> bool:
+        """Whether a live worker other than `name` is ready and runs nothing. True also when the registry
+        cannot be read: a job is then left for whichever worker is free rather than claimed ahead."""
+        try:
+            workers = self.workers()
+        except StoreUnavailable:
+            return True
+        return any(worker.ready and worker.current_job is None and worker.name != name for worker in workers)
+
     def workers(self) -> list[WorkerInfo]:
         import redis
 
@@ -186,11 +197,16 @@ class Heartbeat:
         self.local = local
         self.interval = interval
         self._stop = threading.Event()
+        self._nudged = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
         self._errors = RateLimitedLog(log)
 
     def start(self) -> None:
         self._thread.start()
+
+    def nudge(self) -> None:
+        """Publish the card now, not at the next beat (the worker became busy or idle)."""
+        self._nudged.set()
 
     def beat(self) -> None:
         try:
@@ -200,16 +216,26 @@ class Heartbeat:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._nudged.clear()
             self.beat()
-            self._stop.wait(self.interval)
+            self._nudged.wait(self.interval)
 
     def stop(self) -> None:
         self._stop.set()
+        self._nudged.set()
         self._thread.join(self.interval + REDIS_TIMEOUT)
         try:
             self.registry.remove(self.local.name)
         except StoreUnavailable as exc:
             log.warning("could not remove %s from the worker registry: %s", self.local.name, exc)
+
+
+def share_state(supervisor: Supervisor, registry: RedisRegistry, heartbeat: Heartbeat) -> None:
+    """A worker on Redis: its supervisor asks the cards whether another worker is idle before it claims a
+    job ahead of its running one, and its own card is published as soon as it becomes busy or idle."""
+    name = heartbeat.local.name
+    supervisor.others_idle = lambda: registry.idle_besides(name)
+    supervisor.on_busy_change = heartbeat.nudge
 
 
 def unavailable_reason(workers: list[WorkerInfo]) -> str | None:

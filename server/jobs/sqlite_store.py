@@ -444,6 +444,11 @@ class SqliteJobStore:
         ).fetchall()
         return [job for job in map(self._job, rows) if job is not None]
 
+    def lease_input(self, job_id: str) -> bool:
+        """One node, so no lease to take: True while the job waits for its input."""
+        waiting = "SELECT 1 FROM jobs WHERE id = ? AND status = ? AND input_ready = 0"
+        return self._execute(waiting, (job_id, JobStatus.QUEUED.value)).fetchone() is not None
+
     def attach_input(self, job_id: str, image: bytes) -> bool:
         """The fetched input of a URL job: it becomes ready to run. False if the job ended meanwhile; True
         and nothing written if its input is there already (stored by an earlier fetch)."""

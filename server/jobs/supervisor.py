@@ -5,11 +5,12 @@ message or the death of the engine process, a job becoming ready (the store wake
 of expired results. A job that becomes ready while the loop sleeps is claimed and sent by the thread that
 made it ready, under the same lock, so a request does not wait for the loop's thread to wake.
 It keeps the engine process fed ahead: up to two batches' worth of jobs in flight (the running batch and
-the next, which the engine process prepares meanwhile), claimed in queue order; on a store shared with
-other workers, one batch, taken when the engine process is free, so that no job waits here while another
-worker idles. The engine process may die at any moment (a segfault, an OOM kill); the supervisor then
-puts every job it held back in the queue (once each) and starts a new one, while the API goes on
-answering. (In the code below, "the worker" is this supervisor's engine process.)
+the next, which the engine process prepares meanwhile), claimed in queue order. On a store shared with
+other workers a free worker takes one batch, and a busy one claims the next only when no other worker is
+idle or in its running batch's last steps, so that no job waits here long while another worker idles.
+The engine process may die at any moment (a segfault, an OOM kill); the supervisor then puts every job
+it held back in the queue (once each) and starts a new one, while the API goes on answering. (In the
+code below, "the worker" is this supervisor's engine process.)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import multiprocessing
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -52,6 +54,12 @@ FINISH_RETRY_FOR = 30.0
 # How often the jobs waiting in the worker are checked for a cancel, at most (a running job's
 # cancel is seen with its progress, at every step).
 WAITING_CANCEL_CHECK = 0.25
+# On a shared store a busy worker claims its next batch in the running batch's last steps: once that batch
+# is expected to end within this many seconds (or one step), at its step rate so far. A job claimed so
+# waits here about that long, while it is prepared.
+PREFETCH_LEAD = 0.5
+# How long an answer of `others_idle` (a read of the worker registry) is used before it is asked again.
+IDLE_CHECK_INTERVAL = 0.25
 
 
 class WorkerStatus(str, enum.Enum):
@@ -79,6 +87,24 @@ class WorkerState:
     def current_job(self) -> str | None:
         """The first job denoising, if any."""
         return next((job_id for job_id in self.in_flight if job_id in self.started), None)
+
+
+@dataclass
+class Denoising:
+    """A denoising job's pace, from its progress messages (monotonic times)."""
+
+    started: float
+    step: int = 0
+    total: int = 0
+    at: float = 0.0
+
+    def near_end(self, now: float) -> bool:
+        """In its last steps: expected to end within PREFETCH_LEAD seconds, or one step."""
+        if self.step <= 0 or self.total <= 0:
+            return False
+        per_step = (self.at - self.started) / self.step
+        left = (self.total - self.step) * per_step - (now - self.at)
+        return left <= max(PREFETCH_LEAD, per_step)
 
 
 class Supervisor:
@@ -116,6 +142,17 @@ class Supervisor:
         # The worker's state and pipe: held by the loop while it handles anything, and by a writer's
         # thread that hands a new job to an idle worker itself (see _work_ready).
         self._lock = threading.Lock()
+        # On a shared store: whether another worker is idle now (set with the worker registry; None: not
+        # known, so taken as yes), and what to call when this worker becomes busy or idle (its registry
+        # card is published then, not at the next heartbeat). See registry.share_state.
+        self.others_idle: Callable[[], bool] | None = None
+        self.on_busy_change: Callable[[], None] | None = None
+        self._idle_answer: tuple[float, bool] = (0.0, True)  # (asked at, answer)
+        self._busy = False
+        self._denoising: dict[str, Denoising] = {}
+        self._claimed_at: dict[str, float] = {}  # monotonic time each held job was claimed
+        if metrics:
+            metrics.track_worker(lambda: len(self.status.in_flight), self._oldest_held)
         store.events.on_work(self._work_ready)
 
     @property
@@ -258,11 +295,18 @@ class Supervisor:
         elif isinstance(message, Started):
             if message.job_id in self.status.in_flight:
                 self.status.started.add(message.job_id)
+                self._denoising[message.job_id] = Denoising(time.monotonic())
+                self._busy_changed()
             if store.mark_started(message.job_id, message.attempt):
                 # Cancelled while it waited, before the worker heard (or taken over by another node): it
                 # stops at its first step.
                 self._send_cancel(message.job_id)
         elif isinstance(message, Progress):
+            denoising = self._denoising.get(message.job_id)
+            if denoising is not None:
+                denoising.step, denoising.total, denoising.at = message.step, message.total, time.monotonic()
+            if self.metrics:
+                self.metrics.step_done()
             cancel = store.set_progress(message.job_id, message.attempt, message.step / max(message.total, 1))
             if cancel:
                 self._send_cancel(message.job_id)
@@ -272,8 +316,8 @@ class Supervisor:
                 store.put_file(message.job_id, PREVIEW_NAME, message.jpeg)
         elif isinstance(message, JobDone):
             try:
-                self._finish(store.complete, message.job_id, message.attempt, message.result, message.files)
-                if self.metrics:
+                done = self._finish(store.complete, message.job_id, message.attempt, message.result, message.files)
+                if done and self.metrics:
                     self.metrics.job_done(message.result)
             finally:
                 self._job_finished(message.job_id)
@@ -301,8 +345,28 @@ class Supervisor:
     def _job_finished(self, job_id: str) -> None:
         self._work_hint = True
         self.status.in_flight.pop(job_id, None)
-        self.status.started.discard(job_id)
+        self._claimed_at.pop(job_id, None)
+        self._denoising.pop(job_id, None)
+        if job_id in self.status.started:
+            self.status.started.discard(job_id)
+            self._busy_changed()
         self._cancel_sent.discard(job_id)
+
+    def _busy_changed(self) -> None:
+        """A job started or ended: the worker may have become busy (a job denoising or finishing) or idle."""
+        busy = bool(self.status.started)
+        if busy == self._busy:
+            return
+        self._busy = busy
+        if self.metrics:
+            self.metrics.worker_busy(busy)
+        if self.on_busy_change:
+            self.on_busy_change()
+
+    def _oldest_held(self) -> float:
+        """Seconds since the oldest job the worker holds was claimed; 0 when it holds none."""
+        claimed = list(self._claimed_at.values())
+        return time.monotonic() - min(claimed) if claimed else 0.0
 
     def _send_cancel(self, job_id: str) -> None:
         if job_id in self._cancel_sent or job_id not in self.status.in_flight or self._conn is None:
@@ -370,16 +434,30 @@ class Supervisor:
 
     @property
     def window(self) -> int:
-        """Jobs kept in the worker: the running batch and the next one, being prepared. On a shared store,
-        one batch: a job prepared ahead here would wait for this worker while another one sits idle."""
-        if not self.config.prefetch:
-            return 1
-        return self.status.max_batch if self.shared else 2 * self.status.max_batch
+        """Jobs kept in the worker: the running batch and the next one, being prepared."""
+        return 2 * self.status.max_batch if self.config.prefetch else 1
+
+    def _may_claim_ahead(self) -> bool:
+        """On a shared store a job claimed while this worker is busy waits here for the running batch:
+        only when no other worker is idle to take it now, or in the running batch's last steps."""
+        now = time.monotonic()
+        if any(job.near_end(now) for job in self._denoising.values()):
+            return True
+        if self.others_idle is None:
+            return False
+        asked, idle = self._idle_answer
+        if now - asked >= IDLE_CHECK_INTERVAL:
+            idle = self.others_idle()
+            self._idle_answer = (now, idle)
+        return not idle
 
     def _dispatch(self) -> None:
-        if self.shared and self.status.in_flight:
-            return  # a batch is taken whole, when this worker is free; new jobs go to free workers meanwhile
-        while self._work_hint and len(self.status.in_flight) < self.window and self._conn is not None:
+        limit = self.window
+        if self.shared and not self.status.in_flight:
+            limit = min(limit, self.status.max_batch)  # a free worker takes one batch
+        elif self.shared and self._work_hint and len(self.status.in_flight) < limit and not self._may_claim_ahead():
+            return  # asked again at the worker's next message (a step) or the next wake-up
+        while self._work_hint and len(self.status.in_flight) < limit and self._conn is not None:
             self._work_hint = False  # cleared before asking, so a wake-up meanwhile is not lost
             job = self.store.claim_next()
             if job is None:
@@ -391,5 +469,6 @@ class Supervisor:
                 self.store.fail(job.id, "input_image: the stored input is gone", FailureKind.INPUT, job.attempts)
                 continue
             self.status.in_flight[job.id] = job.attempts
+            self._claimed_at[job.id] = time.monotonic()
             self._conn.send(RunJob(job.id, job.attempts, job.params, image, job.delivery))
             self._last_heard = time.monotonic()  # its claim made its entry fresh; the worker answers soon
