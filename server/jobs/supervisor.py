@@ -11,6 +11,10 @@ idle or in its running batch's last steps, so that no job waits here long while 
 The engine process may die at any moment (a segfault, an OOM kill); the supervisor then puts every job
 it held back in the queue (once each) and starts a new one, while the API goes on answering. (In the
 code below, "the worker" is this supervisor's engine process.)
+
+One cohesive thing past 450 lines: one loop that owns one engine process (its start and restarts, its
+messages, the jobs it holds and what the store hears of them); split, each part would reach into the
+others' state under the same lock.
 """
 
 from __future__ import annotations
