@@ -26,10 +26,24 @@ def main() -> int:
         return 1
     engine = OutpaintEngine.load("random:sdxl", "cuda", "fp16")
     steps = 12
-    a = OutpaintRequest(image=smooth_image(1024, 1024), prompt="a harbour at dusk", seed=3, steps=steps,
-                        left=300, right=100, sampler="dpmpp_2m_sde_gpu")
-    b = OutpaintRequest(image=noise_image(1024, 1024, seed=2), prompt="pine forest", seed=50, steps=steps,
-                        left=200, right=200, sampler="dpmpp_2m_sde_gpu")
+    a = OutpaintRequest(
+        image=smooth_image(1024, 1024),
+        prompt="a harbour at dusk",
+        seed=3,
+        steps=steps,
+        left=300,
+        right=100,
+        sampler="dpmpp_2m_sde_gpu",
+    )
+    b = OutpaintRequest(
+        image=noise_image(1024, 1024, seed=2),
+        prompt="pine forest",
+        seed=50,
+        steps=steps,
+        left=200,
+        right=200,
+        sampler="dpmpp_2m_sde_gpu",
+    )
 
     def timed(jobs: list, on_latents: object = None) -> tuple[list, float]:
         torch.cuda.synchronize()

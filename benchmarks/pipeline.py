@@ -70,7 +70,10 @@ def encoders(repeats: int = 10) -> list[list[object]]:
     else:
         for quality in (95, 80):
             encode = lambda q=quality: simplejpeg.encode_jpeg(  # noqa: E731
-                pixels, quality=q, colorspace="RGB", colorsubsampling="420"  # as PIL does by default
+                pixels,
+                quality=q,
+                colorspace="RGB",
+                colorsubsampling="420",  # as PIL does by default
             )
             rows.append([f"simplejpeg q{quality}", median_ms(encode, repeats), len(encode())])
     return rows
@@ -155,8 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"one preview of 4x128x178 latents (map + 256 px JPEG): {one_preview():.2f} ms")
     print()
-    print(table(["denoising loop (random:tiny, 512x512 +150/+50)", "steps/s", "vs none", "previews/run"],
-                loop_rates(args.steps, args.rounds)))
+    print(
+        table(
+            ["denoising loop (random:tiny, 512x512 +150/+50)", "steps/s", "vs none", "previews/run"],
+            loop_rates(args.steps, args.rounds),
+        )
+    )
     return 0
 
 

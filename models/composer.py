@@ -47,9 +47,7 @@ class PromptComposer:
         self.registry = registry if registry is not None else default_registry()
         self.expander = expander
 
-    def compose(
-        self, prompt: str, negative: str, styles: Sequence[str], seeds: Sequence[int]
-    ) -> ComposedPrompts:
+    def compose(self, prompt: str, negative: str, styles: Sequence[str], seeds: Sequence[int]) -> ComposedPrompts:
         prompt, negative = prompt.strip(), (negative or "").strip()
         chosen = list({s.name: s for s in (self.registry.get(n) for n in styles)}.values())
         templates = [s for s in chosen if s.kind == TEMPLATE]
@@ -92,8 +90,6 @@ def build_composer(
     from models.expansion import LanguageModelExpander, NoExpansion
 
     expander: Expander = (
-        LanguageModelExpander(expansion_model, device=device)
-        if expansion_model is not None
-        else NoExpansion()
+        LanguageModelExpander(expansion_model, device=device) if expansion_model is not None else NoExpansion()
     )
     return PromptComposer(default_registry(styles_dir), expander)

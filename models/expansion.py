@@ -92,9 +92,7 @@ class WordWalk:
     def _open(self, prefix: tuple[int, ...]) -> list[tuple[int, ...]]:
         n = len(prefix)
         return [
-            ids
-            for word, ids in self.spellings.items()
-            if word not in self.used and len(ids) > n and ids[:n] == prefix
+            ids for word, ids in self.spellings.items() if word not in self.used and len(ids) > n and ids[:n] == prefix
         ]
 
     def _complete(self) -> str | None:
@@ -218,12 +216,7 @@ class LanguageModelExpander:
             # With a leading space: the word as it appears after another word or a comma.
             ids = tuple(self.tokenizer.encode(" " + word, add_special_tokens=False))
             # A spelling must round-trip (unknown-token fallbacks would not) and avoid the stop token.
-            if (
-                ids
-                and ids not in seen
-                and self.stop not in ids
-                and self.tokenizer.decode(list(ids)).strip() == word
-            ):
+            if ids and ids not in seen and self.stop not in ids and self.tokenizer.decode(list(ids)).strip() == word:
                 spellings[word] = ids
                 seen.add(ids)
         return spellings

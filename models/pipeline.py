@@ -62,9 +62,7 @@ class OutpaintPipeline:
         self.device, self.dtype = device, dtype
         vae_cfg = components.vae.config
         # The SDXL VAE overflows in fp16; its config says so with force_upcast. bf16 has fp32's range.
-        self.vae_dtype = (
-            torch.float32 if dtype == torch.float16 and vae_cfg.get("force_upcast", True) else dtype
-        )
+        self.vae_dtype = torch.float32 if dtype == torch.float16 and vae_cfg.get("force_upcast", True) else dtype
         self.vae_scale = 2 ** (len(vae_cfg.block_out_channels) - 1)
         components.unet.to(device=device, dtype=dtype)
         components.text_encoder.to(device=device, dtype=dtype)
@@ -205,9 +203,7 @@ class OutpaintPipeline:
         image_latents = rows(lambda p: p.image_latents)
         latent_mask = rows(lambda p: p.latent_mask)
         noise = torch.cat([p.noise for p in parts])
-        scheduler = build_scheduler(
-            sampler, schedule, dict(self.c.scheduler.config), steps, seeds=seeds, device=device
-        )
+        scheduler = build_scheduler(sampler, schedule, dict(self.c.scheduler.config), steps, seeds=seeds, device=device)
         timesteps = scheduler.timesteps
         # As in ComfyUI at denoise 1.0: the pre-filled canvas plus noise at the highest sigma, so the
         # new area starts from the extended colours rather than from nothing.

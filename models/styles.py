@@ -178,13 +178,9 @@ class StyleRegistry:
             return
         current = self._styles[target]
         if current.kind != TEMPLATE:
-            raise StyleFileError(
-                f"{style.source}: {target!r} is the prompt expansion; it cannot be redefined"
-            )
+            raise StyleFileError(f"{style.source}: {target!r} is the prompt expansion; it cannot be redefined")
         if current.source != "builtin":
-            raise StyleFileError(
-                f"{style.source}: style {style.name!r} is already defined in {current.source}"
-            )
+            raise StyleFileError(f"{style.source}: style {style.name!r} is already defined in {current.source}")
         for alias in style.aliases:
             owner = self._keys.get(style_key(alias))
             if owner is not None and owner != target:

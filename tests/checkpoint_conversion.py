@@ -123,9 +123,7 @@ def vae_to_original(state: dict[str, torch.Tensor], config: Any) -> dict[str, to
 
 
 def clip_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {
-        CLIP_PREFIX + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()
-    }
+    out = {CLIP_PREFIX + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()}
     # Checkpoints written with older transformers carry the position ids; the loader must cope.
     positions = state.get("embeddings.position_embedding.weight")
     if positions is None:

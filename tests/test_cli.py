@@ -141,7 +141,7 @@ def test_each_kind_of_bad_input_is_one_line_and_exit_2(tmp_path: Path) -> None:
         assert len(lines) == 1, (name, lines)
         assert lines[0].startswith("beyond outpaint: "), (name, lines)
         assert needle in lines[0], (name, lines)
-        assert "Traceback" not in lines[0] and "File \"" not in lines[0], (name, lines)
+        assert "Traceback" not in lines[0] and 'File "' not in lines[0], (name, lines)
     assert not list(tmp_path.glob("*-outpainted.png"))
 
 

@@ -260,12 +260,8 @@ def test_full_size_checkpoint_is_recognised_from_its_shapes(tmp_path: Path) -> N
     # The full-size key layout converts to exactly the keys and shapes of the configured models.
     for part, model in (("unet", unet), ("vae", vae), ("text_encoder", te1), ("text_encoder_2", te2)):
         prefix = PREFIXES[part]
-        converted = to_diffusers(
-            part, {k: v for k, v in state.items() if k.startswith(prefix)}, model, path
-        )
-        assert {k: v.shape for k, v in converted.items()} == {
-            k: v.shape for k, v in model.state_dict().items()
-        }
+        converted = to_diffusers(part, {k: v for k, v in state.items() if k.startswith(prefix)}, model, path)
+        assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in model.state_dict().items()}
     assert configs["unet"] == {**arch.SDXL_UNET, "in_channels": 4}
     assert configs["vae"] == arch.SDXL_VAE
     for part, known in (

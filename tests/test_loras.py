@@ -426,7 +426,17 @@ def test_outpaint_on_the_command_line_with_a_lora(engine: OutpaintEngine, folder
     source.write_bytes(encode(noise_image(80, 48, seed=2)))
     out = tmp_path / "out.png"
     env = {**os.environ, "BEYOND_CPU_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    args = [sys.executable, "-m", "server.commands.cli", "outpaint", str(source), "--model", "random:tiny", "--device", "cpu"]
+    args = [
+        sys.executable,
+        "-m",
+        "server.commands.cli",
+        "outpaint",
+        str(source),
+        "--model",
+        "random:tiny",
+        "--device",
+        "cpu",
+    ]
     args += ["--prompt", "a harbour at dusk", "--styles", "", "--seed", "9", "--steps", "20", "--sampler", "euler"]
     args += ["--left", "40", "--lora-dir", str(folder), "-o", str(out)]
     done = subprocess.run([*args, "--lora", "style:0.7", "--lora", "product"], env=env, capture_output=True, text=True)

@@ -114,9 +114,7 @@ def test_an_end_written_elsewhere_is_read_when_its_event_comes(tmp_path: Path) -
     assert (finished.status, finished.result) == (JobStatus.COMPLETED, RESULT)
 
 
-def test_an_end_whose_event_was_lost_is_found_by_the_idle_look(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_end_whose_event_was_lost_is_found_by_the_idle_look(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(submission, "IDLE_WAKE", 0.3)
     store = SqliteJobStore(tmp_path)
     job = queue_one(store)

@@ -566,8 +566,8 @@ def test_a_worker_whose_metrics_port_is_taken_stops_at_once(tmp_path: Path) -> N
         taken.listen()
         port = taken.getsockname()[1]
         out = subprocess.run(
-            [sys.executable, "-m", "server.commands.cli", "worker", "--model", "random:tiny", "--data-dir", str(tmp_path),
-             "--metrics-port", str(port)],
+            [sys.executable, "-m", "server.commands.cli", "worker", "--model", "random:tiny",
+             "--data-dir", str(tmp_path), "--metrics-port", str(port)],
             cwd=ROOT,
             env={**os.environ, "BEYOND_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"},
             capture_output=True,

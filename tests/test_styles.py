@@ -194,9 +194,7 @@ def test_a_missing_folder_is_an_error(tmp_path: Path) -> None:
 # Composition
 
 
-def compose(
-    styles: list[str], prompt: str = "a red barn", negative: str = "", **kw: object
-) -> ComposedPrompts:
+def compose(styles: list[str], prompt: str = "a red barn", negative: str = "", **kw: object) -> ComposedPrompts:
     return PromptComposer(**kw).compose(prompt, negative, styles, [7])  # type: ignore[arg-type]
 
 

@@ -307,7 +307,10 @@ def test_connection_refused_is_worded_and_retried(tmp_path: Path) -> None:
             return await wait_for(outbox, "job-1", lambda s: s["attempts"] >= 2)
 
     assert asyncio.run(scenario()) == {
-        "delivered": False, "attempts": 2, "last_status": None, "error": "connection refused"
+        "delivered": False,
+        "attempts": 2,
+        "last_status": None,
+        "error": "connection refused",
     }
 
 

@@ -51,9 +51,7 @@ def read_safetensors_shapes(path: Path) -> Shapes:
             header = json.loads(f.read(length))
         return {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise ModelSpecError(
-            f"{path} is not a readable .safetensors file ({exc}). Is the download complete?"
-        ) from exc
+        raise ModelSpecError(f"{path} is not a readable .safetensors file ({exc}). Is the download complete?") from exc
 
 
 def infer_configs(path: Path) -> dict[str, dict[str, Any]]:
@@ -64,9 +62,7 @@ def infer_configs(path: Path) -> dict[str, dict[str, Any]]:
     try:
         te2 = _resolve(path, "text_encoder_2", _infer_open_clip(shapes), sidecar, _TE2_KNOWN, _te2_fallback)
         te1 = _resolve(path, "text_encoder", _infer_clip(shapes), sidecar, _TE1_KNOWN, _te1_fallback)
-        unet = _resolve(
-            path, "unet", _infer_unet(shapes, te2["projection_dim"]), sidecar, _UNET_KNOWN, _unet_fallback
-        )
+        unet = _resolve(path, "unet", _infer_unet(shapes, te2["projection_dim"]), sidecar, _UNET_KNOWN, _unet_fallback)
         vae = _resolve(path, "vae", _infer_vae(shapes), sidecar, _VAE_KNOWN, _vae_fallback)
     except ModelSpecError as exc:
         if str(path) in str(exc):
@@ -92,13 +88,9 @@ def _check_sdxl_layout(path: Path, shapes: Shapes) -> None:
         return any(k.startswith(prefix) for k in shapes)
 
     if has("cond_stage_model."):
-        raise ModelSpecError(
-            f"{path} is a Stable Diffusion 1.x/2.x checkpoint; beyond runs SDXL models only."
-        )
+        raise ModelSpecError(f"{path} is a Stable Diffusion 1.x/2.x checkpoint; beyond runs SDXL models only.")
     if has("conditioner.embedders.0.model.") and not has(TE1):
-        raise ModelSpecError(
-            f"{path} is an SDXL refiner checkpoint; beyond needs an SDXL base or inpainting one."
-        )
+        raise ModelSpecError(f"{path} is an SDXL refiner checkpoint; beyond needs an SDXL base or inpainting one.")
     if has("down_blocks.") or has("unet.down_blocks."):
         raise ModelSpecError(
             f"{path} holds weights in diffusers layout, not a whole original-layout SDXL checkpoint;"
@@ -179,18 +171,14 @@ def _infer_unet(shapes: Shapes, text_embed_dim: int) -> dict[str, Any]:
     add_in = _shape(shapes, p + "label_emb.0.0.weight")[1]
     add_time, rest = divmod(add_in - text_embed_dim, 6)  # 6 size/crop numbers, each Fourier-embedded
     if rest or add_time <= 0:
-        raise ModelSpecError(
-            "The checkpoint's UNet text-time embedding does not fit its second text encoder."
-        )
+        raise ModelSpecError("The checkpoint's UNet text-time embedding does not fit its second text encoder.")
     down = ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depth]
     return {
         "in_channels": _shape(shapes, p + "input_blocks.0.0.weight")[1],
         "out_channels": _shape(shapes, p + "out.2.weight")[0],
         "down_block_types": down,
         "up_block_types": [t.replace("Down", "Up") for t in reversed(down)],
-        "block_out_channels": [
-            _shape(shapes, p + f"input_blocks.{lv[0]}.0.out_layers.3.weight")[0] for lv in levels
-        ],
+        "block_out_channels": [_shape(shapes, p + f"input_blocks.{lv[0]}.0.out_layers.3.weight")[0] for lv in levels],
         "layers_per_block": layers.pop(),
         # diffusers wants an entry for attention-free levels too; SDXL's config puts 1 there.
         "transformer_layers_per_block": [d or 1 for d in depth],
@@ -213,9 +201,7 @@ def _infer_vae(shapes: Shapes) -> dict[str, Any]:
         "latent_channels": _shape(shapes, p + "post_quant_conv.weight")[0],
         "down_block_types": ["DownEncoderBlock2D"] * len(levels),
         "up_block_types": ["UpDecoderBlock2D"] * len(levels),
-        "block_out_channels": [
-            _shape(shapes, p + f"encoder.down.{i}.block.0.conv1.weight")[0] for i in levels
-        ],
+        "block_out_channels": [_shape(shapes, p + f"encoder.down.{i}.block.0.conv1.weight")[0] for i in levels],
         "layers_per_block": len(_numbered(shapes, p + "encoder.down.0.block.")),
     }
 
@@ -326,11 +312,7 @@ def _resolve(
     """inferred shapes + (matching known architecture or generic defaults) + sidecar overrides."""
     structure = _STRUCTURE[part]
     name, base = next(
-        (
-            (name, cfg)
-            for name, cfg in known.items()
-            if all(_same(cfg.get(k), inferred[k]) for k in structure)
-        ),
+        ((name, cfg) for name, cfg in known.items() if all(_same(cfg.get(k), inferred[k]) for k in structure)),
         ("inferred", None),
     )
     base = {k: v for k, v in (base or fallback(inferred)).items() if k not in _TOKEN_ID_FIELDS}
@@ -360,4 +342,3 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return list(a) == list(b)
     return a == b
-

@@ -96,11 +96,7 @@ def _hub_files(repo_id: str) -> list[str]:
 
 def hub_download_list(repo_id: str, files: list[str]) -> list[str]:
     """The files of `repo_id` the engine needs: configs, tokenizers, one safetensors set per model."""
-    wanted = [
-        f
-        for f in files
-        if f == "model_index.json" or f.startswith(("scheduler/", "tokenizer/", "tokenizer_2/"))
-    ]
+    wanted = [f for f in files if f == "model_index.json" or f.startswith(("scheduler/", "tokenizer/", "tokenizer_2/"))]
     problems = [] if "model_index.json" in files else ["it has no model_index.json (not in diffusers layout)"]
     for part in MODEL_PARTS:
         names = [f[len(part) + 1 :] for f in files if f.startswith(part + "/") and f.count("/") == 1]
@@ -123,8 +119,7 @@ def hub_download_list(repo_id: str, files: list[str]) -> list[str]:
             wanted += [f"{part}/config.json", *(f"{part}/{n}" for n in variants[choices[0]])]
     if problems:
         raise ModelSpecError(
-            f"Hub model {repo_id} is not an SDXL pipeline beyond can load:\n"
-            + "\n".join(f"  - {p}" for p in problems)
+            f"Hub model {repo_id} is not an SDXL pipeline beyond can load:\n" + "\n".join(f"  - {p}" for p in problems)
         )
     return wanted
 
@@ -164,6 +159,7 @@ def load_hub(repo_id: str, *, progress: bool = True) -> Components:
         if not progress and not was_disabled:
             enable_progress_bars()
     return load_folder(folder, what=f"the downloaded copy of {repo_id} ({folder})")
+
 
 @dataclass(frozen=True)
 class HubSource:

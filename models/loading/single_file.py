@@ -128,10 +128,7 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], part: s
     model.eval()
 
 
-
-def to_diffusers(
-    part: str, tensors: dict[str, torch.Tensor], model: Any, path: Path
-) -> dict[str, torch.Tensor]:
+def to_diffusers(part: str, tensors: dict[str, torch.Tensor], model: Any, path: Path) -> dict[str, torch.Tensor]:
     """`part`'s original-layout tensors (keys with their checkpoint prefix) keyed as `model`'s state."""
     from diffusers.loaders import single_file_utils as conv
 
@@ -207,7 +204,6 @@ def load_single_file(plan: SingleFilePlan) -> Components:
         tokenizer_2=tokenizers[1],
         scheduler=EulerDiscreteScheduler.from_config(cfg["scheduler"]),
     )
-
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,4 @@ def source_for(spec: str, tokenizer_dir: str | Path | None = None) -> ModelSourc
         )
     if _REPO_ID.match(spec) and ".." not in spec and "--" not in spec:
         return HubSource(spec)
-    raise ModelSpecError(
-        f"{spec!r} is neither a local file or folder nor a Hugging Face Hub id.\n{ACCEPTED_FORMS}"
-    )
+    raise ModelSpecError(f"{spec!r} is neither a local file or folder nor a Hugging Face Hub id.\n{ACCEPTED_FORMS}")

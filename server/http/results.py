@@ -114,9 +114,7 @@ def read_preview(services: Services, job_id: str) -> bytes:
         raise NotFound(f"request {job_id!r} has no preview (yet)") from None
 
 
-def result_body(
-    services: Services, job: Job, base: str, webhook: dict[str, Any] | None = None
-) -> dict[str, Any]:
+def result_body(services: Services, job: Job, base: str, webhook: dict[str, Any] | None = None) -> dict[str, Any]:
     """The result body; `webhook` (a webhook_status) is added for a job with a webhook_url."""
     if job.status == JobStatus.FAILED:
         raise failed(job, webhook)

@@ -25,9 +25,7 @@ MEANING = {
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {
-        code: {"model": FailedBody if code == 422 else ErrorBody, "description": MEANING[code]} for code in codes
-    }
+    return {code: {"model": FailedBody if code == 422 else ErrorBody, "description": MEANING[code]} for code in codes}
 
 
 SUBMIT = errors(400, 401, 403, 406, 413, 429, 503, 507)
