@@ -137,7 +137,7 @@ port=$("$PYTHON" -c 'from tests.helpers import free_port; print(free_port())')
 env=(-e BEYOND_HOST=127.0.0.1 -e BEYOND_PORT="$port" -e BEYOND_MODEL=random:tiny -e BEYOND_DEVICE=cpu
   -e BEYOND_CPU_THREADS=1)
 container=$("${B[@]}" from --pull=never "$IMAGE")
-# No PID namespace under chroot isolation: the container's processes are found by this session.
+# No PID namespace under chroot isolation: the container's processes are found by their session id.
 setsid "${B[@]}" run --isolation chroot --network host "${env[@]}" "$container" -- "${command[@]}" \
   >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
