@@ -148,6 +148,7 @@ class LoraPatches:
         self.modules = modules
         self.active: tuple[tuple[str, float], ...] = ()
         self._originals: dict[str, torch.Tensor] = {}  # layer key -> its weight before any patch
+        self._cuda = any(module.weight.is_cuda for module in modules.values())
 
     @property
     def patched(self) -> int:
@@ -186,6 +187,10 @@ class LoraPatches:
                 update = up.float().flatten(1) @ down.float().flatten(1)
                 merged.add_(update.reshape(merged.shape), alpha=factor)
             weight.copy_(merged)
+        if self._cuda:
+            # Done before returning: the factors read here may be evicted and their memory reused by
+            # the next LoRA loaded, on another thread's stream.
+            torch.cuda.current_stream().synchronize()
         self.active = key
 
 
