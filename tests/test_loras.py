@@ -4,6 +4,7 @@ against the served model before a job is queued, merged into the model per set, 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import subprocess
@@ -360,6 +361,7 @@ def test_get_v1_loras_lists_the_folder(lora_server: ServerProcess) -> None:
     [
         ([{"name": "nope"}], "loras: unknown LoRA 'nope'; GET /v1/loras lists the LoRAs of this server"),
         ([{"name": "../style"}], "loras: '../style' is not a LoRA name"),
+        ([{"name": "\ud800"}], "loras: '\\ud800' is not a LoRA name"),  # escaped, as repr() writes it
         ([{"name": "sd15"}], "loras: LoRA 'sd15' cannot be used: made for another model"),
         ([{"name": "full-size"}], "loras: LoRA 'full-size' cannot be used: made for another model: layer"),
         ([{"name": "broken"}], "loras: LoRA 'broken' cannot be used: not a readable .safetensors file"),
@@ -372,7 +374,11 @@ def test_get_v1_loras_lists_the_folder(lora_server: ServerProcess) -> None:
     ],
 )
 def test_a_lora_that_cannot_be_used_is_a_400_naming_it(lora_server: ServerProcess, loras: object, error: str) -> None:
-    response = httpx.post(f"{lora_server.url}/v2/seg-beyond", json=request_body(loras=loras), timeout=30)
+    # As JSON escapes (a lone surrogate, which JSON can carry, has no UTF-8 form).
+    body = json.dumps(request_body(loras=loras))
+    response = httpx.post(
+        f"{lora_server.url}/v2/seg-beyond", content=body, headers={"content-type": "application/json"}, timeout=30
+    )
     assert response.status_code == 400, response.text
     assert response.json()["error"].startswith(error), response.json()
 
