@@ -276,6 +276,20 @@ def test_a_changed_file_is_read_again(tmp_path: Path) -> None:
     assert second is not first and next(iter(second.layers.values()))[0].shape[0] == 8
 
 
+def test_a_file_replaced_while_its_set_is_active_is_applied_anew(tmp_path: Path) -> None:
+    engine = OutpaintEngine(
+        OutpaintPipeline(build_random("random:tiny"), torch.device("cpu"), torch.float32), "random:tiny"
+    )
+    engine.enable_loras(tmp_path)
+    write_kohya(tmp_path / "mine.safetensors", seed=1)
+    first = image(engine, LoraRef("mine"))
+    write_kohya(tmp_path / "mine.safetensors", seed=2)
+    os.utime(tmp_path / "mine.safetensors", ns=(time.time_ns(), time.time_ns() + 10**9))
+    second = image(engine, LoraRef("mine"))
+    assert not np.array_equal(first, second)
+    assert engine.loras is not None and engine.loras.cache.names() == ["mine"]  # the old version is gone
+
+
 def test_fused_qkv_projections_take_the_patch(engine: OutpaintEngine, folder: Path) -> None:
     # On CUDA q/k/v run as one fused layer whose parts are views of it: a patch must reach it.
     fused = OutpaintEngine(
@@ -315,9 +329,9 @@ def test_switching_sets_changes_weights_in_place_so_a_compiled_model_is_not_reco
     a, b = lora(1.0), lora(0.5)
     with torch.no_grad():
         plain = compiled(x)
-        patches.apply((("a", 1.0),), [a])
+        patches.apply((("a", 1.0, ("a", 0, 0)),), [a])
         first = compiled(x)
-        patches.apply((("b", 2.0),), [b])
+        patches.apply((("b", 2.0, ("b", 0, 0)),), [b])
         second = compiled(x)
         patches.apply((), [])
         back = compiled(x)
