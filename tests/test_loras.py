@@ -200,6 +200,16 @@ def test_unknown_names_and_a_server_without_a_folder(folder: Path) -> None:
         LoraLibrary(folder, TINY_LAYOUT).check([LoraRef("style"), LoraRef("style", 0.5)])
 
 
+def test_a_jobs_loras_are_stored_as_a_list_of_objects_and_read_back() -> None:
+    from models.params import OutpaintParams
+
+    params = OutpaintParams(prompt="p", seed=1, loras=(LoraRef("style", 0.8), LoraRef("product")), seam_width=4)
+    stored = json.loads(json.dumps(params.to_json()))
+    assert stored["loras"] == [{"name": "style", "scale": 0.8}, {"name": "product", "scale": 1.0}]
+    assert OutpaintParams.from_json(stored) == params
+    assert "loras" not in OutpaintParams(prompt="p", loras=()).to_json()
+
+
 # -- the engine --------------------------------------------------------------------------------------
 
 
