@@ -286,6 +286,13 @@ def test_a_changed_file_is_read_again(tmp_path: Path) -> None:
     assert second is not first and next(iter(second.layers.values()))[0].shape[0] == 8
 
 
+def test_enabling_loras_again_starts_from_the_original_model(engine: OutpaintEngine, folder: Path) -> None:
+    plain = image(engine)
+    image(engine, LoraRef("style"))  # the model is left patched with it
+    engine.enable_loras(folder)  # new patches must not take the patched weights for the originals
+    assert np.array_equal(image(engine), plain)
+
+
 def test_a_file_replaced_while_its_set_is_active_is_applied_anew(tmp_path: Path) -> None:
     engine = OutpaintEngine(
         OutpaintPipeline(build_random("random:tiny"), torch.device("cpu"), torch.float32), "random:tiny"
