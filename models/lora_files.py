@@ -86,6 +86,10 @@ def check_name(name: str) -> None:
     """Raise InvalidLoraName for anything but a plain file name (the folder's own files are the only ones)."""
     if not _NAME.fullmatch(name) or name in (".", "..") or name.startswith(".") or name != name.strip():
         raise InvalidLoraName(name)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (JSON's \ud800): no file is named so
+        raise InvalidLoraName(name) from None
 
 
 def read_file(name: str, path: Path, layout: Layout) -> LoraFile:

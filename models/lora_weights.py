@@ -121,6 +121,8 @@ class LoraCache:
         entry = LoraWeights.load(file, self.device, self.dtype)
         with self._lock:
             self.loads += 1
+            for older in [k for k, e in self._entries.items() if e.file.name == name]:
+                del self._entries[older]  # an earlier version of the file
             self._entries[key] = entry
             self._entries.move_to_end(key)
             total = sum(e.nbytes for e in self._entries.values())
@@ -141,13 +143,18 @@ def canonical(refs: Iterable[LoraRef]) -> tuple[tuple[str, float], ...]:
     return tuple(sorted((ref.name, float(ref.scale)) for ref in refs if ref.scale != 0))
 
 
+# What a set's patches are made of: each LoRA's (name, scale, file identity), in canonical order.
+SetKey = tuple[tuple[str, float, tuple[str, int, int]], ...]
+
+
 class LoraPatches:
     """The LoRA set applied to some of the model's layers, changed in place by `apply`."""
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.modules = modules
-        self.active: tuple[tuple[str, float], ...] = ()
+        self.active: SetKey = ()
         self._originals: dict[str, torch.Tensor] = {}  # layer key -> its weight before any patch
+        self._cuda = any(module.weight.is_cuda for module in modules.values())
 
     @property
     def patched(self) -> int:
@@ -155,9 +162,9 @@ class LoraPatches:
         return sum(t.numel() * t.element_size() for t in self._originals.values())
 
     @torch.no_grad()
-    def apply(self, key: tuple[tuple[str, float], ...], weights: list[LoraWeights]) -> None:
-        """Make the layers those of the original model plus, for each (name, scale) of `key` (canonical
-        order), scale times its update; `weights` are the loaded LoRAs in the same order."""
+    def apply(self, key: SetKey, weights: list[LoraWeights]) -> None:
+        """Make the layers those of the original model plus, for each LoRA of `key` (canonical order),
+        its scale times its update; `weights` are the loaded LoRAs in the same order."""
         if key == self.active:
             return
         try:
@@ -167,9 +174,9 @@ class LoraPatches:
             self._apply((), [])
             raise
 
-    def _apply(self, key: tuple[tuple[str, float], ...], weights: list[LoraWeights]) -> None:
+    def _apply(self, key: SetKey, weights: list[LoraWeights]) -> None:
         updates: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
-        for (_, scale), lora in zip(key, weights, strict=True):
+        for (_, scale, _), lora in zip(key, weights, strict=True):
             for layer, (down, up, factor) in lora.layers.items():
                 if layer in self.modules:
                     updates.setdefault(layer, []).append((down, up, scale * factor))
@@ -186,6 +193,10 @@ class LoraPatches:
                 update = up.float().flatten(1) @ down.float().flatten(1)
                 merged.add_(update.reshape(merged.shape), alpha=factor)
             weight.copy_(merged)
+        if self._cuda:
+            # Done before returning: the factors read here may be evicted and their memory reused by
+            # the next LoRA loaded, on another thread's stream.
+            torch.cuda.current_stream().synchronize()
         self.active = key
 
 
@@ -206,14 +217,18 @@ class EngineLoras:
         """Raise a LoraError if a LoRA of the set cannot be used (read its header; cheap once seen)."""
         self.library.check(refs)
 
-    def _weights(self, key: tuple[tuple[str, float], ...]) -> list[LoraWeights]:
-        return [self.cache.get(name) for name, _ in key]
+    def _key(self, refs: Iterable[LoraRef]) -> SetKey:
+        # With each file's identity: a file replaced on disk is a new set (and is read again).
+        return tuple((name, scale, self.library.read(name).identity) for name, scale in canonical(refs))
+
+    def _weights(self, key: SetKey) -> list[LoraWeights]:
+        return [self.cache.get(name) for name, _, _ in key]
 
     @contextmanager
     def text_encoders(self, refs: Iterable[LoraRef]) -> Iterator[None]:
         """The text encoders under this set for as long as the block runs (prompts are encoded on
         another thread than the denoising, one at a time)."""
-        key = canonical(refs)
+        key = self._key(refs)
         with self._text_lock:
             if key != self.text.active:
                 self.text.apply(key, self._weights(key))
@@ -221,6 +236,6 @@ class EngineLoras:
 
     def activate_unet(self, refs: Iterable[LoraRef]) -> None:
         """The UNet under this set, from now on (the denoising thread's)."""
-        key = canonical(refs)
+        key = self._key(refs)
         if key != self.unet.active:
             self.unet.apply(key, self._weights(key))

@@ -26,6 +26,9 @@ FIELDS = [
     "right",
     "top",
     "bottom",
+    "seam_width",
+    "color_match",
+    "loras",
     "base64",
 ]
 TINY_PNG = b64(encode(smooth_image(16, 16)))

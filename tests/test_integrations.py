@@ -298,7 +298,9 @@ def test_bad_extension_values_are_400s_naming_the_field(keyed: ServerProcess, fi
 
 def test_a_request_without_extensions_is_served_as_before(keyed: ServerProcess) -> None:
     plain = submit(keyed, KEY_A, seed=42)
-    explicit = submit(keyed, KEY_A, seed=42, output_format="jpeg", output_quality=95)
+    explicit = submit(
+        keyed, KEY_A, seed=42, output_format="jpeg", output_quality=95, seam_width=16, color_match=False, loras=[]
+    )
     bodies = [wait_result(keyed, request_id, KEY_A).json() for request_id in (plain, explicit)]
     for body in bodies:
         assert set(body) == RESULT_KEYS and set(body["parameters"]) == PARAMETER_KEYS
@@ -315,8 +317,9 @@ def test_a_request_without_extensions_is_served_as_before(keyed: ServerProcess) 
 def test_the_extensions_are_documented_in_the_openapi_schema(keyed: ServerProcess) -> None:
     schema = httpx.get(f"{keyed.url}/openapi.json", timeout=30).json()
     request = schema["components"]["schemas"]["SegBeyondRequest"]["properties"]
-    for name in ("output_format", "output_quality", "webhook_url"):
+    for name in ("output_format", "output_quality", "webhook_url", "seam_width", "color_match", "loras"):
         assert request[name]["description"].startswith("Extension of the hosted API:"), name
+    assert schema["paths"]["/v1/loras"]["get"]["description"].startswith("Extension of the hosted API:")
     result_fields = schema["components"]["schemas"]["ResultResponse"]["properties"]
     assert result_fields["webhook"]["description"].startswith("Extension of the hosted API:")
     listing = schema["paths"]["/v2/requests"]["get"]

@@ -4,6 +4,7 @@ against the served model before a job is queued, merged into the model per set, 
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import subprocess
@@ -199,6 +200,16 @@ def test_unknown_names_and_a_server_without_a_folder(folder: Path) -> None:
         LoraLibrary(folder, TINY_LAYOUT).check([LoraRef("style"), LoraRef("style", 0.5)])
 
 
+def test_a_jobs_loras_are_stored_as_a_list_of_objects_and_read_back() -> None:
+    from models.params import OutpaintParams
+
+    params = OutpaintParams(prompt="p", seed=1, loras=(LoraRef("style", 0.8), LoraRef("product")), seam_width=4)
+    stored = json.loads(json.dumps(params.to_json()))
+    assert stored["loras"] == [{"name": "style", "scale": 0.8}, {"name": "product", "scale": 1.0}]
+    assert OutpaintParams.from_json(stored) == params
+    assert "loras" not in OutpaintParams(prompt="p", loras=()).to_json()
+
+
 # -- the engine --------------------------------------------------------------------------------------
 
 
@@ -275,6 +286,27 @@ def test_a_changed_file_is_read_again(tmp_path: Path) -> None:
     assert second is not first and next(iter(second.layers.values()))[0].shape[0] == 8
 
 
+def test_enabling_loras_again_starts_from_the_original_model(engine: OutpaintEngine, folder: Path) -> None:
+    plain = image(engine)
+    image(engine, LoraRef("style"))  # the model is left patched with it
+    engine.enable_loras(folder)  # new patches must not take the patched weights for the originals
+    assert np.array_equal(image(engine), plain)
+
+
+def test_a_file_replaced_while_its_set_is_active_is_applied_anew(tmp_path: Path) -> None:
+    engine = OutpaintEngine(
+        OutpaintPipeline(build_random("random:tiny"), torch.device("cpu"), torch.float32), "random:tiny"
+    )
+    engine.enable_loras(tmp_path)
+    write_kohya(tmp_path / "mine.safetensors", seed=1)
+    first = image(engine, LoraRef("mine"))
+    write_kohya(tmp_path / "mine.safetensors", seed=2)
+    os.utime(tmp_path / "mine.safetensors", ns=(time.time_ns(), time.time_ns() + 10**9))
+    second = image(engine, LoraRef("mine"))
+    assert not np.array_equal(first, second)
+    assert engine.loras is not None and engine.loras.cache.names() == ["mine"]  # the old version is gone
+
+
 def test_fused_qkv_projections_take_the_patch(engine: OutpaintEngine, folder: Path) -> None:
     # On CUDA q/k/v run as one fused layer whose parts are views of it: a patch must reach it.
     fused = OutpaintEngine(
@@ -314,9 +346,9 @@ def test_switching_sets_changes_weights_in_place_so_a_compiled_model_is_not_reco
     a, b = lora(1.0), lora(0.5)
     with torch.no_grad():
         plain = compiled(x)
-        patches.apply((("a", 1.0),), [a])
+        patches.apply((("a", 1.0, ("a", 0, 0)),), [a])
         first = compiled(x)
-        patches.apply((("b", 2.0),), [b])
+        patches.apply((("b", 2.0, ("b", 0, 0)),), [b])
         second = compiled(x)
         patches.apply((), [])
         back = compiled(x)
@@ -360,6 +392,7 @@ def test_get_v1_loras_lists_the_folder(lora_server: ServerProcess) -> None:
     [
         ([{"name": "nope"}], "loras: unknown LoRA 'nope'; GET /v1/loras lists the LoRAs of this server"),
         ([{"name": "../style"}], "loras: '../style' is not a LoRA name"),
+        ([{"name": "\ud800"}], "loras: '\\ud800' is not a LoRA name"),  # escaped, as repr() writes it
         ([{"name": "sd15"}], "loras: LoRA 'sd15' cannot be used: made for another model"),
         ([{"name": "full-size"}], "loras: LoRA 'full-size' cannot be used: made for another model: layer"),
         ([{"name": "broken"}], "loras: LoRA 'broken' cannot be used: not a readable .safetensors file"),
@@ -372,7 +405,11 @@ def test_get_v1_loras_lists_the_folder(lora_server: ServerProcess) -> None:
     ],
 )
 def test_a_lora_that_cannot_be_used_is_a_400_naming_it(lora_server: ServerProcess, loras: object, error: str) -> None:
-    response = httpx.post(f"{lora_server.url}/v2/seg-beyond", json=request_body(loras=loras), timeout=30)
+    # As JSON escapes (a lone surrogate, which JSON can carry, has no UTF-8 form).
+    body = json.dumps(request_body(loras=loras))
+    response = httpx.post(
+        f"{lora_server.url}/v2/seg-beyond", content=body, headers={"content-type": "application/json"}, timeout=30
+    )
     assert response.status_code == 400, response.text
     assert response.json()["error"].startswith(error), response.json()
 

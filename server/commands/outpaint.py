@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from models.names import DEFAULT_MODEL
-from models.params import PARAMETERS, LoraRef
+from models.params import PARAMETERS, LoraRef, parameters_of
 
 PROG = "beyond outpaint"
 # Output format by extension; the options are those the server uses for its JPEGs.
@@ -48,7 +48,11 @@ def _parameter_help(name: str) -> str:
     """A parameter's help: what it is, its default and range, all from the engine's list."""
     kind, default, info = PARAMETERS[name]
     if kind == tuple[LoraRef, ...]:
-        return f"{info.description} (default none; once per LoRA: NAME, or NAME:SCALE with SCALE -2..2, 1 if left out)"
+        _, one, scale = parameters_of(LoraRef)["scale"]
+        return (
+            f"{info.description} (default none; once per LoRA: NAME, or NAME:SCALE with SCALE"
+            f" {scale.ge:g}..{scale.le:g}, {one:g} if left out)"
+        )
     if default is MISSING or default == "":
         return info.description
     shown = ",".join(default) if isinstance(default, tuple) else default

@@ -8,12 +8,18 @@ from starlette.concurrency import run_in_threadpool
 from server.guard.auth import CallerDep
 from server.http.deps import ServicesDep
 from server.http.routes.responses import errors
-from server.http.schemas import LoraList
+from server.http.schemas import EXTENSION, LoraList
 
 router = APIRouter()
 
 
-@router.get("/v1/loras", summary="The LoRAs a request may name", responses=errors(401, 403))
+@router.get(
+    "/v1/loras",
+    summary="The LoRAs a request may name",
+    description=EXTENSION + "the LoRA files of this server (BEYOND_LORA_DIR) that `loras` may name, with their"
+    " size, their format (kohya or diffusers), and why one cannot be used when it cannot",
+    responses=errors(401, 403),
+)
 async def list_loras(services: ServicesDep, _: CallerDep) -> LoraList:
     # Reads each new or changed file's header: a thread's work, not the event loop's.
     return LoraList(loras=await run_in_threadpool(services.loras.describe))
