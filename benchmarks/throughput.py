@@ -3,6 +3,7 @@
     python -m benchmarks.throughput --quick    # a few minutes: three worker modes
     python -m benchmarks.throughput            # more completions per depth
     python -m benchmarks.throughput --workers 1,2   # scale-out: Redis, one API node, N workers
+    python -m benchmarks.throughput --workers 1,2 --prefetch off,on --rounds 2
     python -m benchmarks.throughput --modes batch4 --v1 0
 
 Worker modes (one server each): `serial` (BEYOND_WORKER_PREFETCH=0: one job at a time, nothing
@@ -18,15 +19,20 @@ so the ramp-up is left out; the engine ceiling is 60 / the median x-inference-ti
 requests, and the ratio of the two is the share of wall time the worker spends in the engine.
 The queued leftovers of a depth are cancelled before the next depth starts.
 
-With --workers, for each N it starts a redis-server, one `beyond serve --no-worker` and N
-`beyond worker` processes (one torch thread each), keeps 2 x N requests outstanding, and prints the
-images per minute for each N and its ratio to the first.
+With --workers, for each N and each prefetch setting (`--prefetch off,on`: BEYOND_WORKER_PREFETCH) it
+starts a redis-server, one `beyond serve --no-worker` and N `beyond worker` processes (one torch thread
+each), keeps 2 x N requests outstanding, and prints the images per minute of each, its ratio to one
+worker with the same setting, and prefetch on against off for the same N. With `--rounds R` the whole
+set runs R times, every other round in reverse order, so that a change in the machine's load over the
+run weighs on every case alike; the summary's ratios are the median of each round's own ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
+import os
 import statistics
 import tempfile
 import time
@@ -130,12 +136,16 @@ def v1_overhead(client: httpx.Client, body: dict, count: int) -> list[float]:
 
 
 @contextlib.contextmanager
-def running_cluster(workers: int) -> Iterator[ServerProcess]:
+def running_cluster(workers: int, prefetch: bool = True) -> Iterator[ServerProcess]:
     """redis-server, one API node and `workers` worker nodes, all on loopback; yields the API node."""
     with tempfile.TemporaryDirectory(prefix="beyond-scale-") as folder:
         root = Path(folder)
         redis = RedisServer(root / "redis").start()
-        env = {"BEYOND_REDIS_URL": redis.url, "BEYOND_HEARTBEAT_INTERVAL": "1"}
+        env = {
+            "BEYOND_REDIS_URL": redis.url,
+            "BEYOND_HEARTBEAT_INTERVAL": "1",
+            "BEYOND_WORKER_PREFETCH": "1" if prefetch else "0",
+        }
         procs = [ServerProcess(root / "api", env=env, args=("--no-worker",)).start()]
         procs += [
             ServerProcess(root / f"w{i}", env=env, role="worker", args=("--name", f"w{i}")).start()
@@ -165,24 +175,51 @@ def warm_up(client: httpx.Client, body: dict, count: int) -> None:
         time.sleep(POLL)
 
 
+def load_average() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def run_scale_out(args: argparse.Namespace, body: dict) -> None:
+    cases = [(workers, prefetch) for workers in args.workers for prefetch in args.prefetch]
     rows = []
-    for workers in args.workers:
-        with running_cluster(workers) as api, httpx.Client(base_url=api.url, timeout=300) as client:
-            warm_up(client, body, workers)
-            depth, completed, per_minute, engine, ceiling, _ = at_depth(
-                client, body, 2 * workers, args.completions * workers, args.max_seconds
-            )
-        # The share of N engines' time spent in the engine: images/min against N x one engine's ceiling.
-        rows.append([workers, depth, completed, per_minute, engine, ceiling, per_minute / (workers * ceiling)])
-        print(f"{workers} worker(s) done", flush=True)
-    base = rows[0][3]
-    for row in rows:
-        row.append(row[3] / base)
+    rates: dict[tuple[int, bool], list[float]] = {case: [] for case in cases}
+    for number in range(args.rounds):
+        for workers, prefetch in cases if number % 2 == 0 else cases[::-1]:
+            load_before = load_average()
+            with running_cluster(workers, prefetch) as api, httpx.Client(base_url=api.url, timeout=300) as client:
+                warm_up(client, body, workers)
+                depth, completed, per_minute, engine, _ = at_depth(
+                    client, body, 2 * workers, args.completions * workers, args.max_seconds
+                )
+            ceiling = 60 / engine
+            rates[workers, prefetch].append(per_minute)
+            # The share of N engines' time spent in the engine: images/min against N x one engine's ceiling.
+            rows.append([
+                number + 1, workers, "on" if prefetch else "off", depth, completed, per_minute, engine, ceiling,
+                per_minute / (workers * ceiling), f"{load_before} / {load_average()}",
+            ])  # fmt: skip
+            print(f"round {number + 1}: {workers} worker(s), prefetch {'on' if prefetch else 'off'} done", flush=True)
     print()
-    headers = ["workers", "queue depth", "completed", "images/min", "median engine s", "one engine's ceiling /min",
-               "share", "vs first"]  # fmt: skip
+    headers = ["round", "workers", "prefetch", "queue depth", "completed", "images/min", "median engine s",
+               "one engine's ceiling /min", "share", "load before / after"]  # fmt: skip
     print(table(headers, rows))
+    # Ratios within each round (cases run minutes apart), then their median: a load that changes between
+    # rounds moves both sides of a ratio alike.
+    first = args.workers[0]
+    summary = []
+    for workers, prefetch in cases:
+        mine = rates[workers, prefetch]
+        scale = [rate / base for rate, base in zip(mine, rates[first, prefetch], strict=True)]
+        off = rates.get((workers, False))
+        against_off = [rate / base for rate, base in zip(mine, off, strict=True)] if off else [math.nan]
+        summary.append([
+            workers, "on" if prefetch else "off", statistics.mean(mine), statistics.median(scale),
+            statistics.median(against_off), " ".join(f"{r:.2f}" for r in scale),
+        ])  # fmt: skip
+    print()
+    print(table(["workers", "prefetch", f"images/min (mean of {args.rounds})", f"vs {first} worker(s)",
+                 "vs prefetch off", f"vs {first} worker(s), each round"], summary))  # fmt: skip
+    print("(ratios: the median of the rounds' own ratios)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -194,6 +231,7 @@ def run(args: argparse.Namespace) -> None:
         print("# scale-out benchmark: redis-server, 1 x beyond serve --no-worker, N x beyond worker")
         print("# (random:tiny, --device cpu, BEYOND_CPU_THREADS=1 per worker)")
         print(machine_line())
+        print(f"load average at the start: {load_average()}")
         print(
             f"request: {width}x{height} PNG, left {padding['left']}, right {padding['right']}, steps 20; "
             f"queue depth 2 x N, {args.completions} x N completions or {args.max_seconds:.0f} s per N\n"
@@ -239,12 +277,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-seconds", type=float, default=None, help="per depth (180; quick 10)")
     parser.add_argument("--quick", action="store_true", help="fewer completions and a half-size image")
     parser.add_argument("--workers", help="comma-separated worker counts, e.g. 1,2: the Redis scale-out mode")
+    parser.add_argument("--prefetch", default="on", help="with --workers: comma-separated, of on, off (e.g. off,on)")
+    parser.add_argument("--rounds", type=int, default=1, help="with --workers: times the whole set runs")
     parser.add_argument("--modes", default="serial,pipelined,batch4", help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--v1", type=int, default=5, help="sequential v1 requests per mode for the overhead (0: none)")
     args = parser.parse_args(argv)
     args.depths = [int(d) for d in args.depths.split(",") if d.strip()]
     args.workers = [int(w) for w in (args.workers or "").split(",") if w.strip()]
     args.modes = [m for m in args.modes.split(",") if m.strip()]
+    choices = {"on": True, "off": False}
+    prefetch = [m.strip() for m in args.prefetch.split(",") if m.strip()]
+    if not prefetch or set(prefetch) - set(choices):
+        parser.error("--prefetch takes on, off or both")
+    args.prefetch = [choices[m] for m in prefetch]
     unknown = set(args.modes) - set(MODES)
     if unknown:
         parser.error(f"unknown mode(s): {', '.join(sorted(unknown))}")

@@ -395,12 +395,19 @@ def test_every_worker_exports_its_metrics(cluster: Cluster) -> None:
     ids = [submit(cluster.apis[i % 2], seed=40 + i, **QUICK) for i in range(6)]
     for request_id in ids:
         assert wait_status(b, request_id, finished)["status"] == "COMPLETED"
-    after = {name: scrape(url) for name, url in cluster.metrics.items()}
 
     def grew(name: str, sample: str) -> float:
         return after[name].get(sample, 0.0) - before[name].get(sample, 0.0)
 
-    completed = {name: grew(name, "beyond_jobs_completed_total") for name in WORKERS}
+    # A job's result is stored a moment before its worker counts it: the pages are read until they settle.
+    deadline = time.monotonic() + 10
+    while True:
+        after = {name: scrape(url) for name, url in cluster.metrics.items()}
+        completed = {name: grew(name, "beyond_jobs_completed_total") for name in WORKERS}
+        settled = all(page["beyond_worker_jobs_held"] == 0 for page in after.values())
+        if (sum(completed.values()) >= len(ids) and settled) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert sum(completed.values()) == len(ids), completed  # each job counted once, by the worker that ran it
     for name in WORKERS:
         page = after[name]

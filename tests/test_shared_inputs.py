@@ -99,7 +99,7 @@ def test_a_node_restarting_while_another_fetches_fetches_nothing_again(nodes: No
     other = next(api for api in nodes.apis if api is not fetcher)
     other.stop()
     up(other)  # at start it looks at every job still waiting for its input
-    time.sleep(2 * RECLAIM_AFTER)  # and keeps looking, for fetches whose node died
+    time.sleep(RECLAIM_AFTER)  # and then every half of RECLAIM_AFTER, for fetches whose node died
     gate.set()
     wait_for(lambda: nodes.stored(held), 30, "the held input to be stored")
     assert nodes.images.hits["/held.png"] == 1
@@ -118,9 +118,8 @@ def test_a_node_killed_mid_fetch_leaves_the_fetch_to_another_after_its_lease(nod
     assert nodes.fetcher(job_id, fetcher) is not fetcher
     gate.set()
     wait_for(lambda: nodes.stored(job_id), 30, "the input to be stored")
-    up(fetcher)
-    time.sleep(RECLAIM_AFTER)
     assert nodes.images.hits["/orphan.png"] == 2  # the dead one's, cut short, and the other's
+    up(fetcher)
 
 
 def test_a_node_killed_mid_fetch_and_restarted_fetches_once_more_in_all(nodes: Nodes) -> None:
@@ -132,8 +131,7 @@ def test_a_node_killed_mid_fetch_and_restarted_fetches_once_more_in_all(nodes: N
     up(fetcher)
     # Taken over by the restarted node (its own lease) or, if it came back after the lease, by the other.
     wait_for(lambda: nodes.images.hits["/restarted.png"] == 2, 10 * RECLAIM_AFTER, "the fetch to start again")
-    time.sleep(RECLAIM_AFTER)
+    time.sleep(RECLAIM_AFTER)  # time for a third fetch, had the other node also taken it
     gate.set()
     wait_for(lambda: nodes.stored(job_id), 30, "the input to be stored")
-    time.sleep(RECLAIM_AFTER)
     assert nodes.images.hits["/restarted.png"] == 2
