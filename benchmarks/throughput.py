@@ -136,8 +136,9 @@ def v1_overhead(client: httpx.Client, body: dict, count: int) -> list[float]:
 
 
 @contextlib.contextmanager
-def running_cluster(workers: int, prefetch: bool = True) -> Iterator[ServerProcess]:
-    """redis-server, one API node and `workers` worker nodes, all on loopback; yields the API node."""
+def running_cluster(workers: int, prefetch: bool = True, pin: bool = False) -> Iterator[ServerProcess]:
+    """redis-server, one API node and `workers` worker nodes, all on loopback; yields the API node.
+    With `pin`, worker i runs on core i only (the API node and Redis on any)."""
     with tempfile.TemporaryDirectory(prefix="beyond-scale-") as folder:
         root = Path(folder)
         redis = RedisServer(root / "redis").start()
@@ -151,6 +152,11 @@ def running_cluster(workers: int, prefetch: bool = True) -> Iterator[ServerProce
             ServerProcess(root / f"w{i}", env=env, role="worker", args=("--name", f"w{i}")).start()
             for i in range(workers)
         ]
+        if pin:
+            cores = sorted(os.sched_getaffinity(0))
+            for i, proc in enumerate(procs[1:]):
+                # Set before the worker starts its engine process and threads, which inherit it.
+                os.sched_setaffinity(proc.proc.pid, {cores[i % len(cores)]})
         try:
             api = procs[0].wait_ready()
             deadline = time.monotonic() + 300
@@ -186,7 +192,8 @@ def run_scale_out(args: argparse.Namespace, body: dict) -> None:
     for number in range(args.rounds):
         for workers, prefetch in cases if number % 2 == 0 else cases[::-1]:
             load_before = load_average()
-            with running_cluster(workers, prefetch) as api, httpx.Client(base_url=api.url, timeout=300) as client:
+            cluster = running_cluster(workers, prefetch, args.pin)
+            with cluster as api, httpx.Client(base_url=api.url, timeout=300) as client:
                 warm_up(client, body, workers)
                 depth, completed, per_minute, engine, _ = at_depth(
                     client, body, 2 * workers, args.completions * workers, args.max_seconds
@@ -230,6 +237,8 @@ def run(args: argparse.Namespace) -> None:
     if args.workers:
         print("# scale-out benchmark: redis-server, 1 x beyond serve --no-worker, N x beyond worker")
         print("# (random:tiny, --device cpu, BEYOND_CPU_THREADS=1 per worker)")
+        if args.pin:
+            print("# --pin: worker i on CPU core i alone (its engine process and threads too)")
         print(machine_line())
         print(f"load average at the start: {load_average()}")
         print(
@@ -279,6 +288,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", help="comma-separated worker counts, e.g. 1,2: the Redis scale-out mode")
     parser.add_argument("--prefetch", default="on", help="with --workers: comma-separated, of on, off (e.g. off,on)")
     parser.add_argument("--rounds", type=int, default=1, help="with --workers: times the whole set runs")
+    parser.add_argument("--pin", action="store_true", help="with --workers: worker i on CPU core i alone")
     parser.add_argument("--modes", default="serial,pipelined,batch4", help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--v1", type=int, default=5, help="sequential v1 requests per mode for the overhead (0: none)")
     args = parser.parse_args(argv)
