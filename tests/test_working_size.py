@@ -1,5 +1,6 @@
-"""The working size: the native area at the canvas's aspect ratio, each side within a range, so no canvas
-shape costs more than a square one; ordinary canvases keep the size they always had."""
+"""The working size: the native area at the canvas's aspect ratio, each side within a range and the area
+never past the native one, so no canvas shape costs more than a square one; ordinary canvases keep the
+size they always had wherever it was within the native area."""
 
 from __future__ import annotations
 
@@ -43,14 +44,74 @@ def test_the_side_range_scales_with_the_native_side() -> None:
 
 
 @pytest.mark.parametrize("native", [TINY_AREA, 768 * 768, SDXL_AREA])
-def test_canvases_up_to_four_to_one_keep_the_working_size_they_always_had(native: int) -> None:
-    checked = 0
+def test_canvases_up_to_four_to_one_keep_their_working_size_where_it_was_within_the_native_area(native: int) -> None:
+    kept = changed = 0
     for width in range(1, 6000, 23):
         for height in range(1, 6000, 29):
             if 1 / 4 <= width / height <= 4:
-                assert working_size(width, height, native) == unbounded_working_size(width, height, native)
-                checked += 1
-    assert checked > 10_000
+                before = unbounded_working_size(width, height, native)
+                w, h = working_size(width, height, native)
+                assert w * h <= native, ((width, height), (w, h))
+                if before[0] * before[1] <= native:
+                    assert (w, h) == before, (width, height)
+                    kept += 1
+                else:
+                    # Rounding the sides to 64 px put the old size past the native area: now one side, or
+                    # each, is rounded down instead, by at most two steps in all.
+                    assert w <= before[0] and h <= before[1] and before[0] + before[1] - w - h <= 128, (width, height)
+                    changed += 1
+    assert kept > 10_000 and changed > 0
+
+
+def sweep() -> list[tuple[int, int]]:
+    """Canvases on a grid of 1 to 8000 px a side, and a fine walk of aspect ratios from 1:20 to 20:1."""
+    grid = [(w, h) for w in range(1, 8001, 89) for h in range(1, 8001, 97)]
+    walk = []
+    for k in range(-1500, 1501):
+        root = math.sqrt(20 ** (k / 1500))
+        walk.append((round(4096 * root), round(4096 / root)))
+    return grid + walk
+
+
+@pytest.mark.parametrize("native", [TINY_AREA, 768 * 768, SDXL_AREA])
+def test_no_canvas_is_worked_past_the_native_area(native: int) -> None:
+    low, high = side_range(native)
+    sizes = {canvas: working_size(*canvas, native) for canvas in sweep()}
+    over = {canvas: (w, h) for canvas, (w, h) in sizes.items() if w * h > native}
+    assert not over, f"{len(over)} canvases past the native area, e.g. {list(over.items())[:4]}"
+    for canvas, (w, h) in sizes.items():
+        assert w % 64 == 0 and h % 64 == 0 and low <= w <= high and low <= h <= high, (canvas, (w, h))
+
+
+def nearest_within_native_area(width: int, height: int, native: int) -> tuple[int, int]:
+    """Every size of the range within the native area tried: the one nearest the exact size (log scale)."""
+    low, high = side_range(native)
+    exact_w = min(max(math.sqrt(native * width / height), low), high)
+    exact_h = min(max(math.sqrt(native * height / width), low), high)
+    sides = range(low, high + 1, 64)
+    fits = [(w, h) for w in sides for h in sides if w * h <= native]
+    return min(fits, key=lambda s: math.log(s[0] / exact_w) ** 2 + math.log(s[1] / exact_h) ** 2)
+
+
+@pytest.mark.parametrize("native", [TINY_AREA, 768 * 768, SDXL_AREA])
+def test_a_size_rounded_past_the_native_area_becomes_the_nearest_one_within_it(native: int) -> None:
+    changed = 0
+    for width, height in sweep()[-3001:]:  # the walk of aspect ratios
+        if math.prod(unbounded_working_size(width, height, native)) > native:
+            assert working_size(width, height, native) == nearest_within_native_area(width, height, native)
+            changed += 1
+    assert changed > 100
+
+
+def test_the_documented_sizes() -> None:
+    """README's examples: near-square and 3:2 canvases that used to be worked past the native area."""
+    assert working_size(1424, 1024, SDXL_AREA) == (1216, 832)  # the seed example, 1216x896 before
+    assert working_size(1500, 1000, SDXL_AREA) == (1216, 832)  # 3:2, 1280x832 before
+    assert working_size(1000, 1500, SDXL_AREA) == (832, 1216)
+    assert working_size(1064, 1000, SDXL_AREA) == (1024, 1024)  # 1088x1024 before
+    assert working_size(1333, 1000, SDXL_AREA) == (1152, 896)  # 4:3, as before
+    assert working_size(1920, 1080, SDXL_AREA) == (1344, 768)  # 16:9, as before
+    assert working_size(320, 256, TINY_AREA) == (256, 256)  # 320x256 before
 
 
 @pytest.mark.parametrize("native", [TINY_AREA, 768 * 768, SDXL_AREA])
