@@ -89,11 +89,13 @@ def eager_compile(calls: list[dict] | None = None) -> Any:
 
 
 @pytest.fixture
-def fresh_dynamo(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+def fresh_dynamo() -> Iterator[None]:
+    # dynamo's own patch, not monkeypatch: undoing a monkeypatch on its config module hides the setting
+    # from every later test (getattr then fails).
+    with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit):
+        torch._dynamo.reset()
+        yield
+        torch._dynamo.reset()
 
 
 @pytest.mark.usefixtures("fresh_dynamo")

@@ -105,14 +105,15 @@ def test_compile_knob_compiles_the_unet_in_place(monkeypatch: pytest.MonkeyPatch
 
     calls: list[dict] = []
     monkeypatch.setattr(UNet2DConditionModel, "compile", lambda self, **kwargs: calls.append(kwargs))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    pipe = pipeline(SpeedOptions(channels_last=False, fuse_qkv=False, compile=True, compile_mode="reduce-overhead"))
+    with torch._dynamo.config.patch(recompile_limit=2):  # not monkeypatch: see tests/test_compile.py
+        pipe = pipeline(SpeedOptions(channels_last=False, fuse_qkv=False, compile=True, compile_mode="reduce-overhead"))
+        limit = torch._dynamo.config.recompile_limit
     # One graph per working size: static shapes (the pipeline marks rows and prompt length dynamic).
     assert calls == [{"mode": "reduce-overhead", "dynamic": False}]
     assert pipe.speedups.compile == "reduce-overhead"
     assert isinstance(pipe.c.unet, UNet2DConditionModel)
     assert pipe.compiled_sizes is not None and len(pipe.compiled_sizes) == 5  # the tiny model's set
-    assert torch._dynamo.config.recompile_limit == 5
+    assert limit == 5
 
 
 def test_no_compile_no_sizes_and_no_snapping() -> None:
