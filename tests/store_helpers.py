@@ -140,6 +140,8 @@ def apply(
         return store.request_cancel(job_id)
     if event == Event.WORKER_DIED:
         return store.release(job_id, DIED)
+    if event == Event.HAND_BACK:
+        return store.hand_back(job_id, attempt)
     assert event == Event.EXPIRE
     # Past any retention this test's jobs can have: only a job that never expires stays.
     return store.purge_expired(time.time() + TTL + 60)
@@ -159,6 +161,7 @@ def refused_answer(event: Event, job: Job | None) -> Any:
         Event.COMPLETE: False,
         Event.FAIL: False,
         Event.ABORT: False,
+        Event.HAND_BACK: False,
         Event.EXPIRE: 0,
     }[event]
 

@@ -122,7 +122,7 @@ def wait_workers(api: ServerProcess, predicate, timeout: float = 120.0) -> list[
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    started = start_cluster(tmp_path_factory.mktemp("scale"), 2, WORKERS)
+    started = start_cluster(tmp_path_factory.mktemp("scale"), 2, WORKERS, BEYOND_PURGE_INTERVAL="1")
     try:
         yield started
     finally:
@@ -450,25 +450,59 @@ def test_every_worker_exports_its_metrics(cluster: Cluster) -> None:
     assert scrape(cluster.metrics[name])["beyond_worker_deaths_total"] == after[name]["beyond_worker_deaths_total"] + 1
 
 
-def test_sigterm_stops_a_worker_within_seconds_and_its_job_runs_elsewhere(cluster: Cluster) -> None:
+def test_sigterm_stops_a_worker_within_seconds_and_its_jobs_run_elsewhere(cluster: Cluster) -> None:
+    """SIGTERM to a worker holding two jobs: the one it runs goes back to the queue as for a death (that
+    attempt counts), the one it claimed ahead and never started goes back untouched (no attempt spent); both
+    are taken by the other workers at once, and the stopped worker's consumer leaves the group once it holds
+    nothing."""
     a, b = cluster.apis
-    request_id = submit(a, seed=11, **SLOW)
-    name = running_on(b, request_id)
-    wait_status(b, request_id, lambda s: s.get("progress", 0) > 0.02)
-    proc = cluster.workers.pop(name)
-    assert proc.proc is not None
-    stopping = time.monotonic()
-    proc.proc.send_signal(signal.SIGTERM)
-    assert proc.proc.wait(15) == 0
-    assert time.monotonic() - stopping < 8, proc.log_tail()
-    proc.stop()
-    # Its card is removed at once and its job goes back to the queue for another worker.
-    assert name not in [c["name"] for c in worker_cards(a)]
-    other = running_on(a, request_id, timeout=30)
-    assert other != name
-    final = wait_status(b, request_id, finished, timeout=120)
-    assert final["status"] == "COMPLETED", final
-    assert f"job {request_id} on stop: QUEUED" in proc.log_tail(200)
+    wait_workers(a, lambda cards: sum(c["state"] == "ready" and not c["current_job"] for c in cards) == 3)
+    ids = [submit(a, seed=60 + i, **SLOW) for i in range(3)]
+    wait_workers(b, lambda cs: sum(c["current_job"] in ids for c in cs) == 3)
+    ahead = submit(b, seed=63, **SLOW)  # every worker busy: one of them claims it ahead of its turn
+    deadline = time.monotonic() + 30
+    while not (holding := [n for n, url in cluster.metrics.items() if scrape(url)["beyond_worker_jobs_held"] == 2]):
+        assert time.monotonic() < deadline, "no worker claimed the fourth job ahead"
+        time.sleep(0.1)
+    (name,) = holding
+    running = next(c["current_job"] for c in worker_cards(a) if c["name"] == name)
+    wait_status(b, running, lambda s: s.get("progress", 0) > 0.02)
+    store = RedisJobStore(cluster.redis.url, listen=False)
+    try:
+        assert (store.get(ahead).status, store.get(ahead).attempts) == (JobStatus.PROCESSING, 1)
+        proc = cluster.workers.pop(name)
+        assert proc.proc is not None
+        stopping = time.monotonic()
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(15) == 0
+        stopped = time.monotonic()
+        assert stopped - stopping < 8, proc.log_tail()
+        proc.stop()
+        # Its card is removed at once; both jobs are taken at once by the other (busy) workers, well before a
+        # dead worker's jobs would be (BEYOND_RECLAIM_AFTER=5).
+        assert name not in [c["name"] for c in worker_cards(a)]
+        while not all(store.get(job).status == JobStatus.PROCESSING for job in (running, ahead)):
+            assert time.monotonic() - stopped < 5, [store.get(job) for job in (running, ahead)]
+            time.sleep(0.05)
+        for request_id in ids:
+            if request_id != running:  # the other workers' own jobs: cancelled, so both run now
+                assert httpx.post(f"{a.url}/v2/requests/{request_id}/cancel", timeout=30).status_code == 200
+        for request_id in (running, ahead):
+            assert wait_status(b, request_id, finished, timeout=120)["status"] == "COMPLETED"
+        assert {job: store.get(job).attempts for job in (running, ahead)} == {running: 2, ahead: 1}
+        log = proc.log_tail(200)
+        assert f"job {running} on stop: QUEUED" in log and f"job {ahead} on stop: handed back" in log, log
+        # Its consumer held both entries when it stopped; once they were taken, it holds nothing and is
+        # forgotten by the other nodes' housekeeping (BEYOND_PURGE_INTERVAL=1).
+        group = f"{store.prefix}stream"
+        deadline = time.monotonic() + 20
+        while any(c["name"].decode().endswith(f":{name}") for c in store.redis.xinfo_consumers(group, "workers")):
+            assert time.monotonic() < deadline, store.redis.xinfo_consumers(group, "workers")
+            time.sleep(0.2)
+        for reader in store.redis.xinfo_consumers(group, "workers"):  # the live workers' own, if any
+            assert any(reader["name"].decode().endswith(f":{live}") for live in cluster.workers), reader
+    finally:
+        store.close()
 
 
 def test_kill_minus_nine_of_a_worker_mid_job_the_job_completes_on_another(cluster: Cluster) -> None:

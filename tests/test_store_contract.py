@@ -108,6 +108,7 @@ ANSWERS = {
     Event.COMPLETE: True,
     Event.FAIL: True,
     Event.ABORT: True,
+    Event.HAND_BACK: True,
     Event.EXPIRE: 1,  # jobs removed
 }
 
@@ -509,6 +510,17 @@ def test_a_released_job_keeps_its_place_and_the_second_death_fails_it(store: Job
     assert store.claim_next().id == second.id
 
 
+def test_a_job_handed_back_on_its_last_attempt_is_queued_not_given_up(store: JobStore) -> None:
+    """A graceful stop is no death: a job whose worker died once, claimed ahead again by a worker that is then
+    stopped, goes back queued with its last attempt still to come (released instead, it would fail)."""
+    job = drive(store, Stage.CLAIMED, Guard.LAST_ATTEMPT)
+    assert job.attempts == MAX_ATTEMPTS
+    assert store.hand_back(job.id, job.attempts) is True
+    back = store.get(job.id)
+    assert (back.status, back.attempts, back.error) == (JobStatus.QUEUED, MAX_ATTEMPTS - 1, None)
+    assert store.claim_next().attempts == MAX_ATTEMPTS
+
+
 def test_cancel(store: JobStore) -> None:
     store.open_account(OWNER, to_units(5.0))
     waiting, running = queue(store, seed=1, cost=to_units(1.0)), queue(store, seed=2, cost=to_units(1.0))
@@ -818,6 +830,62 @@ def test_a_released_job_whose_stream_entry_was_lost_queues_again(nodes, redis_se
     assert store.release(job.id, "the server stopped") == JobStatus.QUEUED
     again = store.claim_next()
     assert again.id == job.id and again.attempts == 2
+
+
+def test_a_job_handed_back_is_taken_at_once_by_another_node_as_if_never_claimed(nodes) -> None:
+    """A worker stopping gracefully gives back the job it claimed ahead of its turn: another node takes it at
+    once (not after reclaim_after), ahead of the jobs submitted after it, with none of its attempts spent. The
+    job it runs is released, as for a death: that attempt counts."""
+    stopping, other = nodes(reclaim_after=60), nodes(reclaim_after=60)
+    running, ahead, later = (queue(stopping, seed=i) for i in range(3))
+    start_next(stopping)
+    assert stopping.claim_next().id == ahead.id
+    assert stopping.hand_back(running.id, 1) is False  # it started
+    assert stopping.hand_back(ahead.id, 1) is True
+    assert stopping.hand_back(ahead.id, 1) is False  # once
+    assert stopping.release(running.id, "the worker was stopped") == JobStatus.QUEUED
+    assert stopping.get(ahead.id).status == JobStatus.QUEUED and stopping.queue_position(ahead.seq) == 1
+    taken = [other.claim_next() for _ in range(3)]
+    assert [(job.id, job.attempts) for job in taken] == [(running.id, 2), (ahead.id, 1), (later.id, 1)]
+
+
+def readers(store: RedisJobStore) -> dict[str, int]:
+    """The consumers of the job stream's group, as XINFO CONSUMERS lists them: name -> pending entries."""
+    listed = store.redis.xinfo_consumers(f"{store.prefix}stream", redis_scripts.GROUP)
+    return {reader["name"].decode(): reader["pending"] for reader in listed}
+
+
+def test_a_stopping_node_leaves_the_consumer_group_unless_it_holds_an_entry(nodes) -> None:
+    idle, busy, api = nodes(), nodes(), nodes()
+    first, second = queue(api, seed=1), queue(api, seed=2)
+    done = idle.claim_next()
+    assert idle.complete(first.id, done.attempts, RESULT, {})  # it ran a job: a consumer that holds nothing
+    claimed = busy.claim_next()
+    assert readers(api) == {idle.consumer: 0, busy.consumer: 1}
+    idle.leave()
+    busy.leave()  # it still holds the job's entry: forgetting it would lose that entry
+    assert readers(api) == {busy.consumer: 1}
+    assert busy.complete(second.id, claimed.attempts, RESULT, {})
+    busy.leave()
+    assert readers(api) == {}
+
+
+def test_the_consumers_of_workers_gone_are_forgotten_once_they_hold_nothing(nodes) -> None:
+    """Every node's housekeeping (purge_expired) forgets the consumers that hold no entry and were handed
+    none for reclaim_after: workers gone. One that holds an entry stays until another node took it over."""
+    finished, dead, live, fresh = (nodes(reclaim_after=1.0) for _ in range(4))
+    first, second, third = (queue(live, seed=i) for i in range(3))
+    done = finished.claim_next()
+    assert finished.complete(first.id, done.attempts, RESULT, {})
+    assert dead.claim_next().id == second.id  # then both fall silent
+    time.sleep(1.2)
+    assert live.purge_expired() == 0
+    assert readers(live) == {dead.consumer: 1}
+    assert live.claim_next().id == second.id  # the dead worker's job, taken over
+    ran = fresh.claim_next()  # a live worker that has just run a job
+    assert fresh.complete(third.id, ran.attempts, RESULT, {})
+    live.purge_expired()
+    assert readers(live) == {live.consumer: 1, fresh.consumer: 0}
 
 
 def test_a_redis_restart_loses_no_accepted_job_and_while_down_the_store_says_so(tmp_path: Path) -> None:

@@ -8,6 +8,10 @@ which keys they use.
 The scripts name no status, failure kind or lifecycle constant themselves: `HEADER` declares them as
 Lua locals, written once at import from the contract (QUEUED, ..., KIND_CANCELLED, ..., MAX_ATTEMPTS,
 INPUT_NAME), so a script and the SQLite store cannot disagree on them.
+
+One cohesive thing past 450 lines: the store's scripts, each one write, all on one prelude (the lifecycle's
+constants and the helpers every move shares: finish, requeue); split, each part would import that same
+prelude and feed the store's one SCRIPTS table.
 """
 
 from __future__ import annotations
@@ -103,6 +107,26 @@ local function gave_up(id, ttl, reason, attempts)
   finish(id, FAILED, ttl, {'error', string.format(GAVE_UP, reason, attempts), 'error_kind', KIND_WORKER_DIED})
 end
 local function live(status) return status == QUEUED or status == PROCESSING end
+-- A PROCESSING job is queued again at its old place: its entry, still pending, is made idle for long, so the
+-- next claim on any node takes it at once, ahead of the entries never delivered (the jobs submitted after it).
+local function requeue(id)
+  local k = jobkey(id)
+  redis.call('HSET', k, 'status', QUEUED, 'progress', 0)
+  redis.call('HDEL', k, 'started_at', 'consumer')
+  redis.call('ZREM', P .. 'processing', id)
+  redis.call('ZADD', P .. 'queued', redis.call('HGET', k, 'seq'), id)
+  local entry = redis.call('HGET', k, 'entry')
+  local pending = entry and redis.call('XPENDING', STREAM, GROUP, entry, entry, 1)[1]
+  if pending then
+    redis.call('XCLAIM', STREAM, GROUP, pending[2], 0, entry, 'IDLE', RELEASED_IDLE_MS, 'JUSTID')
+  else
+    -- Its entry was lost (a Redis that lost data): it queues again as a new entry.
+    if entry then redis.call('XDEL', STREAM, entry) end
+    redis.call('HSET', k, 'entry', redis.call('XADD', STREAM, '*', 'job', id))
+  end
+  notify(id)
+  notify_work()
+end
 """
 
 
@@ -292,23 +316,24 @@ if attempts >= MAX_ATTEMPTS then
   gave_up(id, ttl, reason, attempts)
   return FAILED
 end
-redis.call('HSET', k, 'status', QUEUED, 'progress', 0)
-redis.call('HDEL', k, 'started_at', 'consumer')
-redis.call('ZREM', P .. 'processing', id)
-redis.call('ZADD', P .. 'queued', redis.call('HGET', k, 'seq'), id)
-local entry = redis.call('HGET', k, 'entry')
-local pending = entry and redis.call('XPENDING', STREAM, GROUP, entry, entry, 1)[1]
-if pending then
-  -- Pending still, and idle for long from now on: the next claim on any node takes it first, at its old place.
-  redis.call('XCLAIM', STREAM, GROUP, pending[2], 0, entry, 'IDLE', RELEASED_IDLE_MS, 'JUSTID')
-else
-  -- Its entry was lost (a Redis that lost data): it queues again as a new entry.
-  if entry then redis.call('XDEL', STREAM, entry) end
-  redis.call('HSET', k, 'entry', redis.call('XADD', STREAM, '*', 'job', id))
-end
-notify(id)
-notify_work()
+requeue(id)
 return QUEUED
+""",
+    allow_oom=True,
+)
+
+# ARGV[4..]: id, attempt. A worker that stops gracefully gives back a job it claimed and has not started: queued
+# again at its old place with its claim's attempt taken back. 1 when handed back; 0 when the job is not this
+# attempt's or not waiting in its worker (started, cancelled, ended): nothing changes.
+HAND_BACK = script(
+    """
+local id, attempt = ARGV[4], ARGV[5]
+local k = jobkey(id)
+local job = redis.call('HMGET', k, 'status', 'attempts', 'started_at', 'cancel_requested')
+if job[1] ~= PROCESSING or job[2] ~= attempt or job[3] or job[4] == '1' then return 0 end
+redis.call('HSET', k, 'attempts', tonumber(attempt) - 1)
+requeue(id)
+return 1
 """,
     allow_oom=True,
 )
@@ -394,6 +419,29 @@ return #members
     allow_oom=True,
 )
 
+# ARGV[4..]: this node's consumer name ("" = none), min idle ms ("" = none). The consumer group forgets readers
+# that hold nothing: this node's own (it stops) at once, any other once it was handed no entry for min idle ms
+# (its worker is gone, or idle for that long: Redis makes its consumer again with the next entry it takes). Only
+# one without a pending entry, checked in this script: no entry can be delivered to it between the check and the
+# deletion, so no job is lost with it (deleting a consumer drops its pending entries). Returns how many went.
+FORGET_READERS = script(
+    """
+local own, min_idle = ARGV[4], tonumber(ARGV[5])
+local forgotten = 0
+if redis.call('EXISTS', STREAM) == 0 then return 0 end
+for _, reader in ipairs(redis.call('XINFO', 'CONSUMERS', STREAM, GROUP)) do
+  local info = {}
+  for i = 1, #reader, 2 do info[reader[i]] = reader[i + 1] end
+  if info['pending'] == 0 and (info['name'] == own or (min_idle and info['idle'] >= min_idle)) then
+    redis.call('XGROUP', 'DELCONSUMER', STREAM, GROUP, info['name'])
+    forgotten = forgotten + 1
+  end
+end
+return forgotten
+""",
+    allow_oom=True,
+)
+
 # By the name the store runs each by.
 SCRIPTS = {
     "create": CREATE,
@@ -405,6 +453,8 @@ SCRIPTS = {
     "complete": COMPLETE,
     "fail": FAIL,
     "release": RELEASE,
+    "hand_back": HAND_BACK,
+    "forget_readers": FORGET_READERS,
     "cancel": CANCEL,
     "put_file": PUT_FILE,
     "open_account": OPEN_ACCOUNT,

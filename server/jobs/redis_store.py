@@ -18,7 +18,9 @@ Key layout (prefix `beyond:` by default):
     seq                 counter of job seqs (INCR)
     job:<id>            hash: the job's fields (server/jobs/codec.py), and its stream entry and consumer
     files:<id>          hash: file name -> bytes (input, outputs, previews)
-    stream              the stream of runnable jobs, entries {job: <id>}; group "workers"
+    stream              the stream of runnable jobs, entries {job: <id>}; group "workers", one consumer per
+                        worker node that reads it (forgotten once it holds no entry and is gone: `leave`,
+                        `purge_expired`)
     queued              zset by seq of the jobs waiting: QUEUED, or claimed but not started (queue bound, position)
     awaiting            zset of QUEUED URL jobs without their input yet, by seq
     fetch:<id>          string: the consumer name of the node fetching a URL job's input, for reclaim_after
@@ -524,6 +526,22 @@ class RedisJobStore:
             self.events.work_available()
         return status
 
+    def hand_back(self, job_id: str, attempt: int) -> bool:
+        """A job this node claimed and has not started goes back untouched: its claim's attempt taken back, at
+        its old place, for the next claim on any node at once. False when the attempt no longer holds it
+        waiting (started, ended, or taken over)."""
+        handed = bool(self._run("hand_back", job_id, attempt))
+        if handed:
+            self.events.job_changed(job_id)
+            self.events.work_available()
+        return handed
+
+    def leave(self) -> None:
+        """This node takes no more jobs (its worker stops, after giving back what it held): the consumer group
+        forgets its consumer now if it holds no pending entry. One that still does (a job given back, not yet
+        claimed elsewhere) is forgotten by the sweep of `purge_expired` once another node took it."""
+        self._run("forget_readers", self.consumer, "")
+
     def keep_alive(self, held: Mapping[str, int]) -> set[str]:
         if not held:
             return set()
@@ -555,4 +573,8 @@ class RedisJobStore:
             count = int(self._run("purge", 500, now=now))
             removed += count
             if count < 500:
-                return removed
+                break
+        # The consumers of workers gone (stopped, or dead with their jobs reclaimed since) hold nothing: they
+        # go too, so the group lists the workers that read it, not every worker that ever did.
+        self._run("forget_readers", "", int(self.reclaim_after * 1000))
+        return removed

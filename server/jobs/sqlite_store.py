@@ -567,6 +567,23 @@ class SqliteJobStore:
         self.events.work_available()
         return JobStatus.QUEUED
 
+    def hand_back(self, job_id: str, attempt: int) -> bool:
+        """A job the stopping worker claimed and has not started goes back untouched: its claim's attempt taken
+        back, at its old place (by its seq). False when the attempt no longer holds it waiting."""
+        row = self._execute(
+            "UPDATE jobs SET status = ?, attempts = attempts - 1, progress = 0 WHERE id = ? AND status = ?"
+            " AND attempts = ? AND started_at IS NULL AND cancel_requested = 0 RETURNING id",
+            (JobStatus.QUEUED.value, job_id, JobStatus.PROCESSING.value, attempt),
+        ).fetchone()
+        if row is None:
+            return False
+        self.events.job_changed(job_id)
+        self.events.work_available()
+        return True
+
+    def leave(self) -> None:
+        """One node: no record of its readers to forget."""
+
     # One node: a dead worker's jobs are released by its own supervisor, never taken by another.
     reclaim_after: float | None = None
 

@@ -191,9 +191,13 @@ class Supervisor:
         self._thread.start()
 
     def stop(self, timeout: float = 1.0) -> None:
-        """Stop the worker: asked first, then terminated, then killed, within about 2 x timeout. On Linux the
+        """Stop the worker: asked first, then terminated, then killed, within about 3 x timeout. On Linux the
         end of the loop's thread already kills it (its parent-death signal, server/jobs/lifeline.py): nothing
-        would read what it still had to say."""
+        would read what it still had to say.
+
+        The jobs it held go back to the queue now rather than waiting to be found stale: one it never started
+        is handed back untouched (no attempt spent, see the lifecycle's HAND_BACK), one it ran is released as
+        for a death (that attempt counts). Then this node leaves the store's readers."""
         self._stop.set()
         self.wake()
         self._thread.join(timeout)
@@ -207,16 +211,26 @@ class Supervisor:
                 self._proc.join(timeout)
             if self._proc.is_alive():
                 self._proc.kill()
+                self._proc.join(timeout)
         self.status.state = WorkerStatus.STOPPED
-        # The jobs it held go back to the queue now rather than waiting to be found stale.
+        # A job handed back is claimed again under the same attempt number: only once nothing here can write
+        # for its attempt any more (the engine and the loop's thread are gone) may it be, else it is released.
+        quiet = not self._thread.is_alive() and (self._proc is None or not self._proc.is_alive())
         with self._lock:
-            for job_id in list(self.status.in_flight):
+            for job_id, attempt in list(self.status.in_flight.items()):
                 self._job_finished(job_id)
                 try:
+                    if quiet and self.store.hand_back(job_id, attempt):
+                        log.info("job %s on stop: handed back (not started)", job_id)
+                        continue
                     outcome = self.store.release(job_id, "the worker was stopped")
                     log.info("job %s on stop: %s", job_id, outcome.value)
                 except StoreError as exc:
-                    log.warning("could not release job %s on stop: %s", job_id, exc)
+                    log.warning("could not give back job %s on stop: %s", job_id, exc)
+            try:
+                self.store.leave()
+            except StoreError as exc:
+                log.warning("could not leave the job store's readers: %s", exc)
 
     def _spawn(self) -> None:
         # The worker's parent-death signal fires when the thread that starts it ends: only the loop's thread,
