@@ -16,9 +16,9 @@ import httpx
 from pydantic import SecretStr
 
 from models.styles import default_registry
-from server.app import create_app
+from server.http.app import create_app
+from server.http.results import webhook_body
 from server.jobs.contract import PREVIEW_NAME, JobResult
-from server.results import webhook_body
 from server.settings import Settings
 from tests.helpers import ServerProcess, b64, encode, request_body, smooth_image
 
