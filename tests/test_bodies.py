@@ -21,6 +21,7 @@ from server.http.results import webhook_body
 from server.jobs.contract import PREVIEW_NAME, JobResult
 from server.settings import Settings
 from tests.helpers import ServerProcess, b64, encode, request_body, smooth_image
+from tests.lora_helpers import write_kohya
 
 BASE = "http://testserver"
 IMAGE = b64(encode(smooth_image(16, 16)))
@@ -263,3 +264,37 @@ def test_v1_json_is_the_v2_result_with_the_images_appended(server: ServerProcess
     images = stored.json()["outputs"]
     appended = f',"image":{json.dumps(images[0])},"images":{json.dumps(images, separators=(",", ":"))}}}'
     assert response.content == stored.content[:-1] + appended.encode()
+
+
+def test_extension_parameters_follow_the_hosted_ones_only_when_set(tmp_path: Path) -> None:
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    write_kohya(loras / "style.safetensors")
+
+    async def check(client: httpx.AsyncClient, services: object) -> None:
+        async def parameters(**extensions: object) -> bytes:
+            body = {"input_image": IMAGE, "prompt": "x", "seed": 9, "steps": 20, "left": 8, **extensions}
+            submitted = await client.post("/v2/seg-beyond", json=body)
+            assert submitted.status_code == 200, submitted.text
+            result = await client.get(f"/v2/requests/{submitted.json()['request_id']}")
+            assert result.status_code == 200, result.text
+            return result.content.partition(b'"parameters":')[2]
+
+        hosted = (
+            b'{"prompt":"x","negative_prompt":"","steps":20,"samples":1,"styles":["V2","Enhance","Sharp"],"seed":9,'
+            b'"guidance_scale":4.0,"scheduler":"karras","sampler":"dpmpp_2m_sde_gpu","left":8,"right":0,"top":0,'
+            b'"bottom":0'
+        )
+        assert await parameters() == hosted + b"}}"
+        # Sent with their defaults, they read as not sent.
+        assert await parameters(seam_width=16, color_match=False, loras=[]) == hosted + b"}}"
+        used = await parameters(seam_width=8, color_match=True, loras=[{"name": "style", "scale": 0.5}])
+        assert used == hosted + b',"seam_width":8,"color_match":true,"loras":[{"name":"style","scale":0.5}]}}'
+
+        listed = await client.get("/v1/loras")
+        assert listed.status_code == 200 and listed.headers["content-type"] == "application/json"
+        (item,) = json.loads(listed.content)["loras"]
+        assert list(item) == ["name", "size", "format", "parts", "error"] and item["error"] is None
+        assert listed.content == json.dumps({"loras": [item]}, separators=(",", ":")).encode()
+
+    run(check, Settings(data_dir=tmp_path / "data", model="random:tiny", lora_dir=loras))
