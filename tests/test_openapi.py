@@ -39,7 +39,14 @@ def test_every_request_field_has_a_description_a_default_and_its_range(server: S
         assert field.get("description"), name
         if name not in request["required"]:
             assert "default" in field, name
-    numbers = {"steps": (20, 100), "samples": (1, 4), "guidance_scale": (1, 25), "left": (0, 1024)}
+    numbers = {
+        "steps": (20, 100),
+        "samples": (1, 4),
+        "guidance_scale": (1, 25),
+        "left": (0, 1024),
+        "output_quality": (1, 100),
+        "seam_width": (0, 128),
+    }
     for name, (low, high) in numbers.items():
         field = request["properties"][name]
         assert (field["minimum"], field["maximum"]) == (low, high), name
@@ -355,3 +362,10 @@ def test_a_whole_number_with_a_decimal_point_is_that_integer(server: ServerProce
     for fraction in (20.5, 1e300):
         refused = httpx.post(f"{server.url}/v2/seg-beyond", json=request_body(steps=fraction), timeout=30)
         assert refused.status_code == 400 and refused.json()["error"].startswith("steps: "), refused.text
+    # The number as written, not the float nearest to it: each of these is a fraction (of 20, 0, 0) that a
+    # float cannot tell from the integer.
+    for literal in ("20.0000000000000001", "1e-400", "0." + "0" * 400 + "1", "1e-99999999999999999999"):
+        text = json.dumps(request_body(smooth_image(16, 16)))[:-1] + f', "left": {literal}}}'
+        headers = {"content-type": "application/json"}
+        refused = httpx.post(f"{server.url}/v2/seg-beyond", content=text, headers=headers, timeout=30)
+        assert refused.status_code == 400 and refused.json()["error"].startswith("left: "), (literal, refused.text)

@@ -10,7 +10,6 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -42,16 +41,6 @@ assert set(OutputFormat.__args__) == set(OUTPUT_FORMATS)  # type: ignore[attr-de
 # length at most max_items. Where the hosted API's form is not the engine's, the body has its own field
 # (_HOSTED_FORMS).
 _STRICT: dict[Any, Any] = {int: StrictInt, float: StrictFloat, str: StrictStr, bool: StrictBool}
-
-
-def _whole(value: Any) -> Any:
-    # JSON has one kind of number: 30.0 is the integer 30 (as JSON Schema's "integer" says, and the OpenAPI
-    # document with it). A fraction, a string or a boolean is still refused.
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-# An integer field (its range applies to the number, after _whole).
-WholeInt = Annotated[StrictInt, BeforeValidator(_whole)]
 _HOSTED_FORMS: dict[str, tuple[Any, Any]] = {
     "negative_prompt": (StrictStr | None, Field(None, description=PARAMETERS["negative_prompt"][2].description)),
     # Validated against the registry (styles: built-ins plus BEYOND_STYLES_DIR), then parsed into names.
@@ -78,8 +67,6 @@ def _field(name: str, kind: Any, default: Any, info: Param) -> tuple[Any, Any]:
         annotation = list[_item_model(item)]  # type: ignore[misc]
         if info.max_items is not None:
             limits["max_length"] = info.max_items
-    elif kind is int:
-        annotation = WholeInt
     else:
         annotation = _STRICT[kind]
     if info.choices:
@@ -136,7 +123,7 @@ class SegBeyondRequest(_WithParameters):  # type: ignore[misc,valid-type]
         " kept bit for bit outside the seam band) or webp",
     )
     output_quality: Annotated[
-        WholeInt, Field(ge=1, le=100, description=EXTENSION + "encoder quality of jpeg and webp (png ignores it)")
+        StrictInt, Field(ge=1, le=100, description=EXTENSION + "encoder quality of jpeg and webp (png ignores it)")
     ] = 95
     webhook_url: StrictStr | None = Field(
         None,
