@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ImageServer, ServerProcess
+from tests.helpers import ImageServer, ServerProcess, keys_file
 from tests.redis_helpers import RedisServer
 from tests.store_helpers import KINDS, Stores
 
@@ -19,6 +19,17 @@ torch.set_num_threads(1)
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One shared server on random:tiny for the tests that do not restart or break it."""
     proc = ServerProcess(tmp_path_factory.mktemp("server")).start()
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def server_with_keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A shared server on random:tiny with the keys of tests.helpers.KEYS (a keys file)."""
+    folder = tmp_path_factory.mktemp("server-with-keys")
+    proc = ServerProcess(folder / "data", env={"BEYOND_API_KEYS_FILE": str(keys_file(folder))}).start()
     try:
         yield proc.wait_ready()
     finally:

@@ -6,6 +6,7 @@ import base64
 import collections
 import contextlib
 import io
+import json
 import os
 import signal
 import socket
@@ -165,6 +166,27 @@ def children(pid: int) -> list[int]:
             if state is not None and state[0] == pid:
                 found.append(int(entry.name))
     return found
+
+
+# The keys of the `server_with_keys` fixture: one for everything, and one for each refusal a key can meet.
+KEYS = {
+    "full": "SG_0a0a0a0a0a0a0a0a",
+    "v1-only": "SG_1b1b1b1b1b1b1b1b",  # 403 on /v2
+    "broke": "SG_2c2c2c2c2c2c2c2c",  # no credits: 406 on a submission
+    "slow": "SG_3d3d3d3d3d3d3d3d",  # one submission an hour: 429 on the second
+}
+
+
+def keys_file(folder: Path) -> Path:
+    entries = [
+        {"key": KEYS["full"], "name": "full"},
+        {"key": KEYS["v1-only"], "name": "v1-only", "endpoints": ["v1"]},
+        {"key": KEYS["broke"], "name": "broke", "credits": 0},
+        {"key": KEYS["slow"], "name": "slow", "rate_limit": "1/hour"},
+    ]
+    path = folder / "keys.json"
+    path.write_text(json.dumps({"keys": entries}))
+    return path
 
 
 def wait_until_nothing_waits(server: ServerProcess, timeout: float = 120) -> None:

@@ -1,15 +1,23 @@
-"""A fuzz pass: no malformed request may get a 5xx (bounded, loopback only)."""
+"""Fuzz passes: no malformed request may get a 5xx, and schemathesis finds nothing wrong in the OpenAPI
+document (bounded, loopback only)."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import quote
 
 import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers import ServerProcess, b64, encode, smooth_image
+from server.http.routes.responses import SUBMITTED_LINKS
+from tests.helpers import KEYS, ROOT, ServerProcess, b64, encode, smooth_image
 
 FIELDS = [
     "input_image",
@@ -124,3 +132,62 @@ def test_request_paths_never_get_a_5xx(server: ServerProcess, request_id: str, i
     ):
         response = httpx.get(server.url + path, timeout=30)
         assert response.status_code < 500, (path, response.text)
+
+
+# -- schemathesis: the OpenAPI document against the server ---------------------------------------------
+
+# Per operation and phase; the two runs below take about 20 s of CPU each on a 2-core VM (server included).
+EXAMPLES = 20
+
+
+def schemathesis_run(server: ServerProcess, folder: Path, key: str | None = None) -> str:
+    """`st run --checks all` against the document the server publishes, every phase (examples, coverage,
+    fuzzing, stateful through the document's links). Its output; every check passed."""
+    command = [
+        sys.executable, "-m", "schemathesis.cli", "--config-file", str(ROOT / "tests" / "schemathesis.toml"),
+        "--no-color", "run", f"{server.url}/openapi.json", "--checks", "all", "--max-examples", str(EXAMPLES),
+        "--workers", "1", *(["-H", f"x-api-key: {key}"] if key else []),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "120"}
+    done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=400)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-30000:]
+    # It reached what it is here for: the example request ran, and the links led to real requests.
+    assert re.search(r"Examples \(in [\d.]+s\)\s+✅\s+2 passed", output), output[-5000:]
+    links = re.search(r"API Links:\s+(\d+) covered", output)
+    assert links and int(links.group(1)) >= len(SUBMITTED_LINKS) - 1, output[-5000:]  # the preview: gone too soon
+    return output
+
+
+def test_schemathesis_finds_nothing_without_keys(server: ServerProcess, tmp_path: Path) -> None:
+    schemathesis_run(server, tmp_path)
+
+
+def test_schemathesis_finds_nothing_with_keys(server_with_keys: ServerProcess, tmp_path: Path) -> None:
+    schemathesis_run(server_with_keys, tmp_path, KEYS["full"])
+
+
+def test_the_hooks_let_no_url_through_and_give_valid_requests_a_real_image() -> None:
+    from schemathesis import GenerationMode
+
+    from tests import fuzz_hooks
+
+    def case(mode: GenerationMode, body: object, phase: str = "fuzzing") -> SimpleNamespace:
+        meta = SimpleNamespace(components={"body": SimpleNamespace(mode=mode)}, phase=SimpleNamespace(name=phase))
+        return SimpleNamespace(body=body, query=None, meta=meta, operation=SimpleNamespace(path="/v2/seg-beyond"))
+
+    urls = ["http://127.0.0.1/x.png", " HTTPS://example.com", "\thttp:", "hTtP://[::1]/"]
+    for mode in GenerationMode:
+        for url in urls:
+            body = {"input_image": url, "webhook_url": url, "prompt": "p", "left": 9}
+            fuzz_hooks.before_call(None, case(mode, body), {})
+            assert not any(str(body[f]).strip().lower().startswith("http") for f in ("input_image", "webhook_url"))
+    valid = {"input_image": "not an image", "prompt": "p", "left": 512, "top": 3}
+    fuzz_hooks.before_call(None, case(GenerationMode.POSITIVE, valid), {})
+    assert valid == {"input_image": fuzz_hooks.IMAGE, "prompt": "p", "left": 0, "top": 0}
+    example = {"input_image": "x", "prompt": "p", "left": 8}
+    fuzz_hooks.before_call(None, case(GenerationMode.POSITIVE, example, "examples"), {})
+    assert example["left"] == 8 and example["input_image"] == fuzz_hooks.IMAGE
+    invalid = {"input_image": "x", "prompt": 5, "left": 512}
+    fuzz_hooks.before_call(None, case(GenerationMode.NEGATIVE, invalid), {})
+    assert invalid == {"input_image": "x", "prompt": 5, "left": 512}

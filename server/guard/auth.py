@@ -140,7 +140,7 @@ class KeyRing:
         return self._callers[found]
 
 
-# The scheme the OpenAPI page offers (its Authorize button); server/http/app.py declares it on the routes
+# The scheme the OpenAPI page offers (its Authorize button); server/http/openapi.py declares it on the routes
 # that take a key. Not a FastAPI security dependency: the check is ours, for our error bodies, and the
 # status path, polled all the time, resolves no more dependencies than it must.
 API_KEY_SCHEME = {

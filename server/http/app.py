@@ -7,23 +7,22 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from models.styles import default_registry
 from server.commands.startup import build_store, build_supervisor, image_limits, redis_tls
-from server.guard.auth import API_KEY_SCHEME, KeyRing
+from server.guard.auth import KeyRing
 from server.guard.hosts import AllowedHosts
 from server.guard.loras import lora_library
 from server.guard.ratelimit import RateLimiter
 from server.http.deps import Services
 from server.http.errors import install_error_handlers
 from server.http.middleware import ServingMiddleware
+from server.http.openapi import openapi_schema
 from server.http.results import webhook_body
-from server.http.routes import events, health, loras, playground, styles, v1, v2
-from server.http.schemas import SegBeyondRequest
+from server.http.routes import events, health, loras, playground, styles, unknown, v1, v2
 from server.jobs.contract import to_units
 from server.jobs.inputs import InputStage
 from server.jobs.registry import (
@@ -128,36 +127,6 @@ def build_webhooks(settings: Settings, services: Services) -> Webhooks | None:
     )
 
 
-def openapi_schema(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema, less its own 422 validation-error bodies: this API answers every error as
-    {"error"}, and 422 means a FAILED request."""
-    if app.openapi_schema is None:
-        from fastapi.openapi.utils import get_openapi
-
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        for path in schema.get("paths", {}).values():
-            for operation in path.values():
-                answers = operation.get("responses", {})
-                failed = answers.get("422", {})
-                if "HTTPValidationError" in str(failed):
-                    del answers["422"]
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for name in ("HTTPValidationError", "ValidationError"):
-            components.pop(name, None)
-        # Every route that takes a key says so; the output images and previews are open (their URL is the key).
-        schema["components"]["securitySchemes"] = API_KEY_SCHEME
-        for path, operations in schema.get("paths", {}).items():
-            keyed = path.startswith(("/v1/seg-beyond", "/v1/loras", "/v2/"))
-            if keyed and "/outputs/" not in path and "preview" not in path:
-                for operation in operations.values():
-                    operation["security"] = [{name: []} for name in API_KEY_SCHEME]
-        request = SegBeyondRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-        components.update(request.pop("$defs", {}))
-        components[SegBeyondRequest.__name__] = request
-        app.openapi_schema = schema
-    return app.openapi_schema
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     services = build_services(settings)
@@ -205,4 +174,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(loras.router)
     app.include_router(events.router)
     app.include_router(playground.router)
+    app.include_router(unknown.router)  # last: see its module
     return app

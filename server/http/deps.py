@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -65,8 +66,24 @@ def read_int(text: str) -> int:
     return -LONG_INT if text.startswith("-") else LONG_INT
 
 
-# Floats need nothing: float() reads any length, and a huge exponent is an infinity, which the schema refuses.
-JSON = json.JSONDecoder(parse_int=read_int)
+def read_float(text: str) -> float | int:
+    """A JSON number with a fraction or an exponent. One whose value is a whole number (30.0, 3e1) is that
+    integer, as JSON Schema's "integer" (the OpenAPI document's) takes it; any other is a float. float()
+    reads any length, and a huge exponent is an infinity, which the schema refuses."""
+    value = float(text)
+    if not value.is_integer():
+        return value
+    # The number as written, not the float nearest to it: 20.0000000000000001 and 1e-400 are fractions.
+    try:
+        exact = Decimal(text)
+    except InvalidOperation:  # an exponent of more than 18 digits: 1e-99999999999999999999 is no integer
+        return value
+    if exact != exact.to_integral_value():
+        return value
+    return int(exact) if abs(exact) < LONG_INT else (-LONG_INT if exact < 0 else LONG_INT)
+
+
+JSON = json.JSONDecoder(parse_int=read_int, parse_float=read_float)
 
 
 async def parse_body(request: Request, services: ServicesDep) -> SegBeyondRequest:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import enum
 import typing
+from collections.abc import Mapping
 from dataclasses import MISSING, is_dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -19,6 +20,8 @@ from pydantic import (
     create_model,
     field_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
+from starlette.responses import Response
 
 from models.errors import LoraError, NoLoraFolder, UnknownLora
 from models.lora_files import LoraLibrary
@@ -202,96 +205,196 @@ class SegBeyondRequest(_WithParameters):  # type: ignore[misc,valid-type]
 
 
 Status = Literal["QUEUED", "PROCESSING", "COMPLETED", "FAILED"]
+# What a body that is not the 422 FAILED one can say of a request.
+LiveStatus = Literal["QUEUED", "PROCESSING", "COMPLETED"]
 
 
-class ErrorBody(BaseModel):
+def _absent_if_none(value: object) -> bool:
+    return value is None
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)  # a member left out has no value, not null
+
+
+T = TypeVar("T")
+# A member that is left out of the body where it does not apply: never null, so the schema does not offer null.
+Absent = Annotated[T | SkipJsonSchema[None], Field(exclude_if=_absent_if_none, json_schema_extra=_no_default)]
+
+
+class Body(BaseModel):
+    """A JSON body the server answers. Every one is rendered from its model, the model its route documents,
+    so the documentation and the bytes cannot differ. Members are in the order their fields are declared."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def render(self) -> bytes:
+        return self.__pydantic_serializer__.to_json(self)
+
+    def data(self) -> dict[str, Any]:
+        """The body as JSON-ready values (for what is not sent as an HTTP body: event data)."""
+        return self.model_dump(mode="json")
+
+
+class BodyResponse(Response):
+    """An HTTP answer whose body is one of the documented models."""
+
+    media_type = "application/json"
+
+    def __init__(self, body: Body, status_code: int = 200, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(body.render(), status_code, headers)
+
+
+class ErrorBody(Body):
+    status: Absent[Status] = Field(None, description="a 409 of a cancel only: the state the request ended in")
     error: str = Field(description="what went wrong; for bad input it starts with the field's name")
 
 
-class FailedBody(BaseModel):
+class WebhookStatus(Body):
+    delivered: bool = Field(description="the receiver answered 2xx")
+    attempts: int = Field(ge=0, description="attempts made so far (up to 5, within about ten minutes)")
+    last_status: int | None = Field(description="the HTTP status of the last attempt (none: no answer)")
+    error: str | None = Field(description="why the last attempt failed")
+
+
+WEBHOOK = EXTENSION + "only for a request with a webhook_url: how its delivery went"
+
+
+class FailedBody(Body):
     status: Literal["FAILED"]
     request_id: str
+    webhook: Absent[WebhookStatus] = Field(None, description=WEBHOOK)
     error: str = Field(description="why the request failed ('cancelled' when it was cancelled)")
 
 
-class SubmitResponse(BaseModel):
+class SubmitResponse(Body):
     request_id: str
     status: Status
     status_url: str = Field(description="absolute URL to poll: GET it for the status")
     response_url: str = Field(description="absolute URL of the result")
 
 
-class StatusResponse(BaseModel):
-    status: Status
+class StatusResponse(Body):
+    status: LiveStatus = Field(description="FAILED is answered as 422 with FailedBody")
     request_id: str
-    queue_position: int | None = Field(None, description="QUEUED: requests ahead of this one")
-    progress: float | None = Field(None, ge=0, le=1, description="PROCESSING: share of the denoising steps done")
-    preview: str | None = Field(None, description="PROCESSING: URL of a small JPEG of the current latents, once made")
+    queue_position: Absent[Annotated[int, Field(ge=0)]] = Field(
+        None, description="QUEUED only: requests ahead of this one"
+    )
+    progress: Absent[Annotated[float, Field(ge=0, le=1)]] = Field(
+        None, description="PROCESSING only: share of the denoising steps done"
+    )
+    preview: Absent[str] = Field(
+        None, description="PROCESSING only, once made: URL of a small JPEG of the current latents"
+    )
 
 
-class RunMetrics(BaseModel):
+class AppliedLora(Body):
+    name: str = Field(description="the LoRA's name in the server's LoRA folder")
+    scale: float = Field(description="its strength")
+
+
+def _run_field(kind: Any, info: Param) -> tuple[Any, Any]:
+    """(annotation, FieldInfo) of a parameter in a result's `parameters`: the value it was run with."""
+    if typing.get_origin(kind) is tuple:
+        (item, _) = typing.get_args(kind)
+        annotation: Any = list[AppliedLora] if is_dataclass(item) else list[str]
+    else:
+        annotation = kind
+    if info.extension:
+        # Left out while it has its default (OutpaintParams.to_json): the body reads as the hosted API's.
+        description = EXTENSION + "only when the request set it to other than its default"
+        return Absent[annotation], Field(None, description=description)
+    return annotation, Field()
+
+
+# One field per engine parameter (models/params.py), in their order.
+RunParameters = create_model(  # type: ignore[call-overload]
+    "RunParameters",
+    __base__=Body,
+    __doc__="The request's parameters as run: the seed drawn for -1, the styles by their canonical names.",
+    **{name: _run_field(kind, info) for name, (kind, _, info) in PARAMETERS.items()},
+)
+
+
+class RunMetrics(Body):
     inference_time: float = Field(description="engine seconds")
     queue_time: float = Field(description="seconds from acceptance to start")
     total_time: float = Field(description="seconds from acceptance to completion")
 
 
-class Prompts(BaseModel):
+class Prompts(Body):
     positive: list[str] = Field(description="the prompt encoded for each sample, styles applied")
     negative: list[str]
 
 
-class WebhookStatus(BaseModel):
-    delivered: bool = Field(description="the receiver answered 2xx")
-    attempts: int = Field(description="attempts made so far (up to 5, within about ten minutes)")
-    last_status: int | None = Field(None, description="the HTTP status of the last attempt (none: no answer)")
-    error: str | None = Field(None, description="why the last attempt failed")
-
-
-class ResultResponse(BaseModel):
-    status: Status
+class ResultResponse(Body):
+    status: LiveStatus = Field(description="FAILED is answered as 422 with FailedBody")
     request_id: str
-    created_at: str | None = None
-    started_at: str | None = None
-    parameters: dict[str, Any] = Field(description="the request's parameters as run (the seed drawn for -1)")
-    output: str | None = Field(None, description="the first image: its URL, or base64 with base64: true")
-    outputs: list[str] | None = Field(None, description="every image, in seed order")
-    seeds: list[int] | None = None
-    width: int | None = None
-    height: int | None = None
-    completed_at: str | None = None
-    expires_at: str | None = Field(None, description="when the result and its images are deleted")
-    metrics: RunMetrics | None = None
-    prompts: Prompts | None = None
-    styles: list[str] | None = Field(None, description="the styles applied")
-    notes: dict[str, Any] | None = None
-    working_size: list[int] | None = Field(None, description="the size the model worked at")
-    webhook: WebhookStatus | None = Field(
-        None, description=EXTENSION + "only for a request with a webhook_url: how its delivery went"
+    created_at: str | None
+    started_at: str | None = Field(description="none while QUEUED")
+    parameters: RunParameters
+    output: Absent[str] = Field(None, description="COMPLETED only: the first image, its URL (base64 with base64: true)")
+    outputs: Absent[list[str]] = Field(None, description="COMPLETED only: every image, in seed order")
+    seeds: Absent[list[int]] = Field(None, description="COMPLETED only")
+    width: Absent[int] = Field(None, description="COMPLETED only")
+    height: Absent[int] = Field(None, description="COMPLETED only")
+    completed_at: Absent[str] = Field(None, description="COMPLETED only")
+    expires_at: Absent[str] = Field(None, description="COMPLETED only: when the result and its images are deleted")
+    metrics: Absent[RunMetrics] = Field(None, description="COMPLETED only")
+    prompts: Absent[Prompts] = Field(None, description="COMPLETED only")
+    styles: Absent[list[str]] = Field(None, description="COMPLETED only: the styles applied")
+    notes: Absent[dict[str, Any]] = Field(
+        None, description="COMPLETED only: what the styles did (notes.expansion: whether V2 ran)"
     )
+    working_size: Absent[list[int]] = Field(None, description="COMPLETED only: the size the model worked at")
+    webhook: Absent[WebhookStatus] = Field(None, description=WEBHOOK)
 
 
-class ListedRequest(BaseModel):
+class SyncResult(ResultResponse):
+    """POST /v1/seg-beyond's JSON answer (base64: true): the result with its images inline, also under
+    `image` and `images`."""
+
+    status: Literal["COMPLETED"]
+    image: str = Field(description="the first image, base64")
+    images: list[str] = Field(description="every image, base64, in seed order")
+
+
+class ListedRequest(Body):
     request_id: str
     status: Status
-    created_at: str
-    completed_at: str | None = Field(None, description="COMPLETED or FAILED: when it ended")
-    outputs: list[str] | None = Field(None, description="COMPLETED: the output URLs")
-    error: str | None = Field(None, description="FAILED: why")
+    created_at: str | None
+    completed_at: Absent[str] = Field(None, description="COMPLETED or FAILED only: when it ended")
+    outputs: Absent[list[str]] = Field(None, description="COMPLETED only: the output URLs")
+    error: Absent[str] = Field(None, description="FAILED only: why")
 
 
-class RequestList(BaseModel):
+class RequestList(Body):
     requests: list[ListedRequest] = Field(description="the caller's requests, newest first")
-    next_cursor: str | None = Field(None, description="pass as cursor for the next page; none: this is the last")
+    next_cursor: str | None = Field(description="pass as cursor for the next page; none: this is the last")
 
 
-class CancelResponse(BaseModel):
+class CancelResponse(Body):
     request_id: str
-    status: Status
-    cancel_requested: bool
-    error: str | None = None
+    status: Status = Field(description="FAILED when it ended at once (it had not started)")
+    cancel_requested: Literal[True]
+    error: str | None = Field(description="'cancelled' when it ended at once; none while it stops")
 
 
-class LoraInfo(BaseModel):
+class Style(Body):
+    name: str
+    aliases: list[str] = Field(description="other names a request may use for it")
+    kind: Literal["template", "expansion"]
+    positive: str = Field(description="the prompt template ({prompt} stands for the request's prompt)")
+    negative: str = Field(description="added to the negative prompt")
+    description: str
+    source: str = Field(description="builtin, or the styles file it comes from")
+
+
+class StyleList(Body):
+    styles: list[Style]
+
+
+class LoraInfo(Body):
     name: str = Field(description="what a request names it by in `loras`: its file name without .safetensors")
     size: int = Field(description="the file's size in bytes")
     format: Literal["kohya", "diffusers"] | None = Field(
@@ -303,5 +406,5 @@ class LoraInfo(BaseModel):
     error: str | None = Field(None, description="why it cannot be used (a request naming it gets 400)")
 
 
-class LoraList(BaseModel):
+class LoraList(Body):
     loras: list[LoraInfo] = Field(description=EXTENSION + "the LoRAs of this server (BEYOND_LORA_DIR), by name")

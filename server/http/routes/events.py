@@ -27,6 +27,8 @@ from server.guard.auth import CallerDep, owner_of
 from server.http.deps import Services, ServicesDep, public_base
 from server.http.errors import ApiError
 from server.http.results import find, find_state, result_body, status_body
+from server.http.routes.responses import READ
+from server.http.schemas import Body, ErrorBody, FailedBody, ResultResponse, StatusResponse
 from server.jobs.contract import Job, JobState, JobStatus
 from server.jobs.events import Watch
 from server.jobs.store import JobStore
@@ -136,12 +138,12 @@ def waiting(job: JobState | Job) -> bool:
     return job.status == JobStatus.QUEUED or (job.status == JobStatus.PROCESSING and not job.started)
 
 
-def seen(body: dict[str, Any]) -> tuple:
+def seen(body: StatusResponse) -> tuple:
     """A status body as a comparable value: two bodies that read the same to a client compare equal."""
-    return tuple(sorted(body.items()))
+    return tuple(sorted(body.data().items()))
 
 
-def _visible(services: Services, job_id: str) -> tuple[JobState | Job | None, dict[str, Any] | None]:
+def _visible(services: Services, job_id: str) -> tuple[JobState | Job | None, StatusResponse | None]:
     """The job and its status body; (None, None) once it is gone (expired), (job, None) once it has ended."""
     try:
         job = find_state(services, job_id)
@@ -150,7 +152,7 @@ def _visible(services: Services, job_id: str) -> tuple[JobState | Job | None, di
     return job, None if job.finished else status_body(services, job)
 
 
-async def next_change(services: Services, job_id: str, last: tuple, timeout: float) -> dict[str, Any] | None:
+async def next_change(services: Services, job_id: str, last: tuple, timeout: float) -> StatusResponse | None:
     """The job's status body once what a client sees of it differs from `last` (see `seen`), or when `timeout`
     passes; None once it has ended or is gone (expired). The store wakes it on every change of the job itself,
     and the queue's look (`QueueLook`) while it waits in the queue."""
@@ -171,7 +173,7 @@ async def next_change(services: Services, job_id: str, last: tuple, timeout: flo
             await watch.wait(left)
 
 
-def final_body(services: Services, job_id: str, base: str) -> dict[str, Any]:
+def final_body(services: Services, job_id: str, base: str) -> Body:
     """What GET /v2/requests/{id} answers now, error bodies included (422 FAILED, 404 once expired)."""
     try:
         return result_body(services, find(services, job_id), base)
@@ -186,21 +188,56 @@ async def progress_events(
         last: tuple = ()
         body = None if job is None or job.finished else status_body(services, job)
         while body is not None:
-            if seen(body) != last:
-                last = seen(body)
-                yield ServerSentEvent(data=json.dumps(body), event="status")
+            if (now := seen(body)) != last:
+                last = now
+                # json.dumps' default form (spaces, ASCII escapes), as the stream has always sent it.
+                yield ServerSentEvent(data=json.dumps(body.data()), event="status")
             body = await next_change(services, job_id, last, WAIT)
         result = await run_in_threadpool(final_body, services, job_id, base)
-        yield ServerSentEvent(data=json.dumps(result), event="result")
+        yield ServerSentEvent(data=json.dumps(result.data()), event="result")
     finally:
         # Reached on the last event and when the client goes away (the generator is cancelled then).
         log.info("events stream for %s closed", job_id, extra={"event": "events_closed", "request_id": job_id})
 
 
+def _component(model: type[Body]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _event(name: str, data: dict[str, Any]) -> dict[str, Any]:
+    """One kind of event as OpenAPI 3.1 describes a text/event-stream item: its fields, the data as JSON."""
+    return {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"const": name},
+            "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": data},
+        },
+    }
+
+
+# The result is what GET /v2/requests/{id} answers: its 200 body, the FAILED 422 one, or the 404 once expired.
+EVENT = {
+    "oneOf": [
+        _event("status", _component(StatusResponse)),
+        _event("result", {"anyOf": [_component(m) for m in (ResultResponse, FailedBody, ErrorBody)]}),
+    ]
+}
+
+
 @router.get(
     "/requests/{request_id}/events",
+    operation_id="get_events",
     response_class=EventSourceResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "`status` events, then one `result`"}},
+    responses={
+        200: {
+            "content": {"text/event-stream": {"schema": EVENT}},
+            "description": "`status` events, then one `result`, then the end of the stream",
+        },
+        # A FAILED request is a `result` event of the stream, not a 422.
+        **{code: answer for code, answer in READ.items() if code != 422},
+    },
+    summary="A request's progress as server-sent events",
 )
 async def get_events(
     request_id: str, request: Request, services: ServicesDep, caller: CallerDep

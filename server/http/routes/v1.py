@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from server.guard.auth import get_caller, get_submitter
 from server.http import fast_routes
 from server.http.deps import Services, parse_body, public_base
-from server.http.errors import BadRequest, Conflict, InternalError, NotFound
+from server.http.errors import BadRequest, Conflict, InternalError
 from server.http.results import read_output, result_body, webhook_status
 from server.http.routes.responses import errors
-from server.http.schemas import ResultResponse, SegBeyondRequest
+from server.http.schemas import BodyResponse, SegBeyondRequest, SyncResult
 from server.http.submission import submit, wait_finished
 from server.jobs.contract import FailureKind, JobStatus
 
@@ -31,6 +31,7 @@ REQUEST_SCHEMA = {
 
 @router.post(
     PATH,
+    operation_id="run",
     openapi_extra=REQUEST_SCHEMA,
     summary="Outpaint an image and wait for it",
     response_class=Response,
@@ -40,13 +41,14 @@ REQUEST_SCHEMA = {
                 "image/jpeg": {},
                 "image/png": {},
                 "image/webp": {},
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{ResultResponse.__name__}"}},
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{SyncResult.__name__}"}},
             },
             "description": "the outpainted image (JSON with the images inline when base64 is true); its type follows"
             " output_format (an extension of the hosted API; jpeg by default)",
         },
         **errors(400, 401, 403, 406, 409, 413, 429, 500, 502, 503, 504, 507),
     },
+    # SyncResult is not a response_model (the route answers images too): server/http/app.py adds it to the components.
 )
 async def run_sync(request: Request) -> Response:
     return await answer_v1(request)
@@ -83,13 +85,8 @@ async def answer_v1(request: Request) -> Response:
         return Response(read_output(services, job, 0), media_type=job.delivery.media_type, headers=headers)
     # The v2 result body (its outputs inline), with the images also under "image"/"images".
     webhook = await run_in_threadpool(webhook_status, services, job) if job.delivery.webhook_url else None
-    result = await run_in_threadpool(result_body, services, job, base, webhook)
-    return JSONResponse({**result, "image": result["output"], "images": result["outputs"]}, headers=headers)
+    result = await run_in_threadpool(result_body, services, job, base, webhook, sync=True)
+    return BodyResponse(result, headers=headers)
 
 
 fast_routes.add("POST", PATH, answer_v1)
-
-
-@router.post("/v1/{slug}", include_in_schema=False)
-async def unknown_model(slug: str) -> Response:
-    raise NotFound(f"model {slug!r} not found; this server serves {SLUG!r}")

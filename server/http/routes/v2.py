@@ -7,8 +7,8 @@ import binascii
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from server.guard.auth import CallerDep, SubmitterDep, get_caller, owner_of
@@ -25,68 +25,79 @@ from server.http.results import (
     status_body,
     webhook_status,
 )
-from server.http.routes.responses import READ, SUBMIT, errors
+from server.http.routes.responses import CANCEL, READ, SUBMIT, SUBMITTED_LINKS, errors, ok
 from server.http.routes.v1 import REQUEST_SCHEMA, SLUG
-from server.http.schemas import EXTENSION, CancelResponse, RequestList, ResultResponse, StatusResponse, SubmitResponse
+from server.http.schemas import (
+    EXTENSION,
+    BodyResponse,
+    CancelResponse,
+    RequestList,
+    ResultResponse,
+    StatusResponse,
+    SubmitResponse,
+)
 from server.http.submission import submit
-from server.jobs.contract import JobStatus
+from server.jobs.contract import OUTPUT_FORMATS, JobStatus
 
 router = APIRouter(prefix="/v2")
 MAX_LIST = 100
 CURSOR = re.compile(r"[A-Za-z0-9_-]{1,32}")
+EXTENSIONS = [extension for extension, _ in OUTPUT_FORMATS.values()]
 
 
 @router.post(
-    f"/{SLUG}", openapi_extra=REQUEST_SCHEMA, response_model=SubmitResponse, responses=SUBMIT, summary="Queue a request"
+    f"/{SLUG}",
+    openapi_extra=REQUEST_SCHEMA,
+    operation_id="submit",
+    responses={**ok(SubmitResponse, "queued", links=SUBMITTED_LINKS), **SUBMIT},
+    summary="Queue a request",
 )
-async def submit_async(caller: SubmitterDep, body: BodyDep, request: Request, services: ServicesDep) -> JSONResponse:
+async def submit_async(caller: SubmitterDep, body: BodyDep, request: Request, services: ServicesDep) -> Response:
     root = public_base(request, services.settings)
     job = await submit(body, services, caller, root)
     base = f"{root}/v2/requests/{job.id}"
-    return JSONResponse(
-        {
-            "request_id": job.id,
-            "status": job.status.value,
-            "status_url": f"{base}/status",
-            "response_url": base,
-        },
-        headers={"x-request-id": job.id},
-    )
-
-
-@router.post("/{slug}", include_in_schema=False)
-async def unknown_model(slug: str) -> Response:
-    raise NotFound(f"model {slug!r} not found; this server serves {SLUG!r}")
+    answer = SubmitResponse(request_id=job.id, status=job.status.value, status_url=f"{base}/status", response_url=base)
+    return BodyResponse(answer, headers={"x-request-id": job.id})
 
 
 # The hot path of every polling client: async (no thread hop), one small row, finished jobs cached.
-@router.get("/requests/{request_id}/status", response_model=StatusResponse, responses=READ, summary="Poll a request")
-async def get_status(request_id: str, request: Request) -> JSONResponse:
+@router.get(
+    "/requests/{request_id}/status",
+    operation_id="get_status",
+    responses={**ok(StatusResponse, "QUEUED, PROCESSING or COMPLETED (FAILED: 422)"), **READ},
+    summary="Poll a request",
+)
+async def get_status(request_id: str, request: Request) -> Response:
     return await answer_status(request, request_id)
 
 
-async def answer_status(request: Request, request_id: str) -> JSONResponse:
+async def answer_status(request: Request, request_id: str) -> Response:
     """What every polling client calls, many times a request: no dependency injection, no thread hop,
     one small row or the cache. The middleware answers it ahead of the router, through here (a fast route,
     added below)."""
     services: Services = request.app.state.services
     caller = await get_caller(request)
     state = find_state(services, request_id, owner_of(caller))
-    return JSONResponse(status_body(services, state, public_base(request, services.settings)))
+    return BodyResponse(status_body(services, state, public_base(request, services.settings)))
 
 
 fast_routes.add("GET", f"{router.prefix}/requests/{{request_id}}/status", answer_status)
 
 
-@router.get("/requests/{request_id}", response_model=ResultResponse, responses=READ, summary="A request's result")
-async def get_result(request_id: str, request: Request, services: ServicesDep, caller: CallerDep) -> JSONResponse:
+@router.get(
+    "/requests/{request_id}",
+    operation_id="get_result",
+    responses={**ok(ResultResponse, "the result once COMPLETED, the request as queued before (FAILED: 422)"), **READ},
+    summary="A request's result",
+)
+async def get_result(request_id: str, request: Request, services: ServicesDep, caller: CallerDep) -> Response:
     job = find(services, request_id, owner_of(caller))
     base = public_base(request, services.settings)
     # Only a request with a webhook_url reads the outbox (off the event loop); the others answer as before.
     webhook = await run_in_threadpool(webhook_status, services, job) if job.delivery.webhook_url else None
     if job.base64:  # reads every image: off the event loop
-        return JSONResponse(await run_in_threadpool(result_body, services, job, base, webhook))
-    return JSONResponse(result_body(services, job, base, webhook))
+        return BodyResponse(await run_in_threadpool(result_body, services, job, base, webhook))
+    return BodyResponse(result_body(services, job, base, webhook))
 
 
 def encode_cursor(seq: int) -> str:
@@ -128,10 +139,36 @@ def parse_status(status: str | None) -> JobStatus | None:
         raise BadRequest(f"status: must be one of {', '.join(s.value for s in JobStatus)}") from None
 
 
+# The query parameters as the server reads them (documented here: FastAPI would offer null for each).
+LIST_PARAMETERS = {
+    "parameters": [
+        {
+            "name": "limit",
+            "in": "query",
+            "description": f"requests per page, 1 to {MAX_LIST}",
+            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIST, "default": 20},
+        },
+        {
+            "name": "status",
+            "in": "query",
+            "description": "only requests in this state (any case)",
+            "schema": {"type": "string", "enum": [s.value for s in JobStatus]},
+        },
+        {
+            "name": "cursor",
+            "in": "query",
+            "description": "next_cursor of the page before, as it came",
+            "schema": {"type": "string", "pattern": f"^{CURSOR.pattern}$"},
+        },
+    ]
+}
+
+
 @router.get(
     "/requests",
-    response_model=RequestList,
-    responses=errors(400, 401, 403, 503),
+    operation_id="list_requests",
+    responses={**ok(RequestList, "a page of requests"), **errors(400, 401, 403, 503)},
+    openapi_extra=LIST_PARAMETERS,
     summary="List your requests",
     description=EXTENSION + "the caller's own requests (those made with its key; without keys configured, those"
     " made without one), newest first, a page at a time. Expired requests are not listed.",
@@ -140,10 +177,10 @@ def list_requests(
     request: Request,
     services: ServicesDep,
     caller: CallerDep,
-    limit: Annotated[str | None, Query(description=f"requests per page, 1 to {MAX_LIST} (default 20)")] = None,
-    status: Annotated[str | None, Query(description="only requests in this state")] = None,
-    cursor: Annotated[str | None, Query(description="next_cursor of the page before")] = None,
-) -> JSONResponse:
+    limit: Annotated[str | None, Query(include_in_schema=False)] = None,
+    status: Annotated[str | None, Query(include_in_schema=False)] = None,
+    cursor: Annotated[str | None, Query(include_in_schema=False)] = None,
+) -> Response:
     count, wanted = parse_limit(limit), parse_status(status)
     before = decode_cursor(cursor) if cursor is not None else None
     # One more than the page, to know whether another page follows.
@@ -151,38 +188,45 @@ def list_requests(
     page = jobs[:count]
     base = public_base(request, services.settings)
     more = len(jobs) > count
-    return JSONResponse(
-        {
-            "requests": [list_item(job, base) for job in page],
-            "next_cursor": encode_cursor(page[-1].seq) if more else None,
-        }
+    listing = RequestList(
+        requests=[list_item(job, base) for job in page],
+        next_cursor=encode_cursor(page[-1].seq) if more else None,
     )
+    return BodyResponse(listing)
 
 
 @router.post(
     "/requests/{request_id}/cancel",
-    response_model=CancelResponse,
-    responses={**READ, **errors(409)},
+    operation_id="cancel_request",
+    responses={**ok(CancelResponse, "cancelled, or being stopped"), **CANCEL},
     summary="Cancel a request",
 )
-def cancel(request_id: str, services: ServicesDep, caller: CallerDep) -> dict:
+def cancel(request_id: str, services: ServicesDep, caller: CallerDep) -> Response:
     job = find(services, request_id, owner_of(caller))
     if job.finished and not job.cancelled:
-        raise Conflict(f"request already {job.status.value}", body={"status": job.status.value})
+        raise Conflict(f"request already {job.status.value}", status=job.status.value)
     job = services.store.request_cancel(request_id) or job
-    return {"request_id": job.id, "status": job.status.value, "cancel_requested": True, "error": job.error}
+    answer = CancelResponse(request_id=job.id, status=job.status.value, cancel_requested=True, error=job.error)
+    return BodyResponse(answer)
 
 
 @router.get(
     "/requests/{request_id}/outputs/{index}.{extension}",
+    operation_id="get_output",
     response_class=Response,
     responses={
         200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}}, "description": "an output image"},
-        **errors(404, 503),
+        **errors(400, 404, 503, e400="index: not an integer"),
     },
     summary="An output image",
 )
-def get_output(request_id: str, index: int, extension: str, services: ServicesDep) -> Response:
+def get_output(
+    request_id: str,
+    # Documented from 0; a negative index is an output that does not exist (404), as it always was.
+    index: Annotated[int, Path(description="the image's place, from 0", json_schema_extra={"minimum": 0})],
+    extension: Annotated[str, Path(description="the images' format", json_schema_extra={"enum": EXTENSIONS})],
+    services: ServicesDep,
+) -> Response:
     # Output URLs are handed to browsers and downloaders that hold no key: the 128-bit random
     # request id in the path is what guards them, as signed URLs do on the hosted service.
     job = find(services, request_id)
@@ -193,6 +237,7 @@ def get_output(request_id: str, index: int, extension: str, services: ServicesDe
 
 @router.get(
     "/requests/{request_id}/preview.jpg",
+    operation_id="get_preview",
     response_class=Response,
     responses={200: {"content": {"image/jpeg": {}}, "description": "the live preview"}, **errors(404, 503)},
     summary="A running request's live preview",
