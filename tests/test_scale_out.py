@@ -270,8 +270,11 @@ def test_a_busy_worker_claims_ahead_in_its_last_steps_or_when_no_other_worker_is
     assert ended[0].started_at < ended[1].started_at and ended[2].started_at is None
 
 
-def test_the_jobs_of_a_hung_engine_are_taken_over(local_node: LocalNode) -> None:
-    """An engine process that is alive but silent (a hung driver; here SIGSTOP) does not keep its jobs."""
+@pytest.mark.parametrize("then", ["engine_killed", "stopped"])
+def test_the_jobs_of_a_hung_engine_are_taken_over(local_node: LocalNode, then: str) -> None:
+    """An engine process that is alive but silent (a hung driver; here SIGSTOP) does not keep its jobs. Once
+    taken over, the job is the new attempt's: when the hung engine is then killed (its supervisor releases what
+    it held) or its worker stopped (it gives back what it held), the new attempt runs on untouched."""
     node = local_node
     (job,) = node.submit(1)
     deadline = time.monotonic() + 60
@@ -287,6 +290,19 @@ def test_the_jobs_of_a_hung_engine_are_taken_over(local_node: LocalNode) -> None
     assert taken is not None and (taken.id, taken.attempts) == (job.id, 2)
     # Silent for about reclaim_after, then left idle for reclaim_after: taken within two of them.
     assert time.monotonic() - stopped < 2.5 * node.store.reclaim_after + 1
+    held = node.other.get(job.id)
+    engine = node.supervisor.status.pid
+    if then == "engine_killed":
+        os.kill(engine, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while node.supervisor.status.pid == engine and time.monotonic() < deadline:  # a new engine: after the release
+            time.sleep(0.05)
+        assert node.supervisor.status.pid != engine and not node.supervisor.status.in_flight
+    else:
+        node.supervisor.stop()
+    # Its last attempt (a release would have failed it) is still the other node's, and queued for nobody.
+    assert node.other.get(job.id) == held and node.other.claim_next() is None
+    assert node.other.fail(job.id, "ended by the test", FailureKind.ENGINE, taken.attempts)
 
 
 def test_thirty_jobs_on_two_api_nodes_and_three_workers(cluster: Cluster) -> None:

@@ -469,9 +469,10 @@ def test_sqlite_reads_the_job_folders_of_an_older_release_and_drops_rows_without
 def test_writes_are_fenced_by_attempt(store: JobStore) -> None:
     job = queue(store)
     assert store.claim_next().attempts == 1
-    assert store.release(job.id, "the worker process died") == JobStatus.QUEUED
+    assert store.release(job.id, "the worker process died", 1) == JobStatus.QUEUED
     assert store.claim_next().attempts == 2
     # The first attempt's worker, late: changes nothing, and is told to stop.
+    assert store.release(job.id, "the worker process died", 1) == JobStatus.PROCESSING
     assert store.set_progress(job.id, 1, 0.9) is True
     assert store.complete(job.id, 1, RESULT, {}) is False
     assert store.fail(job.id, "late", FailureKind.ENGINE, 1) is False
@@ -495,18 +496,18 @@ def test_a_released_job_keeps_its_place_and_the_second_death_fails_it(store: Job
     first, second = queue(store, seed=1), queue(store, seed=2)
     store.open_account(OWNER, 0)
     assert store.claim_next().id == first.id
-    assert store.release(first.id, "the worker process died (exit code -9)") == JobStatus.QUEUED
+    assert store.release(first.id, "the worker process died (exit code -9)", 1) == JobStatus.QUEUED
     assert store.get(first.id).status == JobStatus.QUEUED and store.queue_position(second.seq) == 1
     again = store.claim_next()
     assert again.id == first.id and again.attempts == MAX_ATTEMPTS
-    assert store.release(first.id, "the worker process died (exit code -9)") == JobStatus.FAILED
+    assert store.release(first.id, "the worker process died (exit code -9)", 2) == JobStatus.FAILED
     failed = store.get(first.id)
     assert failed.error == "the worker process died (exit code -9) while running this job, 2 times; giving up"
     assert failed.error_kind == FailureKind.WORKER_DIED.value
     # Releasing what is not running changes nothing.
-    assert store.release(first.id, "again") == JobStatus.FAILED
-    assert store.release(second.id, "not running") == JobStatus.QUEUED
-    assert store.release("0" * 32, "unknown") == JobStatus.FAILED
+    assert store.release(first.id, "again", 2) == JobStatus.FAILED
+    assert store.release(second.id, "not running", 0) == JobStatus.QUEUED
+    assert store.release("0" * 32, "unknown", 1) == JobStatus.FAILED
     assert store.claim_next().id == second.id
 
 
@@ -532,7 +533,7 @@ def test_cancel(store: JobStore) -> None:
     assert flagged.status == JobStatus.PROCESSING and flagged.cancel_requested
     assert store.set_progress(waiting.id, 1, 0.3) is True  # the worker is told at its next step
     # Its worker dies before it stops: the job ends cancelled, not retried.
-    assert store.release(waiting.id, "the worker process died") == JobStatus.FAILED
+    assert store.release(waiting.id, "the worker process died", 1) == JobStatus.FAILED
     assert store.get(waiting.id).cancelled and store.balance(OWNER) == to_units(5.0)
     assert store.request_cancel("0" * 32) is None
     assert store.claim_next() is None
@@ -771,6 +772,27 @@ def test_a_silent_workers_job_is_reclaimed_then_failed_after_the_second_death(no
     assert api.balance(OWNER) == to_units(3.0)  # refunded once
 
 
+@pytest.mark.parametrize("stopped", [False, True], ids=["engine_died", "sigterm"])
+def test_a_worker_whose_job_was_taken_over_gives_back_nothing_of_the_new_attempt(nodes, stopped: bool) -> None:
+    """A worker silent past reclaim_after whose job another node took over, then its engine dies or it is
+    stopped: its release (or hand-back) names its own attempt, which no longer holds the job, and changes
+    nothing; the new attempt runs on, is not queued again, not charged an attempt, not failed."""
+    api, silent, other = nodes(), nodes(reclaim_after=0.3), nodes(reclaim_after=0.3)
+    api.open_account(OWNER, to_units(3.0))
+    job = queue(api, cost=to_units(1.0))
+    start_next(silent)
+    time.sleep(0.45)
+    taken = start_next(other)
+    assert (taken.id, taken.attempts) == (job.id, MAX_ATTEMPTS)  # the last attempt: a release would fail it
+    before = api.get(job.id)
+    reason = "the worker was stopped" if stopped else "the worker process died (exit code -9)"
+    assert silent.hand_back(job.id, 1) is False
+    assert silent.release(job.id, reason, 1) == JobStatus.PROCESSING
+    assert api.get(job.id) == before and api.balance(OWNER) == to_units(2.0)
+    assert api.claim_next() is None  # not queued again for anyone
+    assert other.complete(job.id, taken.attempts, RESULT, {}) is True
+
+
 @pytest.mark.parametrize("row", [t for t in LIFECYCLE if t.event == Event.WORKER_DIED], ids=str)
 def test_a_worker_death_seen_by_another_nodes_claim_follows_the_lifecycle(nodes, row: Transition) -> None:
     """On Redis a worker's death is also found by a claim on any node, once its job's entry went unheard
@@ -812,7 +834,8 @@ def test_a_restarted_node_releases_its_own_jobs_at_once(nodes) -> None:
     after = nodes(consumer="node-1")  # the same node, started again (its worker died with it)
     assert [j.id for j in after.processing()] == [job.id]
     assert nodes(consumer="node-2").processing() == []
-    assert after.release(job.id, "the server stopped") == JobStatus.QUEUED
+    (left,) = after.processing()
+    assert after.release(job.id, "the server stopped", left.attempts) == JobStatus.QUEUED
     assert after.claim_next().attempts == 2
 
 
@@ -827,7 +850,7 @@ def test_a_released_job_whose_stream_entry_was_lost_queues_again(nodes, redis_se
         client.xdel(f"{store.prefix}stream", entry)
     finally:
         client.close()
-    assert store.release(job.id, "the server stopped") == JobStatus.QUEUED
+    assert store.release(job.id, "the server stopped", 1) == JobStatus.QUEUED
     again = store.claim_next()
     assert again.id == job.id and again.attempts == 2
 
@@ -843,7 +866,7 @@ def test_a_job_handed_back_is_taken_at_once_by_another_node_as_if_never_claimed(
     assert stopping.hand_back(running.id, 1) is False  # it started
     assert stopping.hand_back(ahead.id, 1) is True
     assert stopping.hand_back(ahead.id, 1) is False  # once
-    assert stopping.release(running.id, "the worker was stopped") == JobStatus.QUEUED
+    assert stopping.release(running.id, "the worker was stopped", 1) == JobStatus.QUEUED
     assert stopping.get(ahead.id).status == JobStatus.QUEUED and stopping.queue_position(ahead.seq) == 1
     taken = [other.claim_next() for _ in range(3)]
     assert [(job.id, job.attempts) for job in taken] == [(running.id, 2), (ahead.id, 1), (later.id, 1)]

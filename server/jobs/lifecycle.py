@@ -86,7 +86,7 @@ class Event(str, Enum):
     FAIL = "fail"  # fail(id, error, kind, attempt): the worker's attempt failed. Else False
     ABORT = "abort"  # fail(id, error, kind): the server ends a job itself, whatever holds it. Else False
     CANCEL = "cancel"  # request_cancel(id): a client's cancel, or a v1 wait given up on. Else the job as is
-    # release(id, reason) by the worker's own supervisor; on Redis also another node's claim_next,
+    # release(id, reason, attempt) by the worker's own supervisor; on Redis also another node's claim_next,
     # when the job's stream entry was not kept alive for reclaim_after seconds. Else the job's status.
     WORKER_DIED = "worker_died"
     # hand_back(id, attempt): a worker that stops gracefully (SIGTERM) gives back a job it holds and has not
@@ -96,8 +96,10 @@ class Event(str, Enum):
 
 
 # A worker's writes name their attempt. One that names another attempt than the job's current one (a
-# worker given up on and come back late) changes nothing; START and PROGRESS then answer "stop".
-FENCED = frozenset({Event.START, Event.PROGRESS, Event.COMPLETE, Event.FAIL, Event.HAND_BACK})
+# worker given up on and come back late) changes nothing; START and PROGRESS then answer "stop". Its release
+# too: a worker whose job was taken over by another node, whose engine then dies or which is then stopped,
+# gives back nothing of the new attempt.
+FENCED = frozenset({Event.START, Event.PROGRESS, Event.COMPLETE, Event.FAIL, Event.WORKER_DIED, Event.HAND_BACK})
 
 
 class Guard(str, Enum):

@@ -298,16 +298,17 @@ return redis.call('HGETALL', k)
 FAIL = script(FINISH, allow_oom=True)
 COMPLETE = script(FINISH)
 
-# ARGV[4..]: id, reason, ttl. A job's worker died under it: it is queued again at its old place, or fails
-# for good. Returns the job's status afterwards.
+# ARGV[4..]: id, reason, ttl, attempt. A job's worker died under it: it is queued again at its old place, or
+# fails for good; only while that attempt holds it. Returns the job's status afterwards.
 RELEASE = script(
     """
-local id, reason, ttl = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local id, reason, ttl, attempt = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7]
 local k = jobkey(id)
 local status = redis.call('HGET', k, 'status')
 if not status then return FAILED end
-if status ~= PROCESSING then return status end
-local attempts = tonumber(redis.call('HGET', k, 'attempts'))
+-- Another attempt's (taken over by another node while this worker was silent): not this worker's to give back.
+if status ~= PROCESSING or redis.call('HGET', k, 'attempts') ~= attempt then return status end
+local attempts = tonumber(attempt)
 if redis.call('HGET', k, 'cancel_requested') == '1' then
   cancelled(id, ttl)
   return FAILED

@@ -518,9 +518,10 @@ class RedisJobStore:
     def fail(self, job_id: str, error: str, kind: FailureKind, attempt: int | None = None) -> bool:
         return self._finish("fail", job_id, JobStatus.FAILED, attempt, {"error": error, "error_kind": kind.value})
 
-    def release(self, job_id: str, reason: str) -> JobStatus:
-        """A job's worker died under it: queue it again at its old place, or fail it for good."""
-        status = JobStatus(self._run("release", job_id, reason, self.ttl).decode())
+    def release(self, job_id: str, reason: str, attempt: int) -> JobStatus:
+        """A job's worker died under it: queue it again at its old place, or fail it for good. Only while
+        `attempt` holds it: else (ended, or taken over by another node) nothing changes."""
+        status = JobStatus(self._run("release", job_id, reason, self.ttl, attempt).decode())
         self.events.job_changed(job_id)
         if status == JobStatus.QUEUED:
             self.events.work_available()

@@ -187,7 +187,7 @@ class Supervisor:
     def start(self) -> None:
         # Jobs left PROCESSING by a previous server that died: their worker is gone too.
         for job in self.store.processing():
-            self.store.release(job.id, "the server stopped")
+            self.store.release(job.id, "the server stopped", job.attempts)
         self._thread.start()
 
     def stop(self, timeout: float = 1.0) -> None:
@@ -223,7 +223,7 @@ class Supervisor:
                     if quiet and self.store.hand_back(job_id, attempt):
                         log.info("job %s on stop: handed back (not started)", job_id)
                         continue
-                    outcome = self.store.release(job_id, "the worker was stopped")
+                    outcome = self.store.release(job_id, "the worker was stopped", attempt)
                     log.info("job %s on stop: %s", job_id, outcome.value)
                 except StoreError as exc:
                     log.warning("could not give back job %s on stop: %s", job_id, exc)
@@ -427,13 +427,13 @@ class Supervisor:
         log.error("worker (pid %s) exited with code %s", self._proc.pid, code)
         if self.metrics:
             self.metrics.worker_died()
-        held = list(self.status.in_flight)
+        held = list(self.status.in_flight.items())
         self._proc, self._conn = None, None
         self.status.restarts += 1
         # Every job it held goes back (once each), in the order they were claimed.
-        for job_id in held:
+        for job_id, attempt in held:
             self._job_finished(job_id)
-            outcome = self.store.release(job_id, f"the worker process died (exit code {code})")
+            outcome = self.store.release(job_id, f"the worker process died (exit code {code})", attempt)
             if outcome.value == "FAILED" and self.metrics:
                 self.metrics.job_failed(FailureKind.WORKER_DIED.value)
             log.warning("job %s after worker death: %s", job_id, outcome.value)
