@@ -511,10 +511,11 @@ def test_a_released_job_keeps_its_place_and_the_second_death_fails_it(store: Job
     assert store.claim_next().id == second.id
 
 
-def test_a_job_handed_back_on_its_last_attempt_is_queued_not_given_up(store: JobStore) -> None:
-    """A graceful stop is no death: a job whose worker died once, claimed ahead again by a worker that is then
-    stopped, goes back queued with its last attempt still to come (released instead, it would fail)."""
-    job = drive(store, Stage.CLAIMED, Guard.LAST_ATTEMPT)
+@pytest.mark.parametrize("stage", [Stage.CLAIMED, Stage.RUNNING], ids=lambda stage: stage.value)
+def test_a_job_handed_back_on_its_last_attempt_is_queued_not_given_up(store: JobStore, stage: Stage) -> None:
+    """A graceful stop is no death: a job whose worker died once, claimed again (waiting, or running) by a
+    worker that is then stopped, goes back queued with its last attempt still to come (released, it would fail)."""
+    job = drive(store, stage, Guard.LAST_ATTEMPT)
     assert job.attempts == MAX_ATTEMPTS
     assert store.hand_back(job.id, job.attempts) is True
     back = store.get(job.id)
@@ -856,20 +857,25 @@ def test_a_released_job_whose_stream_entry_was_lost_queues_again(nodes, redis_se
 
 
 def test_a_job_handed_back_is_taken_at_once_by_another_node_as_if_never_claimed(nodes) -> None:
-    """A worker stopping gracefully gives back the job it claimed ahead of its turn: another node takes it at
-    once (not after reclaim_after), ahead of the jobs submitted after it, with none of its attempts spent. The
-    job it runs is released, as for a death: that attempt counts."""
+    """A worker stopping gracefully gives back the job it runs and the one it claimed ahead of its turn: another
+    node takes them at once (not after reclaim_after), ahead of the jobs submitted after them, with none of
+    their attempts spent. One it runs whose engine had to be killed is released instead: that attempt counts."""
     stopping, other = nodes(reclaim_after=60), nodes(reclaim_after=60)
-    running, ahead, later = (queue(stopping, seed=i) for i in range(3))
+    running, ahead, killed, later = (queue(stopping, seed=i) for i in range(4))
     start_next(stopping)
     assert stopping.claim_next().id == ahead.id
-    assert stopping.hand_back(running.id, 1) is False  # it started
+    assert stopping.hand_back(running.id, 1) is True
     assert stopping.hand_back(ahead.id, 1) is True
     assert stopping.hand_back(ahead.id, 1) is False  # once
-    assert stopping.release(running.id, "the worker was stopped", 1) == JobStatus.QUEUED
+    back = stopping.get(running.id)
+    assert (back.status, back.attempts, back.progress, back.started_at) == (JobStatus.QUEUED, 0, 0.0, None)
     assert stopping.get(ahead.id).status == JobStatus.QUEUED and stopping.queue_position(ahead.seq) == 1
-    taken = [other.claim_next() for _ in range(3)]
-    assert [(job.id, job.attempts) for job in taken] == [(running.id, 2), (ahead.id, 1), (later.id, 1)]
+    taken = [start_next(other) for _ in range(2)]
+    assert [(job.id, job.attempts) for job in taken] == [(running.id, 1), (ahead.id, 1)]
+    start_next(stopping)  # `killed`, whose engine will not end as asked
+    assert stopping.release(killed.id, "the worker was stopped", 1) == JobStatus.QUEUED
+    taken = [other.claim_next() for _ in range(2)]
+    assert [(job.id, job.attempts) for job in taken] == [(killed.id, 2), (later.id, 1)]
 
 
 def readers(store: RedisJobStore) -> dict[str, int]:

@@ -323,15 +323,15 @@ return QUEUED
     allow_oom=True,
 )
 
-# ARGV[4..]: id, attempt. A worker that stops gracefully gives back a job it claimed and has not started: queued
+# ARGV[4..]: id, attempt. A worker that stops gracefully gives back a job it holds (waiting or running): queued
 # again at its old place with its claim's attempt taken back. 1 when handed back; 0 when the job is not this
-# attempt's or not waiting in its worker (started, cancelled, ended): nothing changes.
+# attempt's (taken over, ended) or is being cancelled: nothing changes.
 HAND_BACK = script(
     """
 local id, attempt = ARGV[4], ARGV[5]
 local k = jobkey(id)
-local job = redis.call('HMGET', k, 'status', 'attempts', 'started_at', 'cancel_requested')
-if job[1] ~= PROCESSING or job[2] ~= attempt or job[3] or job[4] == '1' then return 0 end
+local job = redis.call('HMGET', k, 'status', 'attempts', 'cancel_requested')
+if job[1] ~= PROCESSING or job[2] ~= attempt or job[3] == '1' then return 0 end
 redis.call('HSET', k, 'attempts', tonumber(attempt) - 1)
 requeue(id)
 return 1

@@ -528,9 +528,9 @@ class RedisJobStore:
         return status
 
     def hand_back(self, job_id: str, attempt: int) -> bool:
-        """A job this node claimed and has not started goes back untouched: its claim's attempt taken back, at
-        its old place, for the next claim on any node at once. False when the attempt no longer holds it
-        waiting (started, ended, or taken over)."""
+        """A job this node holds (waiting or running) goes back as if never claimed: its claim's attempt taken
+        back, at its old place, for the next claim on any node at once. False when the attempt no longer holds
+        it (ended, or taken over), or it is being cancelled."""
         handed = bool(self._run("hand_back", job_id, attempt))
         if handed:
             self.events.job_changed(job_id)

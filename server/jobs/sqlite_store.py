@@ -569,11 +569,12 @@ class SqliteJobStore:
         return JobStatus.QUEUED
 
     def hand_back(self, job_id: str, attempt: int) -> bool:
-        """A job the stopping worker claimed and has not started goes back untouched: its claim's attempt taken
-        back, at its old place (by its seq). False when the attempt no longer holds it waiting."""
+        """A job the stopping worker holds (waiting or running) goes back as if never claimed: its claim's
+        attempt taken back, at its old place (by its seq), to start from the first step. False when the attempt
+        no longer holds it, or it is being cancelled."""
         row = self._execute(
-            "UPDATE jobs SET status = ?, attempts = attempts - 1, progress = 0 WHERE id = ? AND status = ?"
-            " AND attempts = ? AND started_at IS NULL AND cancel_requested = 0 RETURNING id",
+            "UPDATE jobs SET status = ?, attempts = attempts - 1, progress = 0, started_at = NULL WHERE id = ?"
+            " AND status = ? AND attempts = ? AND cancel_requested = 0 RETURNING id",
             (JobStatus.QUEUED.value, job_id, JobStatus.PROCESSING.value, attempt),
         ).fetchone()
         if row is None:
