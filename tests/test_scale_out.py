@@ -320,7 +320,7 @@ def test_a_stopped_worker_hands_its_running_job_back_unless_its_engine_was_silen
     if engine == "silent":
         assert node.supervisor.status.pid is not None
         os.kill(node.supervisor.status.pid, signal.SIGSTOP)
-        time.sleep(0.9 * node.store.reclaim_after)  # past 3/4 of it: its jobs are no longer kept alive
+        time.sleep(1.5 * node.store.reclaim_after)  # well past 3/4 of it (and no node looks for work meanwhile)
     node.supervisor.stop()
     back = node.other.get(job.id)
     attempts = 0 if engine == "heard_from" else 1
