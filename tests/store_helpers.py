@@ -88,8 +88,9 @@ def drive(store: JobStore, stage: Stage, when: Guard = Guard.ALWAYS) -> Job | No
     if stage in (Stage.AWAITING_INPUT, Stage.QUEUED):
         return store.get(job.id)
     for _ in range(MAX_ATTEMPTS - 1 if when == Guard.LAST_ATTEMPT else 0):
-        assert store.claim_next().id == job.id
-        assert store.release(job.id, DIED) == JobStatus.QUEUED
+        died = store.claim_next()
+        assert died.id == job.id
+        assert store.release(job.id, DIED, died.attempts) == JobStatus.QUEUED
     claimed = store.claim_next()
     assert claimed.id == job.id
     # Some progress, so that what resets it shows (PROGRESS applies to a claimed job too).
@@ -139,7 +140,7 @@ def apply(
     if event == Event.CANCEL:
         return store.request_cancel(job_id)
     if event == Event.WORKER_DIED:
-        return store.release(job_id, DIED)
+        return store.release(job_id, DIED, attempt)
     if event == Event.HAND_BACK:
         return store.hand_back(job_id, attempt)
     assert event == Event.EXPIRE

@@ -48,7 +48,7 @@ def test_a_job_is_charged_at_submission_and_kept_when_it_completes(store: JobSto
 def test_a_retried_job_is_charged_once(store: JobStore) -> None:
     job = queue(store)
     assert store.claim_next().id == job.id
-    assert store.release(job.id, "the worker died") == JobStatus.QUEUED
+    assert store.release(job.id, "the worker died", 1) == JobStatus.QUEUED
     assert store.claim_next().attempts == 2
     store.complete(job.id, 2, NOTHING, {})
     assert balance(store) == 8.0
@@ -71,8 +71,8 @@ def test_every_way_to_failed_refunds_once(store: JobStore, path: str) -> None:
         store.fail(job.id, "cancelled", FailureKind.CANCELLED)
     else:
         for _ in range(MAX_ATTEMPTS):
-            store.claim_next()
-            store.release(job.id, "the worker died")
+            claimed = store.claim_next()
+            store.release(job.id, "the worker died", claimed.attempts)
     assert store.get(job.id).status == JobStatus.FAILED
     assert balance(store) == 10.0
     # A second fail (a late message from a dying worker) neither refunds again nor changes the job.

@@ -466,7 +466,8 @@ def test_the_stream_length_is_every_job_waiting_or_held_and_zero_when_none(tmp_p
             check(4)
             store.request_cancel(ids[1])  # a queued job cancelled: its entry goes
             check(3)
-            assert store.release(held.id, "the worker was stopped") == JobStatus.QUEUED  # SIGTERM's hand-back
+            # Its worker died: the job is queued again, its entry kept (pending, for the next claim).
+            assert store.release(held.id, "the worker died", held.attempts) == JobStatus.QUEUED
             check(3)
             again = store.claim_next()
             assert again is not None and again.id == held.id

@@ -119,6 +119,23 @@ def test_the_engine_process_ends_within_two_seconds_of_its_server_s_kill_minus_n
         second.stop()
 
 
+def test_a_server_stopped_mid_job_puts_it_back_as_if_never_claimed(tmp_path: Path) -> None:
+    """SIGTERM to `beyond serve` on one box (a restart, an upgrade) while a job runs: the job goes back to the
+    queue at once with no attempt spent, to run from the start when the server is back (as any queued job)."""
+    server = ServerProcess(tmp_path).start().wait_ready()
+    try:
+        job = submit(server, seed=6, **LONG_JOB)
+        wait_for(server, job["request_id"], lambda b: b["status"] == "PROCESSING" and b.get("progress", 0) > 0)
+    finally:
+        server.stop()
+    with contextlib.closing(sqlite3.connect(tmp_path / "jobs.sqlite3", timeout=30)) as db:
+        row = db.execute(
+            "SELECT status, attempts, progress, started_at FROM jobs WHERE id = ?", (job["request_id"],)
+        ).fetchone()
+    assert row == ("QUEUED", 0, 0, None)
+    assert f"job {job['request_id']} on stop: handed back (running)" in server.log_tail(200)
+
+
 def test_worker_killed_mid_job_is_restarted_and_the_job_retried_once(backend: Backend) -> None:
     server = backend.server().start().wait_ready()
     try:

@@ -3,7 +3,7 @@ workers (`beyond worker`), all on loopback. Jobs are submitted to one node and r
 workers are killed, stopped and Redis is killed under them.
 
 The module's cluster (2 API nodes, 3 workers) is shared by the tests in file order: the later ones
-take workers away (SIGTERM, kill -9), each waits for what it needs first.
+take workers away (SIGTERM, kill -9), each waits for what it needs first; the last adds two.
 """
 
 from __future__ import annotations
@@ -270,8 +270,11 @@ def test_a_busy_worker_claims_ahead_in_its_last_steps_or_when_no_other_worker_is
     assert ended[0].started_at < ended[1].started_at and ended[2].started_at is None
 
 
-def test_the_jobs_of_a_hung_engine_are_taken_over(local_node: LocalNode) -> None:
-    """An engine process that is alive but silent (a hung driver; here SIGSTOP) does not keep its jobs."""
+@pytest.mark.parametrize("then", ["engine_killed", "stopped"])
+def test_the_jobs_of_a_hung_engine_are_taken_over(local_node: LocalNode, then: str) -> None:
+    """An engine process that is alive but silent (a hung driver; here SIGSTOP) does not keep its jobs. Once
+    taken over, the job is the new attempt's: when the hung engine is then killed (its supervisor releases what
+    it held) or its worker stopped (it gives back what it held), the new attempt runs on untouched."""
     node = local_node
     (job,) = node.submit(1)
     deadline = time.monotonic() + 60
@@ -287,6 +290,43 @@ def test_the_jobs_of_a_hung_engine_are_taken_over(local_node: LocalNode) -> None
     assert taken is not None and (taken.id, taken.attempts) == (job.id, 2)
     # Silent for about reclaim_after, then left idle for reclaim_after: taken within two of them.
     assert time.monotonic() - stopped < 2.5 * node.store.reclaim_after + 1
+    held = node.other.get(job.id)
+    engine = node.supervisor.status.pid
+    if then == "engine_killed":
+        os.kill(engine, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while node.supervisor.status.pid == engine and time.monotonic() < deadline:  # a new engine: after the release
+            time.sleep(0.05)
+        assert node.supervisor.status.pid != engine and not node.supervisor.status.in_flight
+    else:
+        node.supervisor.stop()
+    # Its last attempt (a release would have failed it) is still the other node's, and queued for nobody.
+    assert node.other.get(job.id) == held and node.other.claim_next() is None
+    assert node.other.fail(job.id, "ended by the test", FailureKind.ENGINE, taken.attempts)
+
+
+@pytest.mark.parametrize("engine", ["heard_from", "silent"])
+def test_a_stopped_worker_hands_its_running_job_back_unless_its_engine_was_silent(
+    local_node: LocalNode, engine: str
+) -> None:
+    """A graceful stop gives the running job back as if never claimed (no attempt spent), once the engine and the
+    loop have ended. An engine gone silent (hung, here SIGSTOP, past the time a live worker keeps its jobs alive)
+    may be the job's doing: its job is released as for a death, and that attempt counts."""
+    node = local_node
+    (job,) = node.submit(1)
+    deadline = time.monotonic() + 60
+    while (node.store.get(job.id).progress or 0) <= 0.02 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if engine == "silent":
+        assert node.supervisor.status.pid is not None
+        os.kill(node.supervisor.status.pid, signal.SIGSTOP)
+        time.sleep(1.5 * node.store.reclaim_after)  # well past 3/4 of it (and no node looks for work meanwhile)
+    node.supervisor.stop()
+    back = node.other.get(job.id)
+    attempts = 0 if engine == "heard_from" else 1
+    assert (back.status, back.attempts, back.progress, back.started_at) == (JobStatus.QUEUED, attempts, 0.0, None)
+    taken = node.other.claim_next()
+    assert taken is not None and (taken.id, taken.attempts) == (job.id, attempts + 1)
 
 
 def test_thirty_jobs_on_two_api_nodes_and_three_workers(cluster: Cluster) -> None:
@@ -451,10 +491,9 @@ def test_every_worker_exports_its_metrics(cluster: Cluster) -> None:
 
 
 def test_sigterm_stops_a_worker_within_seconds_and_its_jobs_run_elsewhere(cluster: Cluster) -> None:
-    """SIGTERM to a worker holding two jobs: the one it runs goes back to the queue as for a death (that
-    attempt counts), the one it claimed ahead and never started goes back untouched (no attempt spent); both
-    are taken by the other workers at once, and the stopped worker's consumer leaves the group once it holds
-    nothing."""
+    """SIGTERM to a worker holding two jobs, the one it runs and one it claimed ahead and never started: both go
+    back to the queue as if never claimed (no attempt spent), are taken by the other workers at once, and the
+    stopped worker's consumer leaves the group once it holds nothing."""
     a, b = cluster.apis
     wait_workers(a, lambda cards: sum(c["state"] == "ready" and not c["current_job"] for c in cards) == 3)
     ids = [submit(a, seed=60 + i, **SLOW) for i in range(3)]
@@ -489,9 +528,9 @@ def test_sigterm_stops_a_worker_within_seconds_and_its_jobs_run_elsewhere(cluste
                 assert httpx.post(f"{a.url}/v2/requests/{request_id}/cancel", timeout=30).status_code == 200
         for request_id in (running, ahead):
             assert wait_status(b, request_id, finished, timeout=120)["status"] == "COMPLETED"
-        assert {job: store.get(job).attempts for job in (running, ahead)} == {running: 2, ahead: 1}
+        assert {job: store.get(job).attempts for job in (running, ahead)} == {running: 1, ahead: 1}
         log = proc.log_tail(200)
-        assert f"job {running} on stop: QUEUED" in log and f"job {ahead} on stop: handed back" in log, log
+        assert f"job {running} on stop: handed back" in log and f"job {ahead} on stop: handed back" in log, log
         # Its consumer held both entries when it stopped; once they were taken, it holds nothing and is
         # forgotten by the other nodes' housekeeping (BEYOND_PURGE_INTERVAL=1).
         group = f"{store.prefix}stream"
@@ -541,6 +580,43 @@ def test_redis_killed_and_restarted_from_its_append_only_file_loses_no_queued_jo
         final = wait_status(cluster.apis[(i + 1) % 2], request_id, finished, timeout=120)
         assert final["status"] == "COMPLETED", final
     wait_workers(b, lambda cards: any(c["state"] == "ready" for c in cards), timeout=30)
+
+
+def test_a_job_whose_workers_are_stopped_in_turn_while_it_runs_completes_as_its_first_attempt(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """A rollout or a scale-down stops the worker running a job, then the one that took it over: each hands it
+    back as if never claimed (a stop is not the job's doing), and a third worker completes it, attempt 1."""
+    a, b = cluster.apis
+    env = node_env(cluster.redis, BEYOND_PURGE_INTERVAL="1")
+    added = {
+        name: ServerProcess(tmp_path / name, env=env, role="worker", args=("--name", name)) for name in ("w4", "w5")
+    }
+    cluster.workers.update(added)  # stopped with the cluster, whatever happens here
+    for proc in added.values():
+        proc.start()
+    wait_workers(a, lambda cards: sum(c["state"] == "ready" and not c["current_job"] for c in cards) >= 3)
+    request_id = submit(a, seed=70, **SLOW)
+    store = RedisJobStore(cluster.redis.url, listen=False)
+    try:
+        stopped = []
+        for _ in range(2):
+            name = running_on(b, request_id)
+            assert name not in stopped
+            wait_status(b, request_id, lambda s: s.get("progress", 0) > 0.02)
+            assert store.get(request_id).attempts == 1
+            proc = cluster.workers.pop(name)
+            assert proc.proc is not None
+            proc.proc.send_signal(signal.SIGTERM)
+            assert proc.proc.wait(15) == 0
+            proc.stop()
+            stopped.append(name)
+            assert f"job {request_id} on stop: handed back" in proc.log_tail(200), proc.log_tail()
+        assert running_on(a, request_id) not in stopped
+        assert wait_status(b, request_id, finished, timeout=120)["status"] == "COMPLETED"
+        assert store.get(request_id).attempts == 1
+    finally:
+        store.close()
 
 
 def test_results_expire_on_every_node(tmp_path: Path) -> None:

@@ -469,9 +469,10 @@ def test_sqlite_reads_the_job_folders_of_an_older_release_and_drops_rows_without
 def test_writes_are_fenced_by_attempt(store: JobStore) -> None:
     job = queue(store)
     assert store.claim_next().attempts == 1
-    assert store.release(job.id, "the worker process died") == JobStatus.QUEUED
+    assert store.release(job.id, "the worker process died", 1) == JobStatus.QUEUED
     assert store.claim_next().attempts == 2
     # The first attempt's worker, late: changes nothing, and is told to stop.
+    assert store.release(job.id, "the worker process died", 1) == JobStatus.PROCESSING
     assert store.set_progress(job.id, 1, 0.9) is True
     assert store.complete(job.id, 1, RESULT, {}) is False
     assert store.fail(job.id, "late", FailureKind.ENGINE, 1) is False
@@ -495,25 +496,26 @@ def test_a_released_job_keeps_its_place_and_the_second_death_fails_it(store: Job
     first, second = queue(store, seed=1), queue(store, seed=2)
     store.open_account(OWNER, 0)
     assert store.claim_next().id == first.id
-    assert store.release(first.id, "the worker process died (exit code -9)") == JobStatus.QUEUED
+    assert store.release(first.id, "the worker process died (exit code -9)", 1) == JobStatus.QUEUED
     assert store.get(first.id).status == JobStatus.QUEUED and store.queue_position(second.seq) == 1
     again = store.claim_next()
     assert again.id == first.id and again.attempts == MAX_ATTEMPTS
-    assert store.release(first.id, "the worker process died (exit code -9)") == JobStatus.FAILED
+    assert store.release(first.id, "the worker process died (exit code -9)", 2) == JobStatus.FAILED
     failed = store.get(first.id)
     assert failed.error == "the worker process died (exit code -9) while running this job, 2 times; giving up"
     assert failed.error_kind == FailureKind.WORKER_DIED.value
     # Releasing what is not running changes nothing.
-    assert store.release(first.id, "again") == JobStatus.FAILED
-    assert store.release(second.id, "not running") == JobStatus.QUEUED
-    assert store.release("0" * 32, "unknown") == JobStatus.FAILED
+    assert store.release(first.id, "again", 2) == JobStatus.FAILED
+    assert store.release(second.id, "not running", 0) == JobStatus.QUEUED
+    assert store.release("0" * 32, "unknown", 1) == JobStatus.FAILED
     assert store.claim_next().id == second.id
 
 
-def test_a_job_handed_back_on_its_last_attempt_is_queued_not_given_up(store: JobStore) -> None:
-    """A graceful stop is no death: a job whose worker died once, claimed ahead again by a worker that is then
-    stopped, goes back queued with its last attempt still to come (released instead, it would fail)."""
-    job = drive(store, Stage.CLAIMED, Guard.LAST_ATTEMPT)
+@pytest.mark.parametrize("stage", [Stage.CLAIMED, Stage.RUNNING], ids=lambda stage: stage.value)
+def test_a_job_handed_back_on_its_last_attempt_is_queued_not_given_up(store: JobStore, stage: Stage) -> None:
+    """A graceful stop is no death: a job whose worker died once, claimed again (waiting, or running) by a
+    worker that is then stopped, goes back queued with its last attempt still to come (released, it would fail)."""
+    job = drive(store, stage, Guard.LAST_ATTEMPT)
     assert job.attempts == MAX_ATTEMPTS
     assert store.hand_back(job.id, job.attempts) is True
     back = store.get(job.id)
@@ -532,7 +534,7 @@ def test_cancel(store: JobStore) -> None:
     assert flagged.status == JobStatus.PROCESSING and flagged.cancel_requested
     assert store.set_progress(waiting.id, 1, 0.3) is True  # the worker is told at its next step
     # Its worker dies before it stops: the job ends cancelled, not retried.
-    assert store.release(waiting.id, "the worker process died") == JobStatus.FAILED
+    assert store.release(waiting.id, "the worker process died", 1) == JobStatus.FAILED
     assert store.get(waiting.id).cancelled and store.balance(OWNER) == to_units(5.0)
     assert store.request_cancel("0" * 32) is None
     assert store.claim_next() is None
@@ -771,6 +773,27 @@ def test_a_silent_workers_job_is_reclaimed_then_failed_after_the_second_death(no
     assert api.balance(OWNER) == to_units(3.0)  # refunded once
 
 
+@pytest.mark.parametrize("stopped", [False, True], ids=["engine_died", "sigterm"])
+def test_a_worker_whose_job_was_taken_over_gives_back_nothing_of_the_new_attempt(nodes, stopped: bool) -> None:
+    """A worker silent past reclaim_after whose job another node took over, then its engine dies or it is
+    stopped: its release (or hand-back) names its own attempt, which no longer holds the job, and changes
+    nothing; the new attempt runs on, is not queued again, not charged an attempt, not failed."""
+    api, silent, other = nodes(), nodes(reclaim_after=0.3), nodes(reclaim_after=0.3)
+    api.open_account(OWNER, to_units(3.0))
+    job = queue(api, cost=to_units(1.0))
+    start_next(silent)
+    time.sleep(0.45)
+    taken = start_next(other)
+    assert (taken.id, taken.attempts) == (job.id, MAX_ATTEMPTS)  # the last attempt: a release would fail it
+    before = api.get(job.id)
+    reason = "the worker was stopped" if stopped else "the worker process died (exit code -9)"
+    assert silent.hand_back(job.id, 1) is False
+    assert silent.release(job.id, reason, 1) == JobStatus.PROCESSING
+    assert api.get(job.id) == before and api.balance(OWNER) == to_units(2.0)
+    assert api.claim_next() is None  # not queued again for anyone
+    assert other.complete(job.id, taken.attempts, RESULT, {}) is True
+
+
 @pytest.mark.parametrize("row", [t for t in LIFECYCLE if t.event == Event.WORKER_DIED], ids=str)
 def test_a_worker_death_seen_by_another_nodes_claim_follows_the_lifecycle(nodes, row: Transition) -> None:
     """On Redis a worker's death is also found by a claim on any node, once its job's entry went unheard
@@ -812,7 +835,8 @@ def test_a_restarted_node_releases_its_own_jobs_at_once(nodes) -> None:
     after = nodes(consumer="node-1")  # the same node, started again (its worker died with it)
     assert [j.id for j in after.processing()] == [job.id]
     assert nodes(consumer="node-2").processing() == []
-    assert after.release(job.id, "the server stopped") == JobStatus.QUEUED
+    (left,) = after.processing()
+    assert after.release(job.id, "the server stopped", left.attempts) == JobStatus.QUEUED
     assert after.claim_next().attempts == 2
 
 
@@ -827,26 +851,31 @@ def test_a_released_job_whose_stream_entry_was_lost_queues_again(nodes, redis_se
         client.xdel(f"{store.prefix}stream", entry)
     finally:
         client.close()
-    assert store.release(job.id, "the server stopped") == JobStatus.QUEUED
+    assert store.release(job.id, "the server stopped", 1) == JobStatus.QUEUED
     again = store.claim_next()
     assert again.id == job.id and again.attempts == 2
 
 
 def test_a_job_handed_back_is_taken_at_once_by_another_node_as_if_never_claimed(nodes) -> None:
-    """A worker stopping gracefully gives back the job it claimed ahead of its turn: another node takes it at
-    once (not after reclaim_after), ahead of the jobs submitted after it, with none of its attempts spent. The
-    job it runs is released, as for a death: that attempt counts."""
+    """A worker stopping gracefully gives back the job it runs and the one it claimed ahead of its turn: another
+    node takes them at once (not after reclaim_after), ahead of the jobs submitted after them, with none of
+    their attempts spent. One it runs whose engine had to be killed is released instead: that attempt counts."""
     stopping, other = nodes(reclaim_after=60), nodes(reclaim_after=60)
-    running, ahead, later = (queue(stopping, seed=i) for i in range(3))
+    running, ahead, killed, later = (queue(stopping, seed=i) for i in range(4))
     start_next(stopping)
     assert stopping.claim_next().id == ahead.id
-    assert stopping.hand_back(running.id, 1) is False  # it started
+    assert stopping.hand_back(running.id, 1) is True
     assert stopping.hand_back(ahead.id, 1) is True
     assert stopping.hand_back(ahead.id, 1) is False  # once
-    assert stopping.release(running.id, "the worker was stopped") == JobStatus.QUEUED
+    back = stopping.get(running.id)
+    assert (back.status, back.attempts, back.progress, back.started_at) == (JobStatus.QUEUED, 0, 0.0, None)
     assert stopping.get(ahead.id).status == JobStatus.QUEUED and stopping.queue_position(ahead.seq) == 1
-    taken = [other.claim_next() for _ in range(3)]
-    assert [(job.id, job.attempts) for job in taken] == [(running.id, 2), (ahead.id, 1), (later.id, 1)]
+    taken = [start_next(other) for _ in range(2)]
+    assert [(job.id, job.attempts) for job in taken] == [(running.id, 1), (ahead.id, 1)]
+    start_next(stopping)  # `killed`, whose engine will not end as asked
+    assert stopping.release(killed.id, "the worker was stopped", 1) == JobStatus.QUEUED
+    taken = [other.claim_next() for _ in range(2)]
+    assert [(job.id, job.attempts) for job in taken] == [(killed.id, 2), (later.id, 1)]
 
 
 def readers(store: RedisJobStore) -> dict[str, int]:

@@ -4,8 +4,8 @@ Any number of them, on any machine, one per GPU (`--device cuda:N`), take work f
 as the API nodes put it in. Each is the supervisor of `beyond serve` without the API: it claims a
 ready job, runs it in its engine process and writes the outcome back to the store; its card in the
 worker registry (server/jobs/registry.py) is refreshed every BEYOND_HEARTBEAT_INTERVAL seconds.
-SIGTERM (or Ctrl-C) stops it within a few seconds and puts its jobs back in the queue at once: the one it
-runs (that attempt counts, as for a death) and one it claimed ahead and never started (untouched).
+SIGTERM (or Ctrl-C) stops it within a few seconds and puts its jobs back in the queue at once, as if never
+claimed (no attempt spent; a running one whose engine did not end as asked counts an attempt, as a death).
 With `--metrics-port` (BEYOND_METRICS_PORT) it serves its Prometheus metrics on that port of
 BEYOND_HOST: its jobs, failures, engine deaths, steps, busy time, GPU memory and the jobs it holds.
 """

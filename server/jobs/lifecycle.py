@@ -86,18 +86,20 @@ class Event(str, Enum):
     FAIL = "fail"  # fail(id, error, kind, attempt): the worker's attempt failed. Else False
     ABORT = "abort"  # fail(id, error, kind): the server ends a job itself, whatever holds it. Else False
     CANCEL = "cancel"  # request_cancel(id): a client's cancel, or a v1 wait given up on. Else the job as is
-    # release(id, reason) by the worker's own supervisor; on Redis also another node's claim_next,
+    # release(id, reason, attempt) by the worker's own supervisor; on Redis also another node's claim_next,
     # when the job's stream entry was not kept alive for reclaim_after seconds. Else the job's status.
     WORKER_DIED = "worker_died"
-    # hand_back(id, attempt): a worker that stops gracefully (SIGTERM) gives back a job it holds and has not
-    # started (claimed ahead of its turn). Else False (the worker's supervisor then releases it: WORKER_DIED).
+    # hand_back(id, attempt): a worker that stops gracefully (SIGTERM) gives back a job it holds, claimed ahead
+    # of its turn or running. Else False (the worker's supervisor then releases it: WORKER_DIED).
     HAND_BACK = "hand_back"
     EXPIRE = "expire"  # purge_expired(): the job's retention (the result TTL) is over. Else 0 removed
 
 
 # A worker's writes name their attempt. One that names another attempt than the job's current one (a
-# worker given up on and come back late) changes nothing; START and PROGRESS then answer "stop".
-FENCED = frozenset({Event.START, Event.PROGRESS, Event.COMPLETE, Event.FAIL, Event.HAND_BACK})
+# worker given up on and come back late) changes nothing; START and PROGRESS then answer "stop". Its release
+# too: a worker whose job was taken over by another node, whose engine then dies or which is then stopped,
+# gives back nothing of the new attempt.
+FENCED = frozenset({Event.START, Event.PROGRESS, Event.COMPLETE, Event.FAIL, Event.WORKER_DIED, Event.HAND_BACK})
 
 
 class Guard(str, Enum):
@@ -237,12 +239,16 @@ LIFECYCLE: tuple[Transition, ...] = (
     Transition(Event.WORKER_DIED, Stage.RUNNING, Stage.FAILED, Guard.LAST_ATTEMPT, **_DIES),
     # Asked to stop anyway: it ends cancelled, never retried.
     Transition(Event.WORKER_DIED, Stage.CANCELLING, Stage.FAILED, kinds=(FailureKind.CANCELLED,), **_FAILS),
-    # A worker stopping gracefully gives back a job it claimed ahead and never started: nothing of it ran, so
-    # the job is as if never claimed (its claim's attempt taken back), at its old place, for any worker at once.
-    # Its next claim reuses that attempt's number: a worker hands back only once its engine and its loop have
-    # ended, so nothing writes for the old one again. A job it runs has no row: it is released as for a death
-    # (WORKER_DIED), and that attempt counts.
+    # A worker stopping gracefully (scaled down, a rollout) gives back the jobs it holds: a stop is not the job's
+    # doing, and the attempt limit is there for jobs that kill their worker. Each is as if never claimed (its
+    # claim's attempt taken back), at its old place, for any worker at once; one it ran starts again from the
+    # first step. Its next claim reuses that attempt's number: a worker hands back only once its engine and its
+    # loop have ended, so nothing writes for the old one again. A running job it hands back only when its
+    # engine was answering and ended as asked: one whose engine was silent (hung) or outlived the stop's time
+    # may be the job's doing, and is released (WORKER_DIED: that attempt counts). So is one being cancelled,
+    # which has no row here: it ends cancelled.
     Transition(Event.HAND_BACK, Stage.CLAIMED, Stage.QUEUED, attempts=-1, **_REQUEUES),
+    Transition(Event.HAND_BACK, Stage.RUNNING, Stage.QUEUED, attempts=-1, **_REQUEUES),
     # A finished job and its files are kept for the result TTL, then deleted.
     Transition(Event.EXPIRE, Stage.COMPLETED, Stage.ABSENT, Guard.RETENTION_OVER, **_GONE),
     Transition(Event.EXPIRE, Stage.FAILED, Stage.ABSENT, Guard.RETENTION_OVER, **_GONE),

@@ -298,16 +298,17 @@ return redis.call('HGETALL', k)
 FAIL = script(FINISH, allow_oom=True)
 COMPLETE = script(FINISH)
 
-# ARGV[4..]: id, reason, ttl. A job's worker died under it: it is queued again at its old place, or fails
-# for good. Returns the job's status afterwards.
+# ARGV[4..]: id, reason, ttl, attempt. A job's worker died under it: it is queued again at its old place, or
+# fails for good; only while that attempt holds it. Returns the job's status afterwards.
 RELEASE = script(
     """
-local id, reason, ttl = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local id, reason, ttl, attempt = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7]
 local k = jobkey(id)
 local status = redis.call('HGET', k, 'status')
 if not status then return FAILED end
-if status ~= PROCESSING then return status end
-local attempts = tonumber(redis.call('HGET', k, 'attempts'))
+-- Another attempt's (taken over by another node while this worker was silent): not this worker's to give back.
+if status ~= PROCESSING or redis.call('HGET', k, 'attempts') ~= attempt then return status end
+local attempts = tonumber(attempt)
 if redis.call('HGET', k, 'cancel_requested') == '1' then
   cancelled(id, ttl)
   return FAILED
@@ -322,15 +323,15 @@ return QUEUED
     allow_oom=True,
 )
 
-# ARGV[4..]: id, attempt. A worker that stops gracefully gives back a job it claimed and has not started: queued
+# ARGV[4..]: id, attempt. A worker that stops gracefully gives back a job it holds (waiting or running): queued
 # again at its old place with its claim's attempt taken back. 1 when handed back; 0 when the job is not this
-# attempt's or not waiting in its worker (started, cancelled, ended): nothing changes.
+# attempt's (taken over, ended) or is being cancelled: nothing changes.
 HAND_BACK = script(
     """
 local id, attempt = ARGV[4], ARGV[5]
 local k = jobkey(id)
-local job = redis.call('HMGET', k, 'status', 'attempts', 'started_at', 'cancel_requested')
-if job[1] ~= PROCESSING or job[2] ~= attempt or job[3] or job[4] == '1' then return 0 end
+local job = redis.call('HMGET', k, 'status', 'attempts', 'cancel_requested')
+if job[1] ~= PROCESSING or job[2] ~= attempt or job[3] == '1' then return 0 end
 redis.call('HSET', k, 'attempts', tonumber(attempt) - 1)
 requeue(id)
 return 1

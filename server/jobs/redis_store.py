@@ -518,18 +518,19 @@ class RedisJobStore:
     def fail(self, job_id: str, error: str, kind: FailureKind, attempt: int | None = None) -> bool:
         return self._finish("fail", job_id, JobStatus.FAILED, attempt, {"error": error, "error_kind": kind.value})
 
-    def release(self, job_id: str, reason: str) -> JobStatus:
-        """A job's worker died under it: queue it again at its old place, or fail it for good."""
-        status = JobStatus(self._run("release", job_id, reason, self.ttl).decode())
+    def release(self, job_id: str, reason: str, attempt: int) -> JobStatus:
+        """A job's worker died under it: queue it again at its old place, or fail it for good. Only while
+        `attempt` holds it: else (ended, or taken over by another node) nothing changes."""
+        status = JobStatus(self._run("release", job_id, reason, self.ttl, attempt).decode())
         self.events.job_changed(job_id)
         if status == JobStatus.QUEUED:
             self.events.work_available()
         return status
 
     def hand_back(self, job_id: str, attempt: int) -> bool:
-        """A job this node claimed and has not started goes back untouched: its claim's attempt taken back, at
-        its old place, for the next claim on any node at once. False when the attempt no longer holds it
-        waiting (started, ended, or taken over)."""
+        """A job this node holds (waiting or running) goes back as if never claimed: its claim's attempt taken
+        back, at its old place, for the next claim on any node at once. False when the attempt no longer holds
+        it (ended, or taken over), or it is being cancelled."""
         handed = bool(self._run("hand_back", job_id, attempt))
         if handed:
             self.events.job_changed(job_id)

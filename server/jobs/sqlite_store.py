@@ -548,31 +548,33 @@ class SqliteJobStore:
     def fail(self, job_id: str, error: str, kind: FailureKind, attempt: int | None = None) -> bool:
         return self._finish(job_id, JobStatus.FAILED, attempt, error=error, error_kind=kind.value)
 
-    def release(self, job_id: str, reason: str) -> JobStatus:
-        """A job's worker died under it: queue it again at its old place, or fail it for good."""
+    def release(self, job_id: str, reason: str, attempt: int) -> JobStatus:
+        """A job's worker died under it: queue it again at its old place, or fail it for good. Only while
+        `attempt` holds it: else (ended, or run by another attempt) nothing changes."""
         job = self.get(job_id)
-        if job is None or job.status != JobStatus.PROCESSING:
+        if job is None or job.status != JobStatus.PROCESSING or job.attempts != attempt:
             return job.status if job else JobStatus.FAILED
         if job.cancel_requested:
-            self.fail(job_id, CANCELLED_ERROR, FailureKind.CANCELLED)
+            self.fail(job_id, CANCELLED_ERROR, FailureKind.CANCELLED, attempt)
             return JobStatus.FAILED
         if job.attempts >= MAX_ATTEMPTS:
-            self.fail(job_id, GAVE_UP % (reason, job.attempts), FailureKind.WORKER_DIED)
+            self.fail(job_id, GAVE_UP % (reason, job.attempts), FailureKind.WORKER_DIED, attempt)
             return JobStatus.FAILED
         self._execute(
-            "UPDATE jobs SET status = ?, started_at = NULL, progress = 0 WHERE id = ? AND status = ?",
-            (JobStatus.QUEUED.value, job_id, JobStatus.PROCESSING.value),
+            "UPDATE jobs SET status = ?, started_at = NULL, progress = 0 WHERE id = ? AND status = ? AND attempts = ?",
+            (JobStatus.QUEUED.value, job_id, JobStatus.PROCESSING.value, attempt),
         )
         self.events.job_changed(job_id)
         self.events.work_available()
         return JobStatus.QUEUED
 
     def hand_back(self, job_id: str, attempt: int) -> bool:
-        """A job the stopping worker claimed and has not started goes back untouched: its claim's attempt taken
-        back, at its old place (by its seq). False when the attempt no longer holds it waiting."""
+        """A job the stopping worker holds (waiting or running) goes back as if never claimed: its claim's
+        attempt taken back, at its old place (by its seq), to start from the first step. False when the attempt
+        no longer holds it, or it is being cancelled."""
         row = self._execute(
-            "UPDATE jobs SET status = ?, attempts = attempts - 1, progress = 0 WHERE id = ? AND status = ?"
-            " AND attempts = ? AND started_at IS NULL AND cancel_requested = 0 RETURNING id",
+            "UPDATE jobs SET status = ?, attempts = attempts - 1, progress = 0, started_at = NULL WHERE id = ?"
+            " AND status = ? AND attempts = ? AND cancel_requested = 0 RETURNING id",
             (JobStatus.QUEUED.value, job_id, JobStatus.PROCESSING.value, attempt),
         ).fetchone()
         if row is None:

@@ -187,7 +187,7 @@ class Supervisor:
     def start(self) -> None:
         # Jobs left PROCESSING by a previous server that died: their worker is gone too.
         for job in self.store.processing():
-            self.store.release(job.id, "the server stopped")
+            self.store.release(job.id, "the server stopped", job.attempts)
         self._thread.start()
 
     def stop(self, timeout: float = 1.0) -> None:
@@ -195,18 +195,23 @@ class Supervisor:
         end of the loop's thread already kills it (its parent-death signal, server/jobs/lifeline.py): nothing
         would read what it still had to say.
 
-        The jobs it held go back to the queue now rather than waiting to be found stale: one it never started
-        is handed back untouched (no attempt spent, see the lifecycle's HAND_BACK), one it ran is released as
-        for a death (that attempt counts). Then this node leaves the store's readers."""
+        The jobs it held go back to the queue now rather than waiting to be found stale, handed back as if never
+        claimed (no attempt spent, see the lifecycle's HAND_BACK): a stop is not the job's doing. Except a running
+        job whose engine did not end as asked (silent when the stop came, dead already, or it or the loop outlived
+        their time): that may be the job's doing, so it is released as for a death (that attempt counts). Then
+        this node leaves the store's readers."""
+        answering = self._proc is not None and self._proc.is_alive() and self._heard_from()
         self._stop.set()
         self.wake()
         self._thread.join(timeout)
+        forced = self._thread.is_alive()
         if self._conn is not None:
             with contextlib.suppress(OSError):
                 self._conn.send(Shutdown())
         if self._proc is not None:
             self._proc.join(timeout)
             if self._proc.is_alive():
+                forced = True
                 self._proc.terminate()
                 self._proc.join(timeout)
             if self._proc.is_alive():
@@ -216,14 +221,16 @@ class Supervisor:
         # A job handed back is claimed again under the same attempt number: only once nothing here can write
         # for its attempt any more (the engine and the loop's thread are gone) may it be, else it is released.
         quiet = not self._thread.is_alive() and (self._proc is None or not self._proc.is_alive())
+        clean = quiet and answering and not forced
         with self._lock:
             for job_id, attempt in list(self.status.in_flight.items()):
+                running = job_id in self.status.started
                 self._job_finished(job_id)
                 try:
-                    if quiet and self.store.hand_back(job_id, attempt):
-                        log.info("job %s on stop: handed back (not started)", job_id)
+                    if (clean if running else quiet) and self.store.hand_back(job_id, attempt):
+                        log.info("job %s on stop: handed back (%s)", job_id, "running" if running else "not started")
                         continue
-                    outcome = self.store.release(job_id, "the worker was stopped")
+                    outcome = self.store.release(job_id, "the worker was stopped", attempt)
                     log.info("job %s on stop: %s", job_id, outcome.value)
                 except StoreError as exc:
                     log.warning("could not give back job %s on stop: %s", job_id, exc)
@@ -263,7 +270,7 @@ class Supervisor:
                         self._dispatch()
                     if reclaim_after is not None and time.monotonic() >= next_keep_alive:
                         next_keep_alive = time.monotonic() + reclaim_after / 4
-                        self._keep_alive(reclaim_after)
+                        self._keep_alive()
                 wake_at = next_purge if reclaim_after is None else min(next_purge, next_keep_alive)
                 self._pump(max(0.0, wake_at - time.monotonic()))
             except StoreError as exc:
@@ -392,16 +399,23 @@ class Supervisor:
         self._conn.send(Cancel(job_id))
         self._cancel_sent.add(job_id)
 
-    def _keep_alive(self, reclaim_after: float) -> None:
+    def _keep_alive(self) -> None:
         """The jobs the worker holds are alive, also those waiting behind the running batch or finishing:
         no other node may take them for a dead worker's. One this attempt no longer holds is stopped.
 
         Only while the worker is heard from: an engine that is alive but silent (a hung driver) keeps
         nothing, so its jobs are taken over as a dead one's would be."""
-        if not self.status.in_flight or time.monotonic() - self._last_heard > 0.75 * reclaim_after:
+        if not self.status.in_flight or not self._heard_from():
             return
         for job_id in self.store.keep_alive(dict(self.status.in_flight)):
             self._send_cancel(job_id)
+
+    def _heard_from(self) -> bool:
+        """The engine spoke lately: on a shared store, within 3/4 of reclaim_after (a step, a start, an answer,
+        or a job sent to it). Else it is taken as hung: its jobs are no longer kept alive, and on a stop its
+        running job is released, not handed back."""
+        reclaim_after = self.store.reclaim_after
+        return reclaim_after is None or time.monotonic() - self._last_heard <= 0.75 * reclaim_after
 
     def _check_waiting_cancels(self) -> None:
         """A job cancelled while it waits in the worker never starts: the worker is told early.
@@ -427,13 +441,13 @@ class Supervisor:
         log.error("worker (pid %s) exited with code %s", self._proc.pid, code)
         if self.metrics:
             self.metrics.worker_died()
-        held = list(self.status.in_flight)
+        held = list(self.status.in_flight.items())
         self._proc, self._conn = None, None
         self.status.restarts += 1
         # Every job it held goes back (once each), in the order they were claimed.
-        for job_id in held:
+        for job_id, attempt in held:
             self._job_finished(job_id)
-            outcome = self.store.release(job_id, f"the worker process died (exit code {code})")
+            outcome = self.store.release(job_id, f"the worker process died (exit code {code})", attempt)
             if outcome.value == "FAILED" and self.metrics:
                 self.metrics.job_failed(FailureKind.WORKER_DIED.value)
             log.warning("job %s after worker death: %s", job_id, outcome.value)
