@@ -61,7 +61,7 @@ scalars = st.one_of(
             "1e999",
             # Malformed URLs, each once a 500: a broken IPv6 literal, an over-long label, odd ports.
             "http://[::1/",
-            "http://" + "a" * 64 + ".example/x.png",
+            "http://" + "a" * 64 + ".localhost/x.png",
             "http://127.0.0.1:99999/x.png",
             "http://[fe80::1%25eth0]/x.png",
         ]

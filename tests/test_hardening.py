@@ -115,7 +115,7 @@ DEEP = "[" * 100_000 + "]" * 100_000
         (json.dumps(request_body()).replace('"a quiet beach"', '"\\ud800 cat"').encode(), "prompt"),
         (json.dumps(request_body(negative_prompt="x")).replace('"x"', '"\\udfff"').encode(), "negative_prompt"),
         (json.dumps(request_body(input_image="http://[::1/")).encode(), "input_image"),
-        (json.dumps(request_body(input_image=f"http://{'a' * 64}.example/x.png")).encode(), "input_image"),
+        (json.dumps(request_body(input_image=f"http://{'a' * 64}.localhost/x.png")).encode(), "input_image"),
     ],
     ids=[
         "deep-body",
