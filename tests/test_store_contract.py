@@ -540,6 +540,28 @@ def test_cancel(store: JobStore) -> None:
     assert store.claim_next() is None
 
 
+def test_sqlite_a_cancel_between_releases_read_and_its_write_ends_the_job_cancelled(tmp_path: Path) -> None:
+    """SQLite's release reads the job, then writes: a client's cancel landing in between must not be lost with
+    the job queued again (Redis decides it in one script)."""
+    store = Stores("sqlite", tmp_path).open()
+    store.open_account(OWNER, to_units(5.0))
+    job = queue(store, cost=to_units(1.0))
+    start_next(store)
+    read = store.get
+
+    def read_then_cancel(job_id: str) -> Job | None:
+        seen = read(job_id)
+        del store.get  # once: the store's own get from here on
+        store.request_cancel(job_id)
+        return seen
+
+    store.get = read_then_cancel
+    assert store.release(job.id, "the worker process died", 1) == JobStatus.FAILED
+    ended = store.get(job.id)
+    assert ended.status == JobStatus.FAILED and ended.cancelled and store.balance(OWNER) == to_units(5.0)
+    assert store.claim_next() is None
+
+
 def test_a_job_claimed_but_not_started_is_cancelled_at_once(store: JobStore) -> None:
     job = queue(store)
     claimed = store.claim_next()

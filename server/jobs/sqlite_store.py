@@ -560,10 +560,15 @@ class SqliteJobStore:
         if job.attempts >= MAX_ATTEMPTS:
             self.fail(job_id, GAVE_UP % (reason, job.attempts), FailureKind.WORKER_DIED, attempt)
             return JobStatus.FAILED
-        self._execute(
-            "UPDATE jobs SET status = ?, started_at = NULL, progress = 0 WHERE id = ? AND status = ? AND attempts = ?",
+        requeued = self._execute(
+            "UPDATE jobs SET status = ?, started_at = NULL, progress = 0 WHERE id = ? AND status = ? AND attempts = ?"
+            " AND cancel_requested = 0 RETURNING id",
             (JobStatus.QUEUED.value, job_id, JobStatus.PROCESSING.value, attempt),
-        )
+        ).fetchone()
+        if requeued is None:
+            # It changed since it was read (a cancel came in, or it ended): decided again on what it is now. A
+            # cancel flag is never cleared, so this asks at most once more.
+            return self.release(job_id, reason, attempt)
         self.events.job_changed(job_id)
         self.events.work_available()
         return JobStatus.QUEUED
