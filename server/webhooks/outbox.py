@@ -76,6 +76,31 @@ class Outbox(Protocol):
     def close(self) -> None: ...
 
 
+class EnqueueListeners:
+    """The callbacks an outbox runs, in the enqueuing thread, after each new delivery it stores (the
+    dispatcher's wake-up): the same for both outboxes, so it is written once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], None]] = []
+
+    def add(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            self._callbacks.append(callback)
+
+    def remove(self, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if callback in self._callbacks:
+                self._callbacks.remove(callback)
+
+    def notify(self) -> None:
+        # Called outside the lock: a callback may add or remove listeners.
+        with self._lock:
+            callbacks = list(self._callbacks)
+        for callback in callbacks:
+            callback()
+
+
 class SqliteOutbox:
     """The `webhooks` table of a SQLite file; safe to call from any thread (one connection per thread).
 
@@ -91,7 +116,7 @@ class SqliteOutbox:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners = EnqueueListeners()
         self._db().executescript(SCHEMA)
 
     def _db(self) -> sqlite3.Connection:
@@ -116,13 +141,10 @@ class SqliteOutbox:
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         """`callback()` runs, in the enqueuing thread, after each new delivery is stored."""
-        with self._lock:
-            self._listeners.append(callback)
+        self._listeners.add(callback)
 
     def remove_listener(self, callback: Callable[[], None]) -> None:
-        with self._lock:
-            if callback in self._listeners:
-                self._listeners.remove(callback)
+        self._listeners.remove(callback)
 
     def enqueue(
         self, job_id: str, url: str, body: bytes, now: float | None = None, *, msg_id: str | None = None
@@ -138,10 +160,7 @@ class SqliteOutbox:
         )
         if cursor.rowcount == 0:
             return False
-        with self._lock:
-            listeners = list(self._listeners)
-        for callback in listeners:
-            callback()
+        self._listeners.notify()
         return True
 
     def due(self, now: float, limit: int, exclude: Collection[str] = ()) -> list[PendingDelivery]:

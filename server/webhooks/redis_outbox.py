@@ -29,7 +29,6 @@ offsets from its own clock.
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterator
@@ -39,7 +38,7 @@ import redis
 from redis.exceptions import RedisError
 
 from server.jobs.redis_connection import store_error
-from server.webhooks.outbox import PendingDelivery
+from server.webhooks.outbox import EnqueueListeners, PendingDelivery
 
 # Every script starts with this: ARGV[1] is the key prefix, ARGV[2] an offset in seconds from Redis's clock
 # to the caller's "now".
@@ -191,8 +190,7 @@ class RedisOutbox:
         self.poll = poll
         self.keep = keep
         self.node = uuid.uuid4().hex  # this process: a restarted node holds nothing of its previous life
-        self._lock = threading.Lock()
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners = EnqueueListeners()
         self._scripts = {
             name: client.register_script(PRELUDE + source)
             for name, source in (
@@ -226,13 +224,10 @@ class RedisOutbox:
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         """`callback()` runs, in the enqueuing thread, after each new delivery this node stores."""
-        with self._lock:
-            self._listeners.append(callback)
+        self._listeners.add(callback)
 
     def remove_listener(self, callback: Callable[[], None]) -> None:
-        with self._lock:
-            if callback in self._listeners:
-                self._listeners.remove(callback)
+        self._listeners.remove(callback)
 
     def enqueue(
         self, job_id: str, url: str, body: bytes, now: float | None = None, *, msg_id: str | None = None
@@ -245,10 +240,7 @@ class RedisOutbox:
         stored = self._run("enqueue", self.node, repr(self.lease), job_id, url, msg_id, body, at=now)
         if not stored:
             return False
-        with self._lock:
-            listeners = list(self._listeners)
-        for callback in listeners:
-            callback()
+        self._listeners.notify()
         return True
 
     def due(self, now: float, limit: int, exclude: Collection[str] = ()) -> list[PendingDelivery]:
