@@ -107,6 +107,19 @@ local function gave_up(id, ttl, reason, attempts)
   finish(id, FAILED, ttl, {'error', string.format(GAVE_UP, reason, attempts), 'error_kind', KIND_WORKER_DIED})
 end
 local function live(status) return status == QUEUED or status == PROCESSING end
+-- The lifecycle's worker death of a PROCESSING job, its ending rows: one being cancelled ends cancelled, one on
+-- its last attempt fails for good. True when the job ended here; else it is the caller's to queue or take again.
+local function ended_by_death(id, ttl, reason, attempts)
+  if redis.call('HGET', jobkey(id), 'cancel_requested') == '1' then
+    cancelled(id, ttl)
+    return true
+  end
+  if attempts >= MAX_ATTEMPTS then
+    gave_up(id, ttl, reason, attempts)
+    return true
+  end
+  return false
+end
 -- A PROCESSING job is queued again at its old place: its entry, still pending, is made idle for long, so the
 -- next claim on any node takes it at once, ahead of the entries never delivered (the jobs submitted after it).
 local function requeue(id)
@@ -218,17 +231,8 @@ local function take(entry, id, reclaimed)
     return nil
   end
   local attempts = tonumber(redis.call('HGET', k, 'attempts'))
-  if status == PROCESSING then
-    -- Its worker stopped answering while running it: the lifecycle's worker death, seen by this claim.
-    if redis.call('HGET', k, 'cancel_requested') == '1' then
-      cancelled(id, ttl)
-      return nil
-    end
-    if attempts >= MAX_ATTEMPTS then
-      gave_up(id, ttl, DIED, attempts)
-      return nil
-    end
-  end
+  -- Its worker stopped answering while running it: the lifecycle's worker death, seen by this claim.
+  if status == PROCESSING and ended_by_death(id, ttl, DIED, attempts) then return nil end
   redis.call('HSET', k, 'status', PROCESSING, 'attempts', attempts + 1, 'progress', 0, 'consumer', consumer,
     'entry', entry)
   redis.call('HDEL', k, 'started_at')
@@ -308,15 +312,7 @@ local status = redis.call('HGET', k, 'status')
 if not status then return FAILED end
 -- Another attempt's (taken over by another node while this worker was silent): not this worker's to give back.
 if status ~= PROCESSING or redis.call('HGET', k, 'attempts') ~= attempt then return status end
-local attempts = tonumber(attempt)
-if redis.call('HGET', k, 'cancel_requested') == '1' then
-  cancelled(id, ttl)
-  return FAILED
-end
-if attempts >= MAX_ATTEMPTS then
-  gave_up(id, ttl, reason, attempts)
-  return FAILED
-end
+if ended_by_death(id, ttl, reason, tonumber(attempt)) then return FAILED end
 requeue(id)
 return QUEUED
 """,
