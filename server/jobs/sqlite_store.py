@@ -560,27 +560,26 @@ class SqliteJobStore:
         if job.attempts >= MAX_ATTEMPTS:
             self.fail(job_id, GAVE_UP % (reason, job.attempts), FailureKind.WORKER_DIED, attempt)
             return JobStatus.FAILED
-        requeued = self._execute(
-            "UPDATE jobs SET status = ?, started_at = NULL, progress = 0 WHERE id = ? AND status = ? AND attempts = ?"
-            " AND cancel_requested = 0 RETURNING id",
-            (JobStatus.QUEUED.value, job_id, JobStatus.PROCESSING.value, attempt),
-        ).fetchone()
-        if requeued is None:
+        if not self._requeue(job_id, attempt, counts=True):
             # It changed since it was read (a cancel came in, or it ended): decided again on what it is now. A
             # cancel flag is never cleared, so this asks at most once more.
             return self.release(job_id, reason, attempt)
-        self.events.job_changed(job_id)
-        self.events.work_available()
         return JobStatus.QUEUED
 
     def hand_back(self, job_id: str, attempt: int) -> bool:
         """A job the stopping worker holds (waiting or running) goes back as if never claimed: its claim's
         attempt taken back, at its old place (by its seq), to start from the first step. False when the attempt
         no longer holds it, or it is being cancelled."""
+        return self._requeue(job_id, attempt, counts=False)
+
+    def _requeue(self, job_id: str, attempt: int, *, counts: bool) -> bool:
+        """A PROCESSING job held by `attempt` and not being cancelled is queued again at its old place (by its
+        seq), to start from the first step; `counts`: whether that attempt stays spent (else it is taken back).
+        False, and nothing changed, when the job is no longer so."""
         row = self._execute(
-            "UPDATE jobs SET status = ?, attempts = attempts - 1, progress = 0, started_at = NULL WHERE id = ?"
+            "UPDATE jobs SET status = ?, attempts = attempts - ?, progress = 0, started_at = NULL WHERE id = ?"
             " AND status = ? AND attempts = ? AND cancel_requested = 0 RETURNING id",
-            (JobStatus.QUEUED.value, job_id, JobStatus.PROCESSING.value, attempt),
+            (JobStatus.QUEUED.value, 0 if counts else 1, job_id, JobStatus.PROCESSING.value, attempt),
         ).fetchone()
         if row is None:
             return False
